@@ -1,0 +1,1 @@
+"""encidfs: a cgroup v2 file system with an Encryption IDs controller."""

@@ -1,0 +1,321 @@
+"""The cgroup tree and the cgroup v2 core rules (Documentation/admin-guide/cgroup-v2.rst).
+
+Every operation either applies completely or raises an OSError carrying the errno the kernel's
+cgroup files return.  Nothing here does I/O: processes are plain PIDs that the process tracker
+reports, and what changed is appended to `changes` for the layers above to drain.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from enum import Enum
+
+from .css import Controller, Css
+from .errors import fail
+
+INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
+
+
+class Change(Enum):
+    FILES = "files"  # the set of interface files of a cgroup changed
+    EVENTS = "events"  # cgroup.events content changed (populated, frozen)
+    CONTROLLER_EVENTS = "controller-events"  # a controller's events file changed
+    REMOVED = "removed"  # the cgroup was removed (it may still be dying)
+
+
+class Cgroup:
+    __slots__ = (
+        "id", "name", "parent", "level", "children", "subtree_control", "max_depth",
+        "max_descendants", "nr_descendants", "nr_dying_descendants", "procs",
+        "nr_populated_children", "freeze", "dying", "refs", "css", "nr_dying_subsys",
+    )
+
+    def __init__(self, cgid: int, name: str, parent: Cgroup | None, nr_controllers: int) -> None:
+        self.id = cgid
+        self.name = name
+        self.parent = parent
+        self.level = parent.level + 1 if parent else 0
+        self.children: dict[str, Cgroup] = {}  # live children only; dying ones have no name
+        self.subtree_control = 0  # bitmask of controller ssids enabled for the children
+        self.max_depth = INT_MAX
+        self.max_descendants = INT_MAX
+        self.nr_descendants = 0  # live descendants
+        self.nr_dying_descendants = 0
+        self.procs: set[int] | None = None  # PIDs attached here (None while empty: saves memory)
+        self.nr_populated_children = 0
+        self.freeze = False
+        self.dying = False
+        self.refs = 0  # pins held by csses and child cgroups; a dying cgroup is released at 0
+        self.css: list[Css | None] = [None] * nr_controllers
+        self.nr_dying_subsys = [0] * nr_controllers
+
+    @property
+    def is_root(self) -> bool:
+        return self.parent is None
+
+    @property
+    def populated(self) -> bool:
+        return bool(self.procs) or self.nr_populated_children > 0
+
+    def ancestors(self, include_self: bool = True) -> Iterator[Cgroup]:
+        cg = self if include_self else self.parent
+        while cg is not None:
+            yield cg
+            cg = cg.parent
+
+    @property
+    def path(self) -> str:
+        names = [cg.name for cg in self.ancestors() if cg.parent is not None]
+        return "/" + "/".join(reversed(names))
+
+    def __repr__(self) -> str:
+        return f"<Cgroup {self.path}{' dying' if self.dying else ''}>"
+
+
+class Hierarchy:
+    def __init__(self, controllers: list[Controller]) -> None:
+        self.controllers = controllers
+        for ssid, controller in enumerate(controllers):
+            controller.ssid = ssid
+            controller.hierarchy = self
+        self.all_controllers = (1 << len(controllers)) - 1
+        self._next_id = 0
+        self.by_id: dict[int, Cgroup] = {}
+        self.members: dict[int, Cgroup] = {}  # PID -> cgroup, for PIDs outside the root
+        self.changes: list[tuple[Change, Cgroup]] = []
+        self.root = self._new_cgroup("", None)
+        for controller in controllers:
+            self._css_online(self.root, controller)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def controller(self, name: str) -> Controller | None:
+        return next((c for c in self.controllers if c.name == name), None)
+
+    def controllers_of(self, cg: Cgroup) -> int:
+        """The cgroup.controllers mask: what the parent offers (everything at the root)."""
+        return cg.parent.subtree_control if cg.parent else self.all_controllers
+
+    def names(self, mask: int) -> list[str]:
+        return [c.name for c in self.controllers if mask & (1 << c.ssid)]
+
+    def cgroup_of(self, pid: int) -> Cgroup:
+        return self.members.get(pid, self.root)
+
+    def effective_css(self, cg: Cgroup, controller: Controller) -> Css:
+        """The css that accounts for processes in `cg`: its own, or the nearest ancestor's."""
+        for ancestor in cg.ancestors():
+            css = ancestor.css[controller.ssid]
+            if css is not None:
+                return css
+        raise AssertionError("the root has every controller's css")
+
+    def drain_changes(self) -> list[tuple[Change, Cgroup]]:
+        changes, self.changes = self.changes, []
+        return changes
+
+    # -- mkdir / rmdir --------------------------------------------------------------------------
+
+    def mkdir(self, parent: Cgroup, name: str) -> Cgroup:
+        self._check_live(parent)
+        if "\n" in name or "/" in name or name in ("", ".", ".."):
+            raise fail(errno.EINVAL, "bad cgroup name")
+        level = 1
+        for ancestor in parent.ancestors():
+            if ancestor.nr_descendants >= ancestor.max_descendants or level > ancestor.max_depth:
+                raise fail(errno.EAGAIN, f"limit of {ancestor.path}")
+            level += 1
+        if name in parent.children:
+            raise fail(errno.EEXIST)
+        cg = self._new_cgroup(name, parent)
+        parent.children[name] = cg
+        parent.refs += 1
+        for ancestor in parent.ancestors():
+            ancestor.nr_descendants += 1
+        for controller in self.controllers:
+            if parent.subtree_control & (1 << controller.ssid):
+                self._css_online(cg, controller)
+        return cg
+
+    def rmdir(self, cg: Cgroup) -> None:
+        self._check_live(cg)
+        if cg.parent is None or cg.populated or cg.children:
+            raise fail(errno.EBUSY)
+        del cg.parent.children[cg.name]
+        del self.by_id[cg.id]
+        cg.dying = True
+        for ancestor in cg.ancestors(include_self=False):
+            ancestor.nr_descendants -= 1
+            ancestor.nr_dying_descendants += 1
+        self.changes.append((Change.REMOVED, cg))
+        cg.refs += 1  # hold it while its csses go offline, so it is released once, at the end
+        for css in cg.css:
+            if css is not None:
+                self._css_offline(css)
+        cgroup_put(cg)
+
+    # -- cgroup.subtree_control, limits, freeze --------------------------------------------------
+
+    def write_subtree_control(self, cg: Cgroup, enable: int, disable: int) -> None:
+        """Apply "+name"/"-name" sets; `enable` and `disable` are disjoint ssid masks."""
+        self._check_live(cg)
+        enable &= ~cg.subtree_control
+        disable &= cg.subtree_control
+        if enable & ~self.controllers_of(cg):
+            raise fail(errno.ENOENT, "the parent does not offer that controller")
+        for child in cg.children.values():
+            if child.subtree_control & disable:
+                raise fail(errno.EBUSY, f"{child.path} still enables it")
+        if not enable and not disable:
+            return
+        # The no-internal-process rule: the root is exempt, and disabling is always allowed.
+        if enable and cg.parent is not None and cg.procs:
+            raise fail(errno.EBUSY, "the cgroup has processes")
+        cg.subtree_control = (cg.subtree_control | enable) & ~disable
+        for child in cg.children.values():
+            for controller in self.controllers:
+                bit = 1 << controller.ssid
+                if enable & bit:
+                    self._css_online(child, controller)
+                elif disable & bit:
+                    self._css_offline(child.css[controller.ssid])
+            self.changes.append((Change.FILES, child))
+
+    def set_max_depth(self, cg: Cgroup, value: int) -> None:
+        self._check_live(cg)
+        cg.max_depth = value
+
+    def set_max_descendants(self, cg: Cgroup, value: int) -> None:
+        self._check_live(cg)
+        cg.max_descendants = value
+
+    def set_freeze(self, cg: Cgroup, freeze: bool) -> None:
+        self._check_live(cg)
+        if cg.freeze != freeze:
+            cg.freeze = freeze
+            self.changes.append((Change.EVENTS, cg))
+
+    def effective_freeze(self, cg: Cgroup) -> bool:
+        return any(ancestor.freeze for ancestor in cg.ancestors())
+
+    # -- processes ------------------------------------------------------------------------------
+
+    def attach(self, pid: int, dst: Cgroup) -> None:
+        """Move a process (cgroup.procs write); membership only, charges stay where they are."""
+        self._check_live(dst)
+        if dst.parent is not None and dst.subtree_control:
+            raise fail(errno.EBUSY, "no internal processes: the cgroup enables controllers")
+        src = self.cgroup_of(pid)
+        if src is dst:
+            return
+        self._remove_proc(pid, src)
+        if dst.parent is None:
+            return
+        self.members[pid] = dst
+        if dst.procs is None:
+            dst.procs = set()
+        dst.procs.add(pid)
+        if len(dst.procs) == 1:
+            self._populated_changed(dst, True)
+
+    def exit(self, pid: int) -> None:
+        """A process is gone; a PID not attached anywhere (the root's) is ignored."""
+        self._remove_proc(pid, self.cgroup_of(pid))
+
+    def subtree_pids(self, cg: Cgroup) -> list[int]:
+        """PIDs attached in cg and its live descendants (the root's implicit members excluded)."""
+        pids: list[int] = []
+        stack = [cg]
+        while stack:
+            node = stack.pop()
+            if node.procs:
+                pids.extend(node.procs)
+            stack.extend(node.children.values())
+        return pids
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _new_cgroup(self, name: str, parent: Cgroup | None) -> Cgroup:
+        cg = Cgroup(self._next_id, name, parent, len(self.controllers))
+        self._next_id += 1
+        self.by_id[cg.id] = cg
+        return cg
+
+    def _check_live(self, cg: Cgroup) -> None:
+        if cg.dying:
+            raise fail(errno.ENODEV, "the cgroup was removed")
+
+    def _remove_proc(self, pid: int, src: Cgroup) -> None:
+        if src.parent is None:
+            return
+        del self.members[pid]
+        src.procs.discard(pid)
+        if not src.procs:
+            src.procs = None
+            self._populated_changed(src, False)
+
+    def _populated_changed(self, cg: Cgroup, populated: bool) -> None:
+        """cg's own process set became non-empty (or empty): propagate populated flips upwards."""
+        if cg.nr_populated_children:
+            return  # populated through its children all along
+        node = cg
+        while True:
+            self.changes.append((Change.EVENTS, node))
+            parent = node.parent
+            if parent is None:
+                return
+            was = parent.populated
+            parent.nr_populated_children += 1 if populated else -1
+            if parent.populated == was:
+                return
+            node = parent
+
+    def _css_online(self, cg: Cgroup, controller: Controller) -> None:
+        parent = cg.parent.css[controller.ssid] if cg.parent else None
+        css = controller.css_alloc(cg, parent)
+        cg.css[controller.ssid] = css
+        cg.refs += 1
+        if parent is not None:
+            parent.refs += 1
+        ancestor = parent
+        while ancestor is not None:
+            ancestor.nr_descendants += 1
+            ancestor = ancestor.parent
+
+    def _css_offline(self, css: Css) -> None:
+        ssid = css.ssid
+        css.online = False
+        css.cgroup.css[ssid] = None
+        for cg in css.cgroup.ancestors():
+            cg.nr_dying_subsys[ssid] += 1
+        ancestor = css.parent
+        while ancestor is not None:
+            ancestor.nr_descendants -= 1
+            ancestor = ancestor.parent
+        if css.refs == 0:
+            _css_release(css)
+
+
+def css_put(css: Css) -> None:
+    """Drop a pin on a css; an offline css is released with its last pin."""
+    css.refs -= 1
+    if not css.online and css.refs == 0:
+        _css_release(css)
+
+
+def _css_release(css: Css) -> None:
+    for cg in css.cgroup.ancestors():
+        cg.nr_dying_subsys[css.ssid] -= 1
+    if css.parent is not None:
+        css_put(css.parent)
+    cgroup_put(css.cgroup)
+
+
+def cgroup_put(cg: Cgroup) -> None:
+    """Drop a pin on a cgroup; a removed (dying) cgroup is released with its last pin."""
+    cg.refs -= 1
+    if cg.dying and cg.refs == 0:
+        for ancestor in cg.ancestors(include_self=False):
+            ancestor.nr_dying_descendants -= 1
+        cgroup_put(cg.parent)

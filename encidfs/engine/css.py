@@ -1,0 +1,39 @@
+"""Controller states (css) and the interface every controller implements.
+
+As in the kernel, a controller keeps one state object (a "css") per cgroup in which its parent
+enables it.  A css outlives its cgroup's interest in it while something still pins it (a charge,
+a child css): disabling the controller or removing the cgroup takes it offline, and it is released
+only when the last pin goes.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cgroup import Cgroup, Hierarchy
+
+
+class Css:
+    __slots__ = ("ssid", "cgroup", "parent", "online", "refs", "nr_descendants")
+
+    def __init__(self, ssid: int, cgroup: Cgroup, parent: Css | None) -> None:
+        self.ssid = ssid
+        self.cgroup = cgroup
+        self.parent = parent
+        self.online = True
+        # Pins held by others: child csses and charges.  An online css is also kept by its cgroup.
+        self.refs = 0
+        # Online csses below this one: the kernel's css->nr_descendants (cgroup.stat nr_subsys_*).
+        self.nr_descendants = 0
+
+
+class Controller:
+    """What the hierarchy needs from a controller; one module per controller subclasses it."""
+
+    name: str = ""
+    ssid: int = -1  # index in the hierarchy's controller list, assigned by the hierarchy
+    hierarchy: Hierarchy  # the hierarchy the controller is bound to, assigned by it
+
+    def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> Css:
+        return Css(self.ssid, cgroup, parent)
