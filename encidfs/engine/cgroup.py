@@ -192,12 +192,20 @@ class Hierarchy:
 
     def set_freeze(self, cg: Cgroup, freeze: bool) -> None:
         self._check_live(cg)
-        if cg.freeze != freeze:
-            cg.freeze = freeze
-            self.changes.append((Change.EVENTS, cg))
+        if cg.freeze == freeze:
+            return
+        before = {node: self.frozen(node) for node in self.subtree(cg)}
+        cg.freeze = freeze
+        self.changes.extend((Change.EVENTS, node) for node, was in before.items()
+                            if self.frozen(node) != was)
 
     def effective_freeze(self, cg: Cgroup) -> bool:
         return any(ancestor.freeze for ancestor in cg.ancestors())
+
+    def frozen(self, cg: Cgroup) -> bool:
+        """Frozen: freezing applies and no process below is left running.  The engine is told of
+        no stopped processes, so that means none at all."""
+        return not cg.populated and self.effective_freeze(cg)
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -223,16 +231,17 @@ class Hierarchy:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
         self._remove_proc(pid, self.cgroup_of(pid))
 
-    def subtree_pids(self, cg: Cgroup) -> list[int]:
-        """PIDs attached in cg and its live descendants (the root's implicit members excluded)."""
-        pids: list[int] = []
+    def subtree(self, cg: Cgroup) -> Iterator[Cgroup]:
+        """cg and its live descendants, parents before children."""
         stack = [cg]
         while stack:
             node = stack.pop()
-            if node.procs:
-                pids.extend(node.procs)
+            yield node
             stack.extend(node.children.values())
-        return pids
+
+    def subtree_pids(self, cg: Cgroup) -> list[int]:
+        """PIDs attached in cg and its live descendants (the root's implicit members excluded)."""
+        return [pid for node in self.subtree(cg) for pid in node.procs or ()]
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -1,0 +1,222 @@
+"""The encidfs command: mount and umount."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import logging.handlers
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from . import config as configuration
+
+FSTYPE = "fuse.encidfs"
+MOUNT_TIMEOUT = 10.0
+UMOUNT_TIMEOUT = 10.0
+
+
+class CliError(Exception):
+    """A problem to report in one line, without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="encidfs", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    mount = commands.add_parser("mount", help="mount a cgroup v2 file system with encids")
+    mount.add_argument("mountpoint")
+    mount.add_argument("--capacity", action="append", default=[], metavar="TYPE=N",
+                       help="a resource type and how many IDs it has (repeatable)")
+    mount.add_argument("--asids", type=int, metavar="N", help="ASIDs on this host (as KVM)")
+    mount.add_argument("--min-sev-asid", type=int, metavar="M",
+                       help="lowest SEV ASID; the ones below it are SEV-ES ASIDs")
+    mount.add_argument("--config", metavar="FILE.toml")
+    mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
+                       help="FUSE mount options, comma-separated (e.g. allow_other)")
+    mount.add_argument("--foreground", "-f", action="store_true",
+                       help="stay in the foreground and log to stderr")
+    mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+    umount = commands.add_parser("umount", help="unmount and stop the daemon")
+    umount.add_argument("mountpoint")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "mount":
+            return _mount(args)
+        return _umount(args.mountpoint)
+    except (CliError, configuration.ConfigError) as error:
+        print(f"encidfs: {error}", file=sys.stderr)
+        return 1
+
+
+# -- mount ------------------------------------------------------------------------------------
+
+def _mount(args: argparse.Namespace) -> int:
+    options = [o for group in args.options for o in group.split(",") if o]
+    config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
+                                options)
+    mountpoint = os.path.abspath(args.mountpoint)
+    _check_mountpoint(mountpoint)
+    _check_fuse()
+    if args.foreground or args.ready_fd is not None:
+        return _serve(mountpoint, config, args)
+    return _start_daemon(mountpoint, args)
+
+
+def _check_mountpoint(mountpoint: str) -> None:
+    if not os.path.exists(mountpoint):
+        raise CliError(f"mountpoint {mountpoint} does not exist")
+    if not os.path.isdir(mountpoint):
+        raise CliError(f"mountpoint {mountpoint} is not a directory")
+    if _mounted_fstype(mountpoint):
+        raise CliError(f"{mountpoint} is already a mount point")
+    if os.listdir(mountpoint):
+        raise CliError(f"mountpoint {mountpoint} is not empty")
+
+
+def _check_fuse() -> None:
+    if not os.path.exists("/dev/fuse"):
+        raise CliError("FUSE is not available: /dev/fuse is missing (modprobe fuse)")
+    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
+        raise CliError("FUSE is not available: fusermount3 is not installed (package fuse3)")
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and os.geteuid() == 0:
+        raise CliError("FUSE is not available: /dev/fuse cannot be opened")
+
+
+def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespace) -> int:
+    from . import daemon  # pyfuse3 loads only where it is needed
+
+    _setup_logging(args.foreground, args.debug)
+    ready_fd = args.ready_fd
+
+    def ready() -> None:
+        if ready_fd is not None:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+            # The parent stops reading our stderr once we are up: errors before this reach it.
+            with open(os.devnull, "wb") as devnull:
+                os.dup2(devnull.fileno(), sys.stderr.fileno())
+
+    try:
+        daemon.run(mountpoint, config, ready)
+    except RuntimeError as error:  # pyfuse3 reports a failed mount this way
+        raise CliError(f"cannot mount {mountpoint}: {error}") from None
+    return 0
+
+
+def _setup_logging(foreground: bool, debug: bool) -> None:
+    handler: logging.Handler
+    if foreground or not os.path.exists("/dev/log"):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("encidfs[%(process)d] %(levelname)s %(message)s"))
+    else:
+        handler = logging.handlers.SysLogHandler("/dev/log")
+        handler.setFormatter(logging.Formatter("encidfs[%(process)d]: %(levelname)s %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+
+
+def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
+    """Run the daemon in its own session and return once the file system answers (as mount(8))."""
+    read_end, write_end = os.pipe()
+    argv = [sys.executable, "-m", "encidfs", *_forwarded(args), "--ready-fd", str(write_end)]
+    process = subprocess.Popen(argv, pass_fds=[write_end], start_new_session=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as ready:
+        said = ready.read()  # "ready", or end of file when the daemon gave up
+    if said.strip() != b"ready":
+        process.wait()
+        message = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
+        raise CliError(message.removeprefix("encidfs: ") or f"the daemon exited ({process.returncode})")
+    if process.stderr:
+        process.stderr.close()
+    _wait_until(lambda: _mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,
+                f"{mountpoint} did not appear")
+    print(f"encidfs mounted on {mountpoint} (daemon pid {process.pid})")
+    return 0
+
+
+def _forwarded(args: argparse.Namespace) -> list[str]:
+    argv = ["mount", args.mountpoint]
+    for capacity in args.capacity:
+        argv += ["--capacity", capacity]
+    if args.asids is not None:
+        argv += ["--asids", str(args.asids)]
+    if args.min_sev_asid is not None:
+        argv += ["--min-sev-asid", str(args.min_sev_asid)]
+    if args.config:
+        argv += ["--config", args.config]
+    for option in args.options:
+        argv += ["-o", option]
+    if args.debug:
+        argv.append("--debug")
+    return argv
+
+
+# -- umount -----------------------------------------------------------------------------------
+
+def _umount(target: str) -> int:
+    mountpoint = os.path.abspath(target)
+    if _mounted_fstype(mountpoint) != FSTYPE:
+        raise CliError(f"{mountpoint} is not an encidfs mount")
+    try:
+        pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
+    except OSError:
+        pid = None  # a daemon that no longer answers: unmounting is all there is to do
+    command = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CliError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
+    if pid is not None:
+        _wait_until(lambda: not _alive(pid), UMOUNT_TIMEOUT, f"daemon {pid} did not stop")
+    return 0
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+def _mounted_fstype(mountpoint: str) -> str | None:
+    """The type of the file system mounted last exactly at mountpoint (/proc/self/mountinfo)."""
+    fstype = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            # mountinfo escapes space, tab, newline and backslash as octal
+            if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == mountpoint:
+                fstype = fields[fields.index("-") + 1]
+    return fstype
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_until(condition: Callable[[], bool], timeout: float, message: str) -> None:
+    deadline = time.monotonic() + timeout
+    delay = 0.001
+    while not condition():
+        if time.monotonic() > deadline:
+            raise CliError(message)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+

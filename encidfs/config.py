@@ -1,0 +1,96 @@
+"""Resource types and their capacities, from the command line or a TOML file."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+
+DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
+_TYPE_NAME = re.compile(r"[a-z][a-z0-9_]*")
+
+
+class ConfigError(ValueError):
+    """A malformed capacity or configuration; the message is for the user."""
+
+
+@dataclass
+class Config:
+    capacities: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPACITIES))
+    fuse_options: list[str] = field(default_factory=list)
+
+
+def capacities_from_asids(asids: int, min_sev_asid: int) -> dict[str, int]:
+    """KVM's split: SEV uses ASIDs min_sev_asid..asids, SEV-ES the ones below min_sev_asid."""
+    if asids < 1 or not 1 <= min_sev_asid <= asids:
+        raise ConfigError(f"need 1 <= min-sev-asid <= asids, got asids={asids} "
+                          f"min-sev-asid={min_sev_asid}")
+    return {"sev": asids - min_sev_asid + 1, "sev_es": min_sev_asid - 1}
+
+
+def parse_capacity(text: str) -> tuple[str, int]:
+    """TYPE=N as given to --capacity."""
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise ConfigError(f"capacity {text!r} is not TYPE=N")
+    return _check_type(name.strip()), _check_count(name, value.strip())
+
+
+def _check_type(name: object) -> str:
+    if not isinstance(name, str) or not _TYPE_NAME.fullmatch(name):
+        raise ConfigError(f"type name {name!r} must be lower-case letters, digits and _")
+    return name
+
+
+def _check_count(name: str, value: object) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+        raise ConfigError(f"capacity of {name!r} must be a whole number from 0 to 2^32-1, "
+                          f"got {value!r}")
+    return value
+
+
+def load(path: str | None, capacities: list[str], asids: int | None,
+         min_sev_asid: int | None, fuse_options: list[str]) -> Config:
+    """The file first, then the command line over it."""
+    config = Config()
+    if path is not None:
+        _load_file(config, path)
+    if (asids is None) != (min_sev_asid is None):
+        raise ConfigError("--asids and --min-sev-asid go together")
+    if asids is not None and min_sev_asid is not None:
+        config.capacities = capacities_from_asids(asids, min_sev_asid)
+    if capacities:
+        config.capacities = dict(parse_capacity(text) for text in capacities)
+    config.fuse_options += fuse_options
+    return config
+
+
+def _load_file(config: Config, path: str) -> None:
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as error:
+        raise ConfigError(f"cannot read {path}: {error.strerror}") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path} is not valid TOML: {error}") from None
+    unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
+    if "capacity" in data:
+        table = data["capacity"]
+        if not isinstance(table, dict) or not table:
+            raise ConfigError(f"{path}: [capacity] must map type names to counts")
+        config.capacities = {_check_type(k): _check_count(k, v) for k, v in table.items()}
+    if "asids" in data or "min_sev_asid" in data:
+        if "capacity" in data:
+            raise ConfigError(f"{path}: give either [capacity] or asids/min_sev_asid")
+        asids, minimum = data.get("asids"), data.get("min_sev_asid")
+        if not isinstance(asids, int) or not isinstance(minimum, int):
+            raise ConfigError(f"{path}: asids and min_sev_asid must both be given as numbers")
+        config.capacities = capacities_from_asids(asids, minimum)
+    options = data.get("fuse_options", [])
+    if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
+        raise ConfigError(f"{path}: fuse_options must be a list of strings")
+    config.fuse_options = list(options)

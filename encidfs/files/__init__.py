@@ -1,0 +1,1 @@
+"""Interface files: names, modes, formats and parsers, and the table that serves them."""

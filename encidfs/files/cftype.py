@@ -1,0 +1,56 @@
+"""One row of an interface-file table, in the manner of the kernel's struct cftype."""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import Enum
+
+from ..engine import Cgroup
+from ..engine.css import Controller
+
+
+class Placement(Enum):
+    EVERYWHERE = "everywhere"
+    ONLY_ON_ROOT = "only on root"  # CFTYPE_ONLY_ON_ROOT
+    NOT_ON_ROOT = "not on root"  # CFTYPE_NOT_ON_ROOT
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who opened the file: the write handlers act for it."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+Show = Callable[[Cgroup], str]
+Write = Callable[[Cgroup, bytes, Caller], None]
+
+
+@dataclass(frozen=True)
+class CfType:
+    name: str
+    show: Show | None = None
+    write: Write | None = None  # gets the written text up to its first NUL, unstripped
+    placement: Placement = Placement.EVERYWHERE
+    controller: Controller | None = None  # present only where that controller has a css
+
+    @property
+    def mode(self) -> int:
+        """cgroup_file_mode(): readable by all if it shows, writable by the owner if it writes."""
+        mode = 0
+        if self.show:
+            mode |= stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+        if self.write:
+            mode |= stat.S_IWUSR
+        return mode
+
+    def present_in(self, cg: Cgroup) -> bool:
+        if self.placement is Placement.ONLY_ON_ROOT and not cg.is_root:
+            return False
+        if self.placement is Placement.NOT_ON_ROOT and cg.is_root:
+            return False
+        return self.controller is None or cg.css[self.controller.ssid] is not None

@@ -1,0 +1,166 @@
+"""The cgroup v2 core files (cgroup.*), as the kernel's cgroup_base_files table defines them."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from typing import Protocol
+
+from ..engine import INT_MAX, Cgroup, Hierarchy, fail
+from .cftype import Caller, CfType, Placement
+from .parse import kstrtoint, strstrip
+
+
+class Processes(Protocol):
+    """What the core files need from process tracking."""
+
+    def thread_group(self, pid: int) -> int:
+        """The TGID of a PID or TID; ESRCH if there is none, EINVAL if it cannot be moved."""
+
+    def all_pids(self) -> list[int]: ...
+
+    def threads(self, pid: int) -> list[int]: ...
+
+    def attached(self, pid: int) -> None:
+        """pid now belongs to a cgroup other than the root: notice when it exits."""
+
+    def kill(self, pids: Iterable[int]) -> None: ...
+
+
+def _mask_line(names: list[str]) -> str:
+    return " ".join(names) + "\n" if names else ""
+
+
+def _limit(value: int) -> str:
+    return "max\n" if value == INT_MAX else f"{value}\n"
+
+
+def _parse_limit(text: bytes) -> int:
+    text = strstrip(text)
+    if text == b"max":
+        return INT_MAX
+    value = kstrtoint(text, 0)
+    if value < 0:
+        raise fail(errno.ERANGE)
+    return value
+
+
+def _parse_pid(text: bytes) -> int:
+    try:
+        pid = kstrtoint(strstrip(text), 0)
+    except OSError:
+        pid = -1
+    if pid < 0:
+        raise fail(errno.EINVAL, "not a PID")
+    return pid
+
+
+def _parse_switch(text: bytes, allowed: range) -> int:
+    value = kstrtoint(strstrip(text), 0)
+    if value not in allowed:
+        raise fail(errno.ERANGE)
+    return value
+
+
+def core_files(hierarchy: Hierarchy, processes: Processes,
+               file_names: dict[int, set[str]]) -> list[CfType]:
+    """`file_names` maps a controller's ssid to the names of its files (to detect collisions)."""
+
+    def show_procs(cg: Cgroup) -> str:
+        if cg.is_root:
+            pids = [pid for pid in processes.all_pids() if pid not in hierarchy.members]
+        else:
+            pids = sorted(cg.procs or ())
+        return "".join(f"{pid}\n" for pid in pids)
+
+    def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        tgid = processes.thread_group(_parse_pid(text) or caller.pid)
+        hierarchy.attach(tgid, cg)
+        if not cg.is_root:
+            processes.attached(tgid)
+
+    def show_threads(cg: Cgroup) -> str:
+        pids = [int(line) for line in show_procs(cg).split()]
+        return "".join(f"{tid}\n" for pid in pids for tid in processes.threads(pid))
+
+    def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        # Without threaded cgroups, a thread can only "move" into the cgroup it is already in.
+        src = hierarchy.cgroup_of(processes.thread_group(_parse_pid(text) or caller.pid))
+        if not cg.is_root and cg.subtree_control:
+            raise fail(errno.EBUSY)
+        if src is not cg:
+            raise fail(errno.EOPNOTSUPP, "threads move only within a threaded subtree")
+
+    def write_subtree_control(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        enable = disable = 0
+        for token in strstrip(text).split(b" "):
+            if not token:
+                continue
+            controller = hierarchy.controller(token[1:].decode("latin-1"))
+            if token[:1] not in (b"+", b"-") or controller is None:
+                raise fail(errno.EINVAL, f"bad token {token!r}")
+            bit = 1 << controller.ssid
+            if token[:1] == b"+":
+                enable, disable = enable | bit, disable & ~bit
+            else:
+                enable, disable = enable & ~bit, disable | bit
+        _check_file_collisions(cg, enable & ~cg.subtree_control)
+        hierarchy.write_subtree_control(cg, enable, disable)
+
+    def _check_file_collisions(cg: Cgroup, enable: int) -> None:
+        """The kernel cannot create a control file where a child has a directory of that name."""
+        for ssid, names in file_names.items():
+            if enable & (1 << ssid):
+                for child in cg.children.values():
+                    if not names.isdisjoint(child.children):
+                        raise fail(errno.EEXIST)
+
+    def show_stat(cg: Cgroup) -> str:
+        lines = [f"nr_descendants {cg.nr_descendants}\n"]
+        for controller in hierarchy.controllers:
+            css = cg.css[controller.ssid]
+            lines.append(f"nr_subsys_{controller.name} {css.nr_descendants + 1 if css else 0}\n")
+        lines.append(f"nr_dying_descendants {cg.nr_dying_descendants}\n")
+        for controller in hierarchy.controllers:
+            lines.append(f"nr_dying_subsys_{controller.name} "
+                         f"{cg.nr_dying_subsys[controller.ssid]}\n")
+        return "".join(lines)
+
+    def show_events(cg: Cgroup) -> str:
+        return f"populated {int(cg.populated)}\nfrozen {int(hierarchy.frozen(cg))}\n"
+
+    def write_type(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        if strstrip(text) != b"threaded":
+            raise fail(errno.EINVAL)
+        raise fail(errno.EOPNOTSUPP, "threaded cgroups are not emulated")
+
+    def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        hierarchy.set_freeze(cg, bool(_parse_switch(text, range(2))))
+
+    def write_kill(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        _parse_switch(text, range(1, 2))
+        processes.kill(hierarchy.subtree_pids(cg))
+
+    def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        hierarchy.set_max_descendants(cg, _parse_limit(text))
+
+    def write_max_depth(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        hierarchy.set_max_depth(cg, _parse_limit(text))
+
+    not_on_root = Placement.NOT_ON_ROOT
+    return [
+        CfType("cgroup.type", lambda cg: "domain\n", write_type, not_on_root),
+        CfType("cgroup.procs", show_procs, write_procs),
+        CfType("cgroup.threads", show_threads, write_threads),
+        CfType("cgroup.controllers",
+               lambda cg: _mask_line(hierarchy.names(hierarchy.controllers_of(cg)))),
+        CfType("cgroup.subtree_control",
+               lambda cg: _mask_line(hierarchy.names(cg.subtree_control)), write_subtree_control),
+        CfType("cgroup.events", show_events, placement=not_on_root),
+        CfType("cgroup.max.descendants", lambda cg: _limit(cg.max_descendants),
+               write_max_descendants),
+        CfType("cgroup.max.depth", lambda cg: _limit(cg.max_depth), write_max_depth),
+        CfType("cgroup.stat", show_stat),
+        CfType("cgroup.freeze", lambda cg: f"{int(cg.freeze)}\n", write_freeze, not_on_root),
+        CfType("cgroup.kill", None, write_kill, not_on_root),
+    ]

@@ -1,0 +1,261 @@
+"""The file table: cgroups as directories, cftype rows as files, and their node attributes.
+
+It plays kernfs's part: it names nodes, keeps their modes, owners and times, decides which files
+a cgroup shows, and runs a file's show/write handler the way kernfs and seq_file do.  Node
+numbers are computed, not stored: a cgroup's id and a file's row make its inode number.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from dataclasses import dataclass
+
+from ..engine import Cgroup, Change, Hierarchy, fail
+from .cftype import Caller, CfType
+from .core import Processes, core_files
+from .encids import encids_files
+from .parse import written_text
+
+ROOT_INODE = 1
+_STRIDE = 256  # inode numbers per cgroup: its directory, then one per file row
+_FILE_BASE = 2
+WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
+XATTRS_MAX = 128  # kernfs's limits on user xattrs per node
+XATTR_BYTES_MAX = 128 * 1024
+
+
+@dataclass(slots=True)
+class NodeAttr:
+    mode: int  # including the file type bits
+    uid: int
+    gid: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+@dataclass(slots=True)
+class Node:
+    inode: int
+    cgroup: Cgroup
+    cftype: CfType | None  # None for the cgroup's directory
+
+
+class FileTable:
+    def __init__(self, hierarchy: Hierarchy, processes: Processes) -> None:
+        self.hierarchy = hierarchy
+        controller_files: dict[int, list[CfType]] = {}
+        for controller in hierarchy.controllers:
+            controller_files[controller.ssid] = encids_files(controller)  # type: ignore[arg-type]
+        names = {ssid: {cft.name for cft in rows} for ssid, rows in controller_files.items()}
+        self.cftypes = core_files(hierarchy, processes, names)
+        for rows in controller_files.values():
+            self.cftypes += rows
+        assert len(self.cftypes) <= _STRIDE - _FILE_BASE
+        self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
+        self._controller_rows = [row for row, cft in enumerate(self.cftypes) if cft.controller]
+        now = time.time_ns()
+        self._dir_attrs = {hierarchy.root.id: NodeAttr(stat.S_IFDIR | 0o555, 0, 0, now, now)}
+        self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
+        self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
+        self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
+
+    # -- nodes --------------------------------------------------------------------------------
+
+    @staticmethod
+    def dir_inode(cg: Cgroup) -> int:
+        return cg.id * _STRIDE + ROOT_INODE
+
+    @staticmethod
+    def file_inode(cg: Cgroup, row: int) -> int:
+        return cg.id * _STRIDE + _FILE_BASE + row
+
+    def node(self, inode: int) -> Node:
+        cgid, slot = divmod(inode, _STRIDE)
+        cg = self.hierarchy.by_id.get(cgid)
+        if cg is None or slot < ROOT_INODE or slot - _FILE_BASE >= len(self.cftypes):
+            raise fail(errno.ENOENT)
+        if slot == ROOT_INODE:
+            return Node(inode, cg, None)
+        cft = self.cftypes[slot - _FILE_BASE]
+        if not cft.present_in(cg):
+            raise fail(errno.ENOENT)
+        return Node(inode, cg, cft)
+
+    def lookup(self, parent_inode: int, name: bytes) -> Node:
+        cg = self._dir(parent_inode)
+        text = os.fsdecode(name)
+        child = cg.children.get(text)
+        if child is not None:
+            return Node(self.dir_inode(child), child, None)
+        row = self._row_by_name.get(text)
+        if row is not None and self.cftypes[row].present_in(cg):
+            return Node(self.file_inode(cg, row), cg, self.cftypes[row])
+        raise fail(errno.ENOENT)
+
+    def entries(self, dir_inode: int) -> list[tuple[bytes, Node]]:
+        """The directory's entries as readdir lists them, "." and ".." first."""
+        cg = self._dir(dir_inode)
+        parent = cg.parent or cg
+        entries = [(b".", Node(dir_inode, cg, None)),
+                   (b"..", Node(self.dir_inode(parent), parent, None))]
+        entries += [(cft.name.encode(), Node(self.file_inode(cg, row), cg, cft))
+                    for row, cft in enumerate(self.cftypes) if cft.present_in(cg)]
+        entries += [(os.fsencode(child.name), Node(self.dir_inode(child), child, None))
+                    for child in cg.children.values()]
+        return entries
+
+    def attr(self, node: Node) -> NodeAttr:
+        dir_attr = self._dir_attrs[node.cgroup.id]
+        if node.cftype is None:
+            return dir_attr
+        changed = self._file_attrs.get(node.inode)
+        if changed is not None:
+            return changed
+        return NodeAttr(stat.S_IFREG | node.cftype.mode, dir_attr.uid, dir_attr.gid,
+                        dir_attr.mtime_ns, dir_attr.mtime_ns)
+
+    def nlink(self, node: Node) -> int:
+        return 2 + len(node.cgroup.children) if node.cftype is None else 1
+
+    def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, mtime_ns: int | None = None) -> NodeAttr:
+        """chmod/chown/utimes; the caller's right to do it was checked by the kernel."""
+        attr = self.attr(node)
+        if node.cftype is not None:
+            attr = self._file_attrs.setdefault(node.inode, NodeAttr(
+                attr.mode, attr.uid, attr.gid, attr.mtime_ns, attr.ctime_ns))
+        if mode is not None:
+            attr.mode = stat.S_IFMT(attr.mode) | stat.S_IMODE(mode)
+        if uid is not None:
+            attr.uid = uid
+        if gid is not None:
+            attr.gid = gid
+        if mtime_ns is not None:
+            attr.mtime_ns = mtime_ns
+        attr.ctime_ns = time.time_ns()
+        return attr
+
+    # -- extended attributes (kernfs keeps them in memory, as here) ----------------------------
+
+    def getxattr(self, node: Node, name: bytes) -> bytes:
+        value = self._node_xattrs(node).get(name)
+        if value is None:
+            raise fail(errno.ENODATA)
+        return value
+
+    def listxattr(self, node: Node) -> list[bytes]:
+        return list(self._node_xattrs(node))
+
+    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        if node.inode == ROOT_INODE and name in self.root_xattrs:
+            raise fail(errno.EPERM)
+        xattrs = self._xattrs.setdefault(node.inode, {})
+        size = sum(len(v) for k, v in xattrs.items() if k != name) + len(value)
+        if (name not in xattrs and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX:
+            raise fail(errno.ENOSPC)
+        xattrs[name] = value
+
+    def removexattr(self, node: Node, name: bytes) -> None:
+        if node.inode == ROOT_INODE and name in self.root_xattrs:
+            raise fail(errno.EPERM)
+        if self._xattrs.get(node.inode, {}).pop(name, None) is None:
+            raise fail(errno.ENODATA)
+
+    def _node_xattrs(self, node: Node) -> dict[bytes, bytes]:
+        own = self._xattrs.get(node.inode, {})
+        return {**self.root_xattrs, **own} if node.inode == ROOT_INODE else own
+
+    # -- directories --------------------------------------------------------------------------
+
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
+        parent = self._dir(parent_inode)
+        text = os.fsdecode(name)
+        row = self._row_by_name.get(text)
+        if row is not None and self.cftypes[row].present_in(parent):
+            raise fail(errno.EEXIST)
+        cg = self.hierarchy.mkdir(parent, text)
+        now = time.time_ns()
+        self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | stat.S_IMODE(mode), caller.uid,
+                                          caller.gid, now, now)
+        return Node(self.dir_inode(cg), cg, None)
+
+    def rmdir(self, parent_inode: int, name: bytes) -> None:
+        node = self.lookup(parent_inode, name)
+        if node.cftype is not None:
+            raise fail(errno.ENOTDIR)
+        self.hierarchy.rmdir(node.cgroup)
+
+    # -- file contents ------------------------------------------------------------------------
+
+    def open(self, node: Node, caller: Caller) -> OpenFile:
+        if node.cftype is None:
+            raise fail(errno.EISDIR)
+        return OpenFile(node, caller)
+
+    # -- what changed -------------------------------------------------------------------------
+
+    def drain_invalidations(self) -> list[tuple[int, bytes]]:
+        """Directory entries the kernel may have cached that no longer stand, as (dir, name)."""
+        stale: list[tuple[int, bytes]] = []
+        for change, cg in self.hierarchy.drain_changes():
+            if change is Change.FILES:
+                for row in self._controller_rows:
+                    self._forget(self.file_inode(cg, row))  # recreated files start afresh
+                    stale.append((self.dir_inode(cg), self.cftypes[row].name.encode()))
+            elif change is Change.REMOVED:
+                for row in range(len(self.cftypes)):
+                    self._forget(self.file_inode(cg, row))
+                self._forget(self.dir_inode(cg))
+                del self._dir_attrs[cg.id]
+                stale.append((self.dir_inode(cg.parent), os.fsencode(cg.name)))
+        return stale
+
+    def _forget(self, inode: int) -> None:
+        self._file_attrs.pop(inode, None)
+        self._xattrs.pop(inode, None)
+
+    def _dir(self, inode: int) -> Cgroup:
+        node = self.node(inode)
+        if node.cftype is not None:
+            raise fail(errno.ENOTDIR)
+        return node.cgroup
+
+
+class OpenFile:
+    """An open interface file; reads follow seq_file: offset 0 renders afresh, later offsets
+    continue that rendering, so a reader in small pieces sees one consistent text."""
+
+    __slots__ = ("node", "caller", "_text")
+
+    def __init__(self, node: Node, caller: Caller) -> None:
+        self.node = node
+        self.caller = caller
+        self._text = b""
+
+    def _check_live(self) -> CfType:
+        cg, cft = self.node.cgroup, self.node.cftype
+        assert cft is not None
+        if cg.dying or not cft.present_in(cg):
+            raise fail(errno.ENODEV)
+        return cft
+
+    def read(self, offset: int, size: int) -> bytes:
+        cft = self._check_live()
+        if cft.show is None:
+            raise fail(errno.EINVAL)
+        if offset == 0 or not self._text:
+            self._text = cft.show(self.node.cgroup).encode()
+        return self._text[offset:offset + size]
+
+    def write(self, buf: bytes) -> int:
+        """kernfs semantics: the offset is ignored and the whole buffer is one command."""
+        cft = self._check_live()
+        if len(buf) > WRITE_MAX:
+            raise fail(errno.E2BIG)
+        if cft.write is None:
+            raise fail(errno.EINVAL)
+        cft.write(self.node.cgroup, written_text(buf), self.caller)
+        return len(buf)

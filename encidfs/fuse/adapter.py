@@ -1,0 +1,218 @@
+"""The FUSE adapter: pyfuse3 requests in, file-table calls, FUSE replies out.
+
+It translates and nothing more: inode numbers and names go to the file table, OSErrors come
+back as FUSE errors, and entries the file table reports stale are invalidated in the kernel.
+No cgroup rule lives here.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+
+from ..files.cftype import Caller
+from ..files.table import FileTable, Node, OpenFile
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+    """OSError becomes its errno; anything else is a bug: logged, EIO, and the daemon goes on."""
+
+    @functools.wraps(method)
+    async def wrapper(self: CgroupOperations, *args: Any) -> T:
+        try:
+            return await method(self, *args)
+        except OSError as error:
+            raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
+        except pyfuse3.FUSEError:
+            raise
+        except Exception:
+            log.exception("%s%r failed", method.__name__, args)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            self.flush_invalidations()
+
+    return wrapper
+
+
+def _caller(ctx: pyfuse3.RequestContext) -> Caller:
+    return Caller(ctx.pid, ctx.uid, ctx.gid)
+
+
+class CgroupOperations(pyfuse3.Operations):
+    def __init__(self, table: FileTable, cache_timeout: float) -> None:
+        super().__init__()
+        self.table = table
+        self.cache_timeout = cache_timeout
+        self._open_files: dict[int, OpenFile] = {}
+        self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        self._next_fh = 1
+
+    def flush_invalidations(self) -> None:
+        for dir_inode, name in self.table.drain_invalidations():
+            pyfuse3.invalidate_entry_async(dir_inode, name, ignore_enoent=True)
+
+    def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
+        attr = self.table.attr(node)
+        entry = pyfuse3.EntryAttributes()
+        entry.st_ino = node.inode
+        entry.generation = 0
+        entry.entry_timeout = self.cache_timeout
+        entry.attr_timeout = self.cache_timeout
+        entry.st_mode = attr.mode
+        entry.st_nlink = self.table.nlink(node)
+        entry.st_uid = attr.uid
+        entry.st_gid = attr.gid
+        entry.st_size = 0
+        entry.st_blksize = 4096
+        entry.st_blocks = 0
+        entry.st_atime_ns = attr.mtime_ns
+        entry.st_mtime_ns = attr.mtime_ns
+        entry.st_ctime_ns = attr.ctime_ns
+        return entry
+
+    def _new_fh(self) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        return fh
+
+    # -- names and attributes -----------------------------------------------------------------
+
+    @translated
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        return self._entry(self.table.lookup(parent_inode, name))
+
+    @translated
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        return self._entry(self.table.node(inode))
+
+    @translated
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
+                      fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext):
+        node = self.table.node(inode)
+        # A size change (O_TRUNC, truncate) is accepted and means nothing, as on kernfs.
+        self.table.setattr(
+            node,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+        )
+        return self._entry(node)
+
+    @translated
+    async def statfs(self, ctx: pyfuse3.RequestContext):
+        stat = pyfuse3.StatvfsData()
+        stat.f_bsize = stat.f_frsize = 4096
+        stat.f_namemax = 255
+        return stat
+
+    @translated
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        return self.table.getxattr(self.table.node(inode), name)
+
+    @translated
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext):
+        return self.table.listxattr(self.table.node(inode))
+
+    @translated
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):
+        self.table.setxattr(self.table.node(inode), name, value)
+
+    @translated
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        self.table.removexattr(self.table.node(inode), name)
+
+    # -- directories --------------------------------------------------------------------------
+
+    @translated
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext):
+        fh = self._new_fh()
+        self._open_dirs[fh] = self.table.entries(inode)
+        return fh
+
+    @translated
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken):
+        entries = self._open_dirs[fh]
+        for index in range(start_id, len(entries)):
+            name, node = entries[index]
+            try:
+                entry = self._entry(node)
+            except OSError:
+                continue  # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, entry, index + 1):
+                return
+
+    @translated
+    async def releasedir(self, fh: int):
+        del self._open_dirs[fh]
+
+    @translated
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
+        return self._entry(self.table.mkdir(parent_inode, name, mode, _caller(ctx)))
+
+    @translated
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        self.table.rmdir(parent_inode, name)
+
+    # cgroupfs has no way to make or change names other than mkdir/rmdir; these are its errnos.
+
+    @translated
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        raise OSError(errno.EPERM, "cgroups cannot be renamed")
+
+    @translated
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
+        raise OSError(errno.EPERM, "interface files cannot be removed")
+
+    @translated
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx):
+        raise OSError(errno.EPERM, "no links in cgroupfs")
+
+    @translated
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx):
+        raise OSError(errno.EPERM, "no symlinks in cgroupfs")
+
+    @translated
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx):
+        raise OSError(errno.EACCES, "files cannot be created")
+
+    @translated
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx):
+        raise OSError(errno.EACCES, "files cannot be created")
+
+    # -- files --------------------------------------------------------------------------------
+
+    @translated
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
+        open_file = self.table.open(self.table.node(inode), _caller(ctx))
+        fh = self._new_fh()
+        self._open_files[fh] = open_file
+        # Contents are generated per read and the size is 0: the page cache must stay out.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True, keep_cache=False)
+
+    @translated
+    async def read(self, fh: int, off: int, size: int):
+        return self._open_files[fh].read(off, size)
+
+    @translated
+    async def write(self, fh: int, off: int, buf: bytes):
+        return self._open_files[fh].write(buf)
+
+    @translated
+    async def release(self, fh: int):
+        del self._open_files[fh]
+
+
+def mount_options(fsname: str, extra: list[str]) -> set[str]:
+    """FUSE options: the kernel checks permissions against our modes, as it does on cgroupfs."""
+    return {f"fsname={fsname}", "subtype=encidfs", "default_permissions", *extra}
+
