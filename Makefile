@@ -1,0 +1,27 @@
+PYTHON ?= .venv/bin/python
+MOUNTPOINT ?= /run/encidfs
+
+.PHONY: install mount umount test bench
+install: .venv/.installed
+
+.venv/.installed: pyproject.toml scripts/install.sh
+	scripts/install.sh
+	touch $@
+
+# Mounts encidfs with its default configuration (sev: 509 IDs, sev_es: 99).
+mount: install
+	mkdir -p $(MOUNTPOINT)
+	.venv/bin/encidfs mount $(MOUNTPOINT)
+	@echo "Try:  cat $(MOUNTPOINT)/encids.sev.stat"
+	@echo "      echo +encids > $(MOUNTPOINT)/cgroup.subtree_control; mkdir $(MOUNTPOINT)/vm1"
+	@echo "      echo 4 > $(MOUNTPOINT)/vm1/encids.sev.max; cat $(MOUNTPOINT)/vm1/encids.sev.current"
+	@echo "Unmount with: make umount"
+
+umount:
+	.venv/bin/encidfs umount $(MOUNTPOINT)
+
+test: install
+	$(PYTHON) -m pytest -q
+
+bench: install
+	$(PYTHON) scripts/bench.py
