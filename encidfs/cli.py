@@ -7,6 +7,7 @@ import logging
 import logging.handlers
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -134,7 +135,10 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
                                stderr=subprocess.PIPE)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as ready:
-        said = ready.read()  # "ready", or end of file when the daemon gave up
+        # "ready", or end of file when the daemon gave up
+        said = ready.read() if select.select([ready], [], [], MOUNT_TIMEOUT)[0] else b""
+    if said.strip() != b"ready" and process.poll() is None:
+        process.kill()
     if said.strip() != b"ready":
         process.wait()
         message = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
