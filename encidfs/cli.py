@@ -1,4 +1,4 @@
-"""The encidfs command: mount and umount."""
+"""The encidfs command: mount and umount here, the client commands in commands.py."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from . import commands as client_commands
 from . import config as configuration
 
 FSTYPE = "fuse.encidfs"
@@ -37,6 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--min-sev-asid", type=int, metavar="M",
                        help="lowest SEV ASID; the ones below it are SEV-ES ASIDs")
     mount.add_argument("--config", metavar="FILE.toml")
+    mount.add_argument("--control", metavar="PATH",
+                       help="the control socket (default: derived from the mountpoint)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                        help="FUSE mount options, comma-separated (e.g. allow_other)")
     mount.add_argument("--foreground", "-f", action="store_true",
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     umount = commands.add_parser("umount", help="unmount and stop the daemon")
     umount.add_argument("mountpoint")
+    client_commands.add_parsers(commands)
     return parser
 
 
@@ -54,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "mount":
             return _mount(args)
-        return _umount(args.mountpoint)
+        if args.command == "umount":
+            return _umount(args.mountpoint)
+        return client_commands.run_command(args)
     except (CliError, configuration.ConfigError) as error:
         print(f"encidfs: {error}", file=sys.stderr)
         return 1
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
 def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
-                                options)
+                                options, args.control)
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
     _check_fuse()
@@ -161,6 +167,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--min-sev-asid", str(args.min_sev_asid)]
     if args.config:
         argv += ["--config", args.config]
+    if args.control:
+        argv += ["--control", args.control]
     for option in args.options:
         argv += ["-o", option]
     if args.debug:

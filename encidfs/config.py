@@ -17,15 +17,17 @@ class ConfigError(ValueError):
 @dataclass
 class Config:
     capacities: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_CAPACITIES))
+    first_ids: dict[str, int] | None = None  # None: each type's IDs follow the previous type's
     fuse_options: list[str] = field(default_factory=list)
+    control: str | None = None  # the control socket's path; None: derived from the mountpoint
 
-
-def capacities_from_asids(asids: int, min_sev_asid: int) -> dict[str, int]:
-    """KVM's split: SEV uses ASIDs min_sev_asid..asids, SEV-ES the ones below min_sev_asid."""
-    if asids < 1 or not 1 <= min_sev_asid <= asids:
-        raise ConfigError(f"need 1 <= min-sev-asid <= asids, got asids={asids} "
-                          f"min-sev-asid={min_sev_asid}")
-    return {"sev": asids - min_sev_asid + 1, "sev_es": min_sev_asid - 1}
+    def use_asids(self, asids: int, min_sev_asid: int) -> None:
+        """KVM's split: SEV uses ASIDs min_sev_asid..asids, SEV-ES the ones below min_sev_asid."""
+        if asids < 1 or not 1 <= min_sev_asid <= asids:
+            raise ConfigError(f"need 1 <= min-sev-asid <= asids, got asids={asids} "
+                              f"min-sev-asid={min_sev_asid}")
+        self.capacities = {"sev": asids - min_sev_asid + 1, "sev_es": min_sev_asid - 1}
+        self.first_ids = {"sev": min_sev_asid, "sev_es": 1}
 
 
 def parse_capacity(text: str) -> tuple[str, int]:
@@ -52,7 +54,7 @@ def _check_count(name: str, value: object) -> int:
 
 
 def load(path: str | None, capacities: list[str], asids: int | None,
-         min_sev_asid: int | None, fuse_options: list[str]) -> Config:
+         min_sev_asid: int | None, fuse_options: list[str], control: str | None = None) -> Config:
     """The file first, then the command line over it."""
     config = Config()
     if path is not None:
@@ -60,10 +62,12 @@ def load(path: str | None, capacities: list[str], asids: int | None,
     if (asids is None) != (min_sev_asid is None):
         raise ConfigError("--asids and --min-sev-asid go together")
     if asids is not None and min_sev_asid is not None:
-        config.capacities = capacities_from_asids(asids, min_sev_asid)
+        config.use_asids(asids, min_sev_asid)
     if capacities:
         config.capacities = dict(parse_capacity(text) for text in capacities)
+        config.first_ids = None
     config.fuse_options += fuse_options
+    config.control = control or config.control
     return config
 
 
@@ -75,7 +79,7 @@ def _load_file(config: Config, path: str) -> None:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options"}
+    unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -89,8 +93,12 @@ def _load_file(config: Config, path: str) -> None:
         asids, minimum = data.get("asids"), data.get("min_sev_asid")
         if not isinstance(asids, int) or not isinstance(minimum, int):
             raise ConfigError(f"{path}: asids and min_sev_asid must both be given as numbers")
-        config.capacities = capacities_from_asids(asids, minimum)
+        config.use_asids(asids, minimum)
     options = data.get("fuse_options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise ConfigError(f"{path}: fuse_options must be a list of strings")
     config.fuse_options = list(options)
+    control = data.get("control")
+    if control is not None and not isinstance(control, str):
+        raise ConfigError(f"{path}: control must be a path")
+    config.control = control

@@ -11,7 +11,10 @@ import pyfuse3
 import trio
 
 from .config import Config
-from .engine import new_hierarchy
+from .control.protocol import CONTROL_XATTR, default_control_path
+from .control.server import serve_control
+from .control.service import ControlService
+from .engine import EncidsController, new_hierarchy
 from .files.table import FileTable
 from .fuse.adapter import CgroupOperations, mount_options
 from .procs import ProcessTracker
@@ -24,20 +27,30 @@ CACHE_TIMEOUT = 1.0
 
 async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
     """Mount, call ready(), and serve until unmounted or told to stop by SIGTERM/SIGINT."""
-    hierarchy = new_hierarchy(config.capacities)
+    hierarchy = new_hierarchy(config.capacities, config.first_ids)
+    encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
+
+    def on_fork(parent: int, child: int) -> None:
+        hierarchy.fork(parent, child)
 
     def on_exit(pid: int) -> None:
         hierarchy.exit(pid)
+        encids.release_holder(pid)  # like a VM's file descriptor closing with its process
         operations.flush_invalidations()
 
-    tracker = ProcessTracker(on_exit)
+    tracker = ProcessTracker(hierarchy.members, on_fork, on_exit)
     table = FileTable(hierarchy, tracker)
+    control = config.control or default_control_path(mountpoint)
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
+    table.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(table, CACHE_TIMEOUT)
+    service = ControlService(mountpoint, hierarchy, tracker, operations.flush_invalidations)
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
+            await nursery.start(serve_control, control, service)
+            log.info("process tracking: %s; control socket %s", tracker.mode, control)
             nursery.start_soon(_stop_on_signal)
             log.info("mounted on %s with %s", mountpoint, config.capacities)
             ready()

@@ -10,6 +10,7 @@ __all__ = [
 ]
 
 
-def new_hierarchy(capacities: dict[str, int]) -> Hierarchy:
+def new_hierarchy(capacities: dict[str, int],
+                  first_ids: dict[str, int] | None = None) -> Hierarchy:
     """A hierarchy with the encids controller for the given types."""
-    return Hierarchy([EncidsController(capacities)])
+    return Hierarchy([EncidsController(capacities, first_ids)])

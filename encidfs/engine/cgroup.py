@@ -227,6 +227,13 @@ class Hierarchy:
         if len(dst.procs) == 1:
             self._populated_changed(dst, True)
 
+    def fork(self, parent: int, child: int) -> None:
+        """A new process starts in its parent's cgroup."""
+        cg = self.cgroup_of(parent)
+        if cg.parent is not None and child not in self.members:
+            self.members[child] = cg
+            cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
+
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
         self._remove_proc(pid, self.cgroup_of(pid))

@@ -15,6 +15,7 @@ import errno
 from .cgroup import Cgroup, Change, css_put
 from .css import Controller, Css
 from .errors import ChargeRefused, fail
+from .ids import IdSpace, consecutive_ranges
 
 U64_MAX = 2**64 - 1  # encids.<type>.max "max"
 
@@ -47,10 +48,19 @@ class Charge:
 class EncidsController(Controller):
     name = "encids"
 
-    def __init__(self, capacities: dict[str, int]) -> None:
+    def __init__(self, capacities: dict[str, int],
+                 first_ids: dict[str, int] | None = None) -> None:
+        """Each type's IDs are first_ids[type] onwards, or by default ranges one after another."""
+        ranges = consecutive_ranges(capacities)
+        if first_ids is not None:
+            ranges = {name: range(first_ids[name], first_ids[name] + count)
+                      for name, count in capacities.items()}
         self.types = list(capacities)
         self.capacity = list(capacities.values())
+        self.spaces = [IdSpace(ranges[name]) for name in self.types]
         self._index = {name: i for i, name in enumerate(self.types)}
+        self._allocated: dict[int, tuple[int, Charge]] = {}  # ID -> (holder PID, its charge)
+        self._held: dict[int, set[int]] = {}  # holder PID -> its IDs
 
     def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> EncidsCss:
         return EncidsCss(self.ssid, cgroup, parent, len(self.types))
@@ -95,12 +105,63 @@ class EncidsController(Controller):
         css.refs += 1  # the charge pins its css until uncharged
         return Charge(css, t, amount)
 
-    def uncharge(self, charge: Charge) -> None:
+    def uncharge(self, charge: Charge, amount: int | None = None) -> None:
+        """Give back `amount` of the charge (all of it by default); the last of it unpins."""
+        amount = charge.amount if amount is None else amount
         level: EncidsCss | None = charge.css
         while level is not None:
-            level.usage[charge.type] -= charge.amount
+            level.usage[charge.type] -= amount
             level = level.parent  # type: ignore[assignment]
-        css_put(charge.css)
+        charge.amount -= amount
+        if charge.amount == 0:
+            css_put(charge.css)
+
+    # -- ID numbers ---------------------------------------------------------------------------
+
+    def allocate(self, holder: int, type_name: str, count: int) -> list[int]:
+        """Charge `count` IDs to the holder's cgroup now and hand out the lowest free ones."""
+        if count < 1:
+            raise fail(errno.EINVAL, "count must be at least 1")
+        charge = self.try_charge(self.hierarchy.cgroup_of(holder), type_name, count)
+        ids = self.spaces[charge.type].take(count)
+        held = self._held.setdefault(holder, set())
+        for id_ in ids:
+            self._allocated[id_] = (holder, charge)
+            held.add(id_)
+        return ids
+
+    def holder_of(self, id_: int) -> int | None:
+        entry = self._allocated.get(id_)
+        return entry[0] if entry else None
+
+    def holdings(self) -> dict[int, set[int]]:
+        """Holder PID -> the IDs it holds."""
+        return self._held
+
+    def charge_of(self, id_: int) -> Charge | None:
+        entry = self._allocated.get(id_)
+        return entry[1] if entry else None
+
+    def free(self, ids: list[int]) -> None:
+        """Free IDs; all of them must be allocated (EINVAL otherwise, and nothing is freed)."""
+        unknown = [id_ for id_ in ids if id_ not in self._allocated]
+        if unknown or len(set(ids)) != len(ids):
+            raise fail(errno.EINVAL, f"not allocated: {unknown or ids}")
+        for id_ in ids:
+            holder, charge = self._allocated.pop(id_)
+            held = self._held[holder]
+            held.discard(id_)
+            if not held:
+                del self._held[holder]
+            self.uncharge(charge, 1)
+            self.spaces[charge.type].give_back(id_)
+
+    def release_holder(self, holder: int) -> list[int]:
+        """The holder is gone (like a VM's fd closing): free everything it held."""
+        ids = sorted(self._held.get(holder, ()))
+        if ids:
+            self.free(ids)
+        return ids
 
     def _count_refusal(self, refusing: EncidsCss, t: int) -> None:
         level: EncidsCss | None = refusing

@@ -13,6 +13,6 @@ class ChargeRefused(OSError):
     """A charge went over a limit or the capacity; `path` names the cgroup whose limit refused."""
 
     def __init__(self, resource: str, path: str) -> None:
-        super().__init__(errno.EBUSY, f"{resource} over the limit of {path}")
+        super().__init__(errno.EBUSY, f"refused by the limit of {path}")
         self.resource = resource
         self.path = path

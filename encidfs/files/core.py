@@ -21,8 +21,11 @@ class Processes(Protocol):
 
     def threads(self, pid: int) -> list[int]: ...
 
-    def attached(self, pid: int) -> None:
-        """pid now belongs to a cgroup other than the root: notice when it exits."""
+    def sync(self) -> None:
+        """Bring the engine up to date with forks that have happened."""
+
+    def joined(self, pid: int) -> None:
+        """pid now belongs to a cgroup other than the root: follow its forks and its exit."""
 
     def kill(self, pids: Iterable[int]) -> None: ...
 
@@ -67,6 +70,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     """`file_names` maps a controller's ssid to the names of its files (to detect collisions)."""
 
     def show_procs(cg: Cgroup) -> str:
+        processes.sync()
         if cg.is_root:
             pids = [pid for pid in processes.all_pids() if pid not in hierarchy.members]
         else:
@@ -75,9 +79,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
 
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
+        processes.sync()
         hierarchy.attach(tgid, cg)
         if not cg.is_root:
-            processes.attached(tgid)
+            processes.joined(tgid)
 
     def show_threads(cg: Cgroup) -> str:
         pids = [int(line) for line in show_procs(cg).split()]
@@ -127,6 +132,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         return "".join(lines)
 
     def show_events(cg: Cgroup) -> str:
+        processes.sync()
         return f"populated {int(cg.populated)}\nfrozen {int(hierarchy.frozen(cg))}\n"
 
     def write_type(cg: Cgroup, text: bytes, caller: Caller) -> None:
@@ -139,6 +145,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
 
     def write_kill(cg: Cgroup, text: bytes, caller: Caller) -> None:
         _parse_switch(text, range(1, 2))
+        processes.sync()
         processes.kill(hierarchy.subtree_pids(cg))
 
     def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller) -> None:

@@ -1,0 +1,118 @@
+"""Client commands: run, alloc, free, status (built on encidfs.client)."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import sys
+
+from .control.client import Client, ControlError
+
+DEFAULT_MOUNT = os.environ.get("ENCIDFS_MOUNT", "/run/encidfs")
+
+
+def add_parsers(commands: argparse._SubParsersAction) -> None:
+    def connection_options(parser: argparse.ArgumentParser) -> None:
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--mount", metavar="MNT",
+                           help=f"the encidfs mountpoint (default {DEFAULT_MOUNT})")
+        where.add_argument("--control", metavar="SOCK", help="the control socket")
+
+    run = commands.add_parser("run", help="allocate IDs, then exec a command that holds them")
+    connection_options(run)
+    run.add_argument("--cgroup", metavar="PATH", help="move into this cgroup first (e.g. /a/b)")
+    run.add_argument("--type", required=True, metavar="T")
+    run.add_argument("--count", type=int, default=1, metavar="N")
+    run.add_argument("--print-ids", action="store_true", help="print the IDs to stderr")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+    run.set_defaults(handler=_run)
+
+    alloc = commands.add_parser("alloc", help="allocate IDs held by a process")
+    connection_options(alloc)
+    alloc.add_argument("--type", required=True, metavar="T")
+    alloc.add_argument("--count", type=int, default=1, metavar="N")
+    alloc.add_argument("--pid", type=int, required=True)
+    alloc.set_defaults(handler=_alloc)
+
+    free = commands.add_parser("free", help="free IDs")
+    connection_options(free)
+    free.add_argument("ids", type=int, nargs="+", metavar="ID")
+    free.set_defaults(handler=_free)
+
+    status = commands.add_parser("status", help="the tree with usage, limits and holders")
+    connection_options(status)
+    status.set_defaults(handler=_status)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    try:
+        return args.handler(args)
+    except ControlError as error:
+        kind = f"{args.type}: " if getattr(args, "type", None) else ""
+        print(f"encidfs: {kind}{errno.errorcode.get(error.errno, error.errno)}: "
+              f"{error.strerror}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"encidfs: {error.strerror or error}", file=sys.stderr)
+        return 1
+
+
+def _connect(args: argparse.Namespace) -> Client:
+    if args.control:
+        return Client.connect(control=args.control)
+    return Client.connect(mount=args.mount or DEFAULT_MOUNT)
+
+
+def _run(args: argparse.Namespace) -> int:
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        print("encidfs: run needs a command after --", file=sys.stderr)
+        return 2
+    with _connect(args) as client:
+        if args.cgroup:
+            mount = args.mount or client.status()["mountpoint"]
+            procs = os.path.join(mount, args.cgroup.strip("/"), "cgroup.procs")
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+        ids = client.allocate(args.type, args.count)
+    if args.print_ids:
+        print(" ".join(map(str, ids)), file=sys.stderr, flush=True)
+    # The same process goes on as the command, so the IDs live exactly as long as it does.
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as error:
+        print(f"encidfs: {argv[0]}: {error.strerror}", file=sys.stderr)
+        return 127
+
+
+def _alloc(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        for id_ in client.allocate(args.type, args.count, pid=args.pid):
+            print(id_)
+    return 0
+
+
+def _free(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        client.free(args.ids)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with _connect(args) as client:
+        status = client.status()
+    print(f"mount: {status['mountpoint']}   process tracking: {status['tracking']}")
+    for cg in status["cgroups"]:
+        usage = "  ".join(
+            f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"
+            + (f" refused {r['events']}" if r["events"] else "")
+            for name, r in cg.get("encids", {}).items())
+        procs = f"{len(cg['procs'])} procs" if cg["procs"] else ""
+        print(f"{cg['path']:<30} {procs:<10} {usage}".rstrip())
+    if status["holders"]:
+        print("holders:")
+    for holder in status["holders"]:
+        ids = " ".join(map(str, holder["ids"]))
+        print(f"  pid {holder['pid']:<8} {holder['type']:<8} {holder['cgroup']:<24} {ids}")
+    return 0

@@ -1,0 +1,1 @@
+"""The control socket: ID allocation for processes, its protocol, server and client."""

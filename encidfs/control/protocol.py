@@ -1,0 +1,44 @@
+"""The control protocol: one JSON object a line each way, a reply for every request.
+
+Requests: {"op": "allocate", "type": T, "count": N, "pid": P?}, {"op": "free", "ids": [...]},
+{"op": "status"}.  Replies: {"ok": true, ...} or {"ok": false, "errno": "EBUSY", "error": text,
+"cgroup": path?}.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+
+MAX_LINE = 64 * 1024  # a longer request is refused and the connection closed
+CONTROL_XATTR = "user.encidfs.control"
+
+
+def default_control_path(mountpoint: str) -> str:
+    """Derived from the mountpoint, outside it: /run for root, the runtime dir for others."""
+    mountpoint = os.path.abspath(mountpoint)
+    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
+    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
+    name = os.path.basename(mountpoint)[:40] or "root"
+    return os.path.join(base, "encidfs-control", f"{name}-{digest}.sock")
+
+
+def encode(message: dict) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict:
+    """A request or reply object; ValueError when the line is not one."""
+    message = json.loads(line)
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    return message
+
+
+def error_reply(code: int, message: str, cgroup: str | None = None) -> dict:
+    reply = {"ok": False, "errno": errno.errorcode.get(code, str(code)), "error": message}
+    if cgroup is not None:
+        reply["cgroup"] = cgroup
+    return reply

@@ -1,0 +1,111 @@
+"""What the control socket does: allocate and free IDs for processes, and report the state.
+
+A request runs to completion synchronously against the engine, so concurrent clients see the
+charges one after the other, as callers of the kernel's misc_cg_try_charge() would.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..engine import U64_MAX, ChargeRefused, EncidsController, Hierarchy, fail
+from ..procs import ProcessTracker
+from .protocol import error_reply
+
+
+@dataclass(frozen=True)
+class Peer:
+    """The client, as SO_PEERCRED tells it."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class ControlService:
+    def __init__(self, mountpoint: str, hierarchy: Hierarchy, tracker: ProcessTracker,
+                 changed: Callable[[], None]) -> None:
+        self.mountpoint = mountpoint
+        self.hierarchy = hierarchy
+        self.encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
+        self.tracker = tracker
+        self._changed = changed  # tells the file system that the engine changed
+        self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
+
+    def handle(self, request: dict, peer: Peer) -> dict:
+        op = self._ops.get(request.get("op"))  # type: ignore[arg-type]
+        if op is None:
+            return error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}")
+        try:
+            return {"ok": True, **op(request, peer)}
+        except ChargeRefused as refusal:
+            return error_reply(errno.EBUSY, refusal.strerror, refusal.path)
+        except OSError as error:
+            return error_reply(error.errno or errno.EIO, error.strerror or str(error))
+        finally:
+            self._changed()
+
+    def _allocate(self, request: dict, peer: Peer) -> dict:
+        type_name = request.get("type")
+        count = request.get("count", 1)
+        pid = request.get("pid", peer.pid)
+        if not isinstance(type_name, str) or not _whole(count) or not _whole(pid) or pid <= 0:
+            raise fail(errno.EINVAL, "allocate takes a type, a count >= 1 and a PID")
+        self.tracker.sync()  # a holder forked a moment ago must be charged where it was born
+        holder = self.tracker.thread_group(pid)
+        self._check_may_act_for(peer, holder)
+        ids = self.encids.allocate(holder, type_name, count)
+        self.tracker.watch(holder)
+        return {"type": type_name, "ids": ids, "holder": holder,
+                "cgroup": self.hierarchy.cgroup_of(holder).path}
+
+    def _free(self, request: dict, peer: Peer) -> dict:
+        ids = request.get("ids")
+        if not isinstance(ids, list) or not ids or not all(_whole(i) for i in ids):
+            raise fail(errno.EINVAL, "free takes a list of IDs")
+        for holder in {self.encids.holder_of(i) for i in ids} - {None}:
+            self._check_may_act_for(peer, holder)  # type: ignore[arg-type]
+        self.encids.free(ids)
+        return {"ids": ids}
+
+    def _status(self, request: dict, peer: Peer) -> dict:
+        self.tracker.sync()
+        cgroups = []
+        for cg in self.hierarchy.subtree(self.hierarchy.root):
+            entry: dict = {"path": cg.path, "procs": sorted(cg.procs or ()),
+                           "populated": cg.populated}
+            css = cg.css[self.encids.ssid]
+            if css is not None:
+                entry["encids"] = {
+                    name: {"max": _limit(css.max[t]),  # type: ignore[attr-defined]
+                           "current": css.usage[t],  # type: ignore[attr-defined]
+                           "events": css.events[t],  # type: ignore[attr-defined]
+                           "capacity": self.encids.capacity[t]}
+                    for t, name in enumerate(self.encids.types)}
+            cgroups.append(entry)
+        holders = []
+        for pid, ids in sorted(self.encids.holdings().items()):
+            charges = {}
+            for id_ in sorted(ids):
+                charge = self.encids.charge_of(id_)
+                assert charge is not None
+                key = (self.encids.types[charge.type], charge.cgroup.path)
+                charges.setdefault(key, []).append(id_)
+            holders += [{"pid": pid, "type": t, "cgroup": path, "ids": held}
+                        for (t, path), held in charges.items()]
+        return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode, "cgroups": sorted(cgroups, key=lambda c: c["path"]),
+                "holders": holders}
+
+    def _check_may_act_for(self, peer: Peer, pid: int) -> None:
+        if peer.uid != 0 and peer.uid not in self.tracker.owners(pid):
+            raise fail(errno.EPERM, f"process {pid} belongs to another user")
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _limit(value: int) -> int | str:
+    return "max" if value == U64_MAX else value

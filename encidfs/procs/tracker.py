@@ -1,0 +1,186 @@
+"""Process tracking: what the kernel knows about processes, turned into engine calls.
+
+Processes are read from /proc of the daemon's PID namespace.  Every process the engine cares
+about (a member of a cgroup other than the root, or a holder of IDs) is watched through a pidfd,
+which becomes readable when it exits; its start time is kept with it, so a PID reused by a new
+process is never taken for the old one.
+
+A process forked by a member joins its parent's cgroup.  With the privilege for it, fork events
+come from the kernel's process events connector; without it, /proc is scanned for children of
+members (by parent PID, and started after the parent joined).  Either way `sync()` brings the
+engine up to date before anything that depends on membership is answered.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable, Mapping
+
+import trio
+
+from ..engine import fail
+from .connector import forks, open_connector
+
+PF_NO_SETAFFINITY = 0x04000000  # kernel threads that must stay where they are
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat_fields(proc: str, pid: int) -> list[str]:
+    """/proc/PID/stat fields from the state on (the command name may hold anything)."""
+    with open(f"{proc}/{pid}/stat", "rb") as f:
+        data = f.read()
+    return data[data.rindex(b")") + 2:].decode().split()
+
+
+def _boot_ticks() -> int:
+    """Now, in the unit of /proc/PID/stat start times."""
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
+
+
+class ProcessTracker:
+    def __init__(self, members: Mapping[int, object], on_fork: Callable[[int, int], None],
+                 on_exit: Callable[[int], None], proc: str = "/proc",
+                 use_connector: bool = True) -> None:
+        self._members = members  # PID -> cgroup, the engine's, read only
+        self._on_fork = on_fork
+        self._on_exit = on_exit
+        self._proc = proc
+        self._connector = open_connector() if use_connector else None
+        self.mode = "proc connector" if self._connector else "/proc scan"
+        self._watched: dict[int, int] = {}  # PID -> start time
+        self._joined: dict[int, int] = {}  # member PID -> when it joined, in ticks (for scans)
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            if self._connector is None:
+                await trio.sleep_forever()
+            while True:
+                await trio.lowlevel.wait_readable(self._connector)
+                self.sync()
+
+    # -- keeping the engine up to date ---------------------------------------------------------
+
+    def sync(self) -> None:
+        """Apply every fork that happened until now."""
+        if self._connector is not None:
+            self._drain_connector()
+        elif self._members:
+            self._scan()
+
+    def _drain_connector(self) -> None:
+        assert self._connector is not None
+        while True:
+            try:
+                datagram = self._connector.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                if error.errno != errno.ENOBUFS:
+                    raise
+                self._scan()  # events were lost: look at /proc instead
+                continue
+            for parent, child in forks(datagram):
+                if parent in self._members:
+                    self._adopt(parent, child)
+
+    def _scan(self) -> None:
+        """Children of members that the engine does not know, oldest first."""
+        found = []
+        for pid in self.all_pids():
+            if pid in self._members:
+                continue
+            try:
+                fields = _stat_fields(self._proc, pid)
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            parent, start = int(fields[1]), int(fields[19])
+            if parent in self._members and start >= self._joined.get(parent, 0):
+                found.append((start, parent, pid))
+        for _, parent, child in sorted(found):
+            if parent in self._members:
+                self._adopt(parent, child)
+
+    def _adopt(self, parent: int, child: int) -> None:
+        self._on_fork(parent, child)
+        self.joined(child)
+
+    # -- what the engine cares about -------------------------------------------------------
+
+    def joined(self, pid: int) -> None:
+        """pid became a member of a cgroup other than the root."""
+        self._joined[pid] = _boot_ticks()
+        self.watch(pid)
+
+    def watch(self, pid: int) -> None:
+        """Call on_exit(pid) when this process exits (at once if it is gone already)."""
+        try:
+            start = int(_stat_fields(self._proc, pid)[19])
+            pidfd = os.pidfd_open(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            self._exited(pid)
+            return
+        if self._watched.get(pid) == start:
+            os.close(pidfd)
+            return
+        if pid in self._watched:
+            self._exited(pid)  # the PID was reused before its exit was seen: the old one is gone
+        self._watched[pid] = start
+        assert self._nursery is not None, "the tracker runs before the file system answers"
+        self._nursery.start_soon(self._wait_exit, pid, start, pidfd)
+
+    async def _wait_exit(self, pid: int, start: int, pidfd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
+        if self._watched.get(pid) == start:
+            self._exited(pid)
+
+    def _exited(self, pid: int) -> None:
+        self._watched.pop(pid, None)
+        self._joined.pop(pid, None)
+        self._on_exit(pid)
+
+    # -- reading /proc -------------------------------------------------------------------------
+
+    def thread_group(self, pid: int) -> int:
+        try:
+            fields = _stat_fields(self._proc, pid)
+            with open(f"{self._proc}/{pid}/status", "rb") as f:
+                tgid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
+        except (FileNotFoundError, ProcessLookupError, StopIteration, ValueError):
+            raise fail(errno.ESRCH) from None
+        if int(fields[6]) & PF_NO_SETAFFINITY:
+            raise fail(errno.EINVAL, "a kernel thread that cannot move")
+        return tgid
+
+    def owners(self, pid: int) -> tuple[int, int]:
+        """A process's real and saved UIDs, those kill(2) compares (ESRCH if there is none)."""
+        try:
+            with open(f"{self._proc}/{pid}/status", "rb") as f:
+                uids = next(line.split()[1:] for line in f if line.startswith(b"Uid:"))
+        except (FileNotFoundError, ProcessLookupError, StopIteration):
+            raise fail(errno.ESRCH) from None
+        return int(uids[0]), int(uids[2])
+
+    def all_pids(self) -> list[int]:
+        return sorted(int(name) for name in os.listdir(self._proc) if name.isdigit())
+
+    def threads(self, pid: int) -> list[int]:
+        try:
+            return sorted(int(tid) for tid in os.listdir(f"{self._proc}/{pid}/task"))
+        except FileNotFoundError:
+            return []
+
+    def kill(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
