@@ -36,7 +36,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     def on_exit(pid: int) -> None:
         hierarchy.exit(pid)
         encids.release_holder(pid)  # like a VM's file descriptor closing with its process
-        operations.flush_invalidations()
+        operations.flush_changes()
 
     tracker = ProcessTracker(hierarchy.members, on_fork, on_exit)
     table = FileTable(hierarchy, tracker)
@@ -44,7 +44,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
     table.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(table, CACHE_TIMEOUT)
-    service = ControlService(mountpoint, hierarchy, tracker, operations.flush_invalidations)
+    service = ControlService(mountpoint, hierarchy, tracker, operations.flush_changes)
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
     try:
         async with trio.open_nursery() as nursery:

@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 
 from ..engine import Cgroup, Change, Hierarchy, fail
-from .cftype import Caller, CfType
+from .cftype import Caller, CfType, Placement
 from .core import Processes, core_files
 from .encids import encids_files
 from .parse import written_text
@@ -56,6 +56,13 @@ class FileTable:
         assert len(self.cftypes) <= _STRIDE - _FILE_BASE
         self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
         self._controller_rows = [row for row, cft in enumerate(self.cftypes) if cft.controller]
+        # Files whose readers are told of changes (kernfs_notify): cgroup.events and the
+        # controllers' events files.
+        self._events_row = self._row_by_name["cgroup.events"]
+        self._controller_events_rows = [
+            row for row in self._controller_rows if self.cftypes[row].name.endswith(".events")
+            and self.cftypes[row].placement is Placement.NOT_ON_ROOT]
+        self._notified: dict[int, int] = {}  # inode -> how many times it was notified
         now = time.time_ns()
         self._dir_attrs = {hierarchy.root.id: NodeAttr(stat.S_IFDIR | 0o555, 0, 0, now, now)}
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
@@ -193,13 +200,15 @@ class FileTable:
     def open(self, node: Node, caller: Caller) -> OpenFile:
         if node.cftype is None:
             raise fail(errno.EISDIR)
-        return OpenFile(node, caller)
+        return OpenFile(self, node, caller)
 
     # -- what changed -------------------------------------------------------------------------
 
-    def drain_invalidations(self) -> list[tuple[int, bytes]]:
-        """Directory entries the kernel may have cached that no longer stand, as (dir, name)."""
+    def drain(self) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """What the engine changed since the last call: directory entries the kernel may have
+        cached that no longer stand, as (dir, name), and the files to notify pollers of."""
         stale: list[tuple[int, bytes]] = []
+        notified: list[int] = []
         for change, cg in self.hierarchy.drain_changes():
             if change is Change.FILES:
                 for row in self._controller_rows:
@@ -211,11 +220,22 @@ class FileTable:
                 self._forget(self.dir_inode(cg))
                 del self._dir_attrs[cg.id]
                 stale.append((self.dir_inode(cg.parent), os.fsencode(cg.name)))
-        return stale
+            else:
+                rows = ([self._events_row] if change is Change.EVENTS
+                        else self._controller_events_rows)
+                for row in rows:
+                    inode = self.file_inode(cg, row)
+                    self._notified[inode] = self._notified.get(inode, 0) + 1
+                    notified.append(inode)
+        return stale, notified
+
+    def notifications(self, inode: int) -> int:
+        return self._notified.get(inode, 0)
 
     def _forget(self, inode: int) -> None:
         self._file_attrs.pop(inode, None)
         self._xattrs.pop(inode, None)
+        self._notified.pop(inode, None)
 
     def _dir(self, inode: int) -> Cgroup:
         node = self.node(inode)
@@ -228,12 +248,18 @@ class OpenFile:
     """An open interface file; reads follow seq_file: offset 0 renders afresh, later offsets
     continue that rendering, so a reader in small pieces sees one consistent text."""
 
-    __slots__ = ("node", "caller", "_text")
+    __slots__ = ("table", "node", "caller", "_text", "_seen")
 
-    def __init__(self, node: Node, caller: Caller) -> None:
+    def __init__(self, table: FileTable, node: Node, caller: Caller) -> None:
+        self.table = table
         self.node = node
         self.caller = caller
         self._text = b""
+        self._seen = table.notifications(node.inode)  # kernfs: of->event
+
+    def changed(self) -> bool:
+        """Notified since this file was opened or last read (poll reports POLLPRI|POLLERR)."""
+        return self._seen != self.table.notifications(self.node.inode)
 
     def _check_live(self) -> CfType:
         cg, cft = self.node.cgroup, self.node.cftype
@@ -247,6 +273,7 @@ class OpenFile:
         if cft.show is None:
             raise fail(errno.EINVAL)
         if offset == 0 or not self._text:
+            self._seen = self.table.notifications(self.node.inode)
             self._text = cft.show(self.node.cgroup).encode()
         return self._text[offset:offset + size]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import select
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -38,7 +39,7 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
             log.exception("%s%r failed", method.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            self.flush_invalidations()
+            self.flush_changes()
 
     return wrapper
 
@@ -54,11 +55,18 @@ class CgroupOperations(pyfuse3.Operations):
         self.cache_timeout = cache_timeout
         self._open_files: dict[int, OpenFile] = {}
         self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
+        # inode -> open file -> the handle to wake its poller with (one per open file)
+        self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         self._next_fh = 1
 
-    def flush_invalidations(self) -> None:
-        for dir_inode, name in self.table.drain_invalidations():
+    def flush_changes(self) -> None:
+        """Tell the kernel what the engine changed: stale entries, and files pollers wait on."""
+        stale, notified = self.table.drain()
+        for dir_inode, name in stale:
             pyfuse3.invalidate_entry_async(dir_inode, name, ignore_enoent=True)
+        for inode in notified:
+            for handle in self._pollers.pop(inode, {}).values():
+                handle.notify()
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = self.table.attr(node)
@@ -208,8 +216,21 @@ class CgroupOperations(pyfuse3.Operations):
         return self._open_files[fh].write(buf)
 
     @translated
+    async def poll(self, inode: int, fh: int, handle: pyfuse3.PollHandle | None,
+                   ctx: pyfuse3.RequestContext):
+        """As kernfs: always readable and writable; POLLPRI|POLLERR once notified."""
+        open_file = self._open_files[fh]
+        mask = select.POLLIN | select.POLLOUT | select.POLLRDNORM | select.POLLWRNORM
+        if open_file.changed():
+            return mask | select.POLLERR | select.POLLPRI
+        if handle is not None:
+            self._pollers.setdefault(inode, {})[fh] = handle
+        return mask
+
+    @translated
     async def release(self, fh: int):
-        del self._open_files[fh]
+        open_file = self._open_files.pop(fh)
+        self._pollers.get(open_file.node.inode, {}).pop(fh, None)
 
 
 def mount_options(fsname: str, extra: list[str]) -> set[str]:
