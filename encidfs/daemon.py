@@ -38,7 +38,14 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         encids.release_holder(pid)  # like a VM's file descriptor closing with its process
         operations.flush_changes()
 
-    tracker = ProcessTracker(hierarchy.members, on_fork, on_exit)
+    def frozen(pid: int) -> bool:
+        return hierarchy.effective_freeze(hierarchy.cgroup_of(pid))
+
+    def on_stopped(pid: int, stopped: bool) -> None:
+        hierarchy.set_stopped(pid, stopped)
+        operations.flush_changes()
+
+    tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped)
     table = FileTable(hierarchy, tracker)
     control = config.control or default_control_path(mountpoint)
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()

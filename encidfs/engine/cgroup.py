@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
+from contextlib import contextmanager
 from enum import Enum
 
 from .css import Controller, Css
@@ -83,6 +84,7 @@ class Hierarchy:
         self._next_id = 0
         self.by_id: dict[int, Cgroup] = {}
         self.members: dict[int, Cgroup] = {}  # PID -> cgroup, for PIDs outside the root
+        self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
         self.changes: list[tuple[Change, Cgroup]] = []
         self.root = self._new_cgroup("", None)
         for controller in controllers:
@@ -203,9 +205,25 @@ class Hierarchy:
         return any(ancestor.freeze for ancestor in cg.ancestors())
 
     def frozen(self, cg: Cgroup) -> bool:
-        """Frozen: freezing applies and no process below is left running.  The engine is told of
-        no stopped processes, so that means none at all."""
-        return not cg.populated and self.effective_freeze(cg)
+        """Frozen: freezing applies and every process of the subtree has stopped."""
+        return self.effective_freeze(cg) and all(
+            pid in self.stopped for pid in self.subtree_pids(cg))
+
+    def set_stopped(self, pid: int, stopped: bool) -> None:
+        with self._watch_frozen(self.cgroup_of(pid)):
+            if stopped:
+                self.stopped.add(pid)
+            else:
+                self.stopped.discard(pid)
+
+    @contextmanager
+    def _watch_frozen(self, *cgroups: Cgroup) -> Iterator[None]:
+        """Log EVENTS for the cgroups above these whose frozen state the change flips."""
+        chains = {node for cg in cgroups if self.effective_freeze(cg) for node in cg.ancestors()}
+        before = {node: self.frozen(node) for node in chains}
+        yield
+        self.changes.extend((Change.EVENTS, node) for node, was in before.items()
+                            if self.frozen(node) != was)
 
     # -- processes ------------------------------------------------------------------------------
 
@@ -217,26 +235,31 @@ class Hierarchy:
         src = self.cgroup_of(pid)
         if src is dst:
             return
-        self._remove_proc(pid, src)
-        if dst.parent is None:
-            return
-        self.members[pid] = dst
-        if dst.procs is None:
-            dst.procs = set()
-        dst.procs.add(pid)
-        if len(dst.procs) == 1:
-            self._populated_changed(dst, True)
+        with self._watch_frozen(src, dst):
+            self._remove_proc(pid, src)
+            if dst.parent is None:
+                return
+            self.members[pid] = dst
+            if dst.procs is None:
+                dst.procs = set()
+            dst.procs.add(pid)
+            if len(dst.procs) == 1:
+                self._populated_changed(dst, True)
 
     def fork(self, parent: int, child: int) -> None:
         """A new process starts in its parent's cgroup."""
         cg = self.cgroup_of(parent)
         if cg.parent is not None and child not in self.members:
-            self.members[child] = cg
-            cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
+            with self._watch_frozen(cg):
+                self.members[child] = cg
+                cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
 
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
-        self._remove_proc(pid, self.cgroup_of(pid))
+        cg = self.cgroup_of(pid)
+        with self._watch_frozen(cg):
+            self._remove_proc(pid, cg)
+            self.stopped.discard(pid)
 
     def subtree(self, cg: Cgroup) -> Iterator[Cgroup]:
         """cg and its live descendants, parents before children."""

@@ -29,6 +29,9 @@ class Processes(Protocol):
 
     def kill(self, pids: Iterable[int]) -> None: ...
 
+    def apply_freezer(self, pids: Iterable[int]) -> None:
+        """Stop the processes freezing covers, resume the ones it no longer does."""
+
 
 def _mask_line(names: list[str]) -> str:
     return " ".join(names) + "\n" if names else ""
@@ -83,6 +86,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         hierarchy.attach(tgid, cg)
         if not cg.is_root:
             processes.joined(tgid)
+        processes.apply_freezer([tgid])
 
     def show_threads(cg: Cgroup) -> str:
         pids = [int(line) for line in show_procs(cg).split()]
@@ -142,6 +146,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
 
     def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
         hierarchy.set_freeze(cg, bool(_parse_switch(text, range(2))))
+        processes.sync()
+        processes.apply_freezer(hierarchy.subtree_pids(cg))
 
     def write_kill(cg: Cgroup, text: bytes, caller: Caller) -> None:
         _parse_switch(text, range(1, 2))

@@ -42,15 +42,19 @@ def _boot_ticks() -> int:
 
 class ProcessTracker:
     def __init__(self, members: Mapping[int, object], on_fork: Callable[[int, int], None],
-                 on_exit: Callable[[int], None], proc: str = "/proc",
+                 on_exit: Callable[[int], None], frozen: Callable[[int], bool],
+                 on_stopped: Callable[[int, bool], None], proc: str = "/proc",
                  use_connector: bool = True) -> None:
         self._members = members  # PID -> cgroup, the engine's, read only
         self._on_fork = on_fork
         self._on_exit = on_exit
+        self._frozen = frozen  # whether the freezer covers a process's cgroup
+        self._on_stopped = on_stopped
         self._proc = proc
         self._connector = open_connector() if use_connector else None
         self.mode = "proc connector" if self._connector else "/proc scan"
         self._watched: dict[int, int] = {}  # PID -> start time
+        self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
         self._joined: dict[int, int] = {}  # member PID -> when it joined, in ticks (for scans)
         self._nursery: trio.Nursery | None = None
 
@@ -109,6 +113,42 @@ class ProcessTracker:
     def _adopt(self, parent: int, child: int) -> None:
         self._on_fork(parent, child)
         self.joined(child)
+        self.apply_freezer([child])
+
+    # -- the freezer ---------------------------------------------------------------------------
+
+    def apply_freezer(self, pids: Iterable[int]) -> None:
+        """Stop the processes the freezer covers and resume the ones it no longer does.
+
+        The kernel's freezer is invisible to the frozen; SIGSTOP/SIGCONT are what user space
+        has, and a parent waiting with WUNTRACED sees them."""
+        for pid in pids:
+            try:
+                if self._frozen(pid) and pid not in self._stopped:
+                    os.kill(pid, signal.SIGSTOP)
+                    self._stopped.add(pid)
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._wait_stopped, pid)
+                elif not self._frozen(pid) and pid in self._stopped:
+                    self._stopped.discard(pid)  # only what the freezer stopped, it resumes
+                    os.kill(pid, signal.SIGCONT)
+                    self._on_stopped(pid, False)
+            except ProcessLookupError:
+                pass  # its exit is on its way
+
+    async def _wait_stopped(self, pid: int) -> None:
+        """Report the process stopped once /proc says so (SIGSTOP takes effect asynchronously)."""
+        delay = 0.0005
+        while pid in self._stopped:
+            try:
+                state = _stat_fields(self._proc, pid)[0]
+            except (FileNotFoundError, ProcessLookupError):
+                return  # its exit is on its way
+            if state in ("T", "t"):
+                self._on_stopped(pid, True)
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, 0.05)
 
     # -- what the engine cares about -------------------------------------------------------
 
@@ -144,6 +184,7 @@ class ProcessTracker:
 
     def _exited(self, pid: int) -> None:
         self._watched.pop(pid, None)
+        self._stopped.discard(pid)
         self._joined.pop(pid, None)
         self._on_exit(pid)
 
