@@ -123,13 +123,13 @@ class Hierarchy:
         self._check_live(parent)
         if "\n" in name or "/" in name or name in ("", ".", ".."):
             raise fail(errno.EINVAL, "bad cgroup name")
+        if name in parent.children:
+            raise fail(errno.EEXIST)  # the VFS finds the name before cgroup_mkdir() runs
         level = 1
         for ancestor in parent.ancestors():
             if ancestor.nr_descendants >= ancestor.max_descendants or level > ancestor.max_depth:
                 raise fail(errno.EAGAIN, f"limit of {ancestor.path}")
             level += 1
-        if name in parent.children:
-            raise fail(errno.EEXIST)
         cg = self._new_cgroup(name, parent)
         parent.children[name] = cg
         parent.refs += 1
@@ -236,15 +236,15 @@ class Hierarchy:
         if src is dst:
             return
         with self._watch_frozen(src, dst):
+            # Join before leaving, as the kernel does, so that common ancestors stay populated.
+            if dst.parent is not None:
+                self.members[pid] = dst
+                if dst.procs is None:
+                    dst.procs = set()
+                dst.procs.add(pid)
+                if len(dst.procs) == 1:
+                    self._populated_changed(dst, True)
             self._remove_proc(pid, src)
-            if dst.parent is None:
-                return
-            self.members[pid] = dst
-            if dst.procs is None:
-                dst.procs = set()
-            dst.procs.add(pid)
-            if len(dst.procs) == 1:
-                self._populated_changed(dst, True)
 
     def fork(self, parent: int, child: int) -> None:
         """A new process starts in its parent's cgroup."""
@@ -288,7 +288,8 @@ class Hierarchy:
     def _remove_proc(self, pid: int, src: Cgroup) -> None:
         if src.parent is None:
             return
-        del self.members[pid]
+        if self.members.get(pid) is src:
+            del self.members[pid]
         src.procs.discard(pid)
         if not src.procs:
             src.procs = None

@@ -82,8 +82,12 @@ class EncidsController(Controller):
         return self.hierarchy.root.css[self.ssid].usage[type_index]  # type: ignore[union-attr]
 
     def set_max(self, cg: Cgroup, type_index: int, value: int) -> None:
-        """A limit below the usage or above the capacity is accepted; later charges obey it."""
-        self.css_of(cg).max[type_index] = value
+        """A limit below the usage or above the capacity is accepted; later charges obey it.
+        A type with no IDs takes no limit (EINVAL), as in the misc controller."""
+        css = self.css_of(cg)
+        if self.capacity[type_index] == 0:
+            raise fail(errno.EINVAL, f"{self.types[type_index]} has no IDs on this host")
+        css.max[type_index] = value
 
     def try_charge(self, cg: Cgroup, type_name: str, amount: int) -> Charge:
         t = self.type_index(type_name)
@@ -91,7 +95,7 @@ class EncidsController(Controller):
             raise fail(errno.EINVAL, f"{type_name} has no IDs on this host")
         css: EncidsCss = self.hierarchy.effective_css(cg, self)  # type: ignore[assignment]
         capacity = self.capacity[t]
-        level: EncidsCss | None = css
+        level: EncidsCss | None = css if amount else None  # nothing to check for nothing
         while level is not None:
             new_usage = level.usage[t] + amount
             if new_usage > level.max[t] or new_usage > capacity:

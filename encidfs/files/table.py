@@ -65,6 +65,8 @@ class FileTable:
         self._notified: dict[int, int] = {}  # inode -> how many times it was notified
         now = time.time_ns()
         self._dir_attrs = {hierarchy.root.id: NodeAttr(stat.S_IFDIR | 0o555, 0, 0, now, now)}
+        # Files are nodes of their own: they keep the owner the directory was created with.
+        self._file_defaults = {hierarchy.root.id: NodeAttr(stat.S_IFREG, 0, 0, now, now)}
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
         self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
         self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
@@ -115,14 +117,14 @@ class FileTable:
         return entries
 
     def attr(self, node: Node) -> NodeAttr:
-        dir_attr = self._dir_attrs[node.cgroup.id]
         if node.cftype is None:
-            return dir_attr
+            return self._dir_attrs[node.cgroup.id]
         changed = self._file_attrs.get(node.inode)
         if changed is not None:
             return changed
-        return NodeAttr(stat.S_IFREG | node.cftype.mode, dir_attr.uid, dir_attr.gid,
-                        dir_attr.mtime_ns, dir_attr.mtime_ns)
+        default = self._file_defaults[node.cgroup.id]
+        return NodeAttr(stat.S_IFREG | node.cftype.mode, default.uid, default.gid,
+                        default.mtime_ns, default.ctime_ns)
 
     def nlink(self, node: Node) -> int:
         return 2 + len(node.cgroup.children) if node.cftype is None else 1
@@ -187,6 +189,7 @@ class FileTable:
         now = time.time_ns()
         self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | stat.S_IMODE(mode), caller.uid,
                                           caller.gid, now, now)
+        self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, caller.uid, caller.gid, now, now)
         return Node(self.dir_inode(cg), cg, None)
 
     def rmdir(self, parent_inode: int, name: bytes) -> None:
@@ -218,8 +221,8 @@ class FileTable:
                 for row in range(len(self.cftypes)):
                     self._forget(self.file_inode(cg, row))
                 self._forget(self.dir_inode(cg))
-                del self._dir_attrs[cg.id]
-                stale.append((self.dir_inode(cg.parent), os.fsencode(cg.name)))
+                del self._dir_attrs[cg.id], self._file_defaults[cg.id]
+                # The kernel dropped the directory's entry itself: rmdir came through it.
             else:
                 rows = ([self._events_row] if change is Change.EVENTS
                         else self._controller_events_rows)

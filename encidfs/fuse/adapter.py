@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import pyfuse3
+import trio
 
 from ..files.cftype import Caller
 from ..files.table import FileTable, Node, OpenFile
@@ -39,9 +40,17 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
             log.exception("%s%r failed", method.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            self.flush_changes()
+            await self.apply_changes()
 
     return wrapper
+
+
+def _invalidate(entries: list[tuple[int, bytes]]) -> None:
+    for dir_inode, name in entries:
+        try:
+            pyfuse3.invalidate_entry(dir_inode, name)
+        except FileNotFoundError:
+            pass  # the kernel had not cached it
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
@@ -59,14 +68,27 @@ class CgroupOperations(pyfuse3.Operations):
         self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         self._next_fh = 1
 
+    async def apply_changes(self) -> None:
+        """After a request: files that vanished are gone from the kernel's cache before the reply.
+
+        Invalidation blocks until the kernel is done with the entry, so it runs in a thread
+        while this loop goes on serving other requests."""
+        stale = self._drain()
+        if stale:
+            await trio.to_thread.run_sync(_invalidate, stale)
+
     def flush_changes(self) -> None:
-        """Tell the kernel what the engine changed: stale entries, and files pollers wait on."""
-        stale, notified = self.table.drain()
-        for dir_inode, name in stale:
+        """After a change from elsewhere (process events, the control socket)."""
+        for dir_inode, name in self._drain():
             pyfuse3.invalidate_entry_async(dir_inode, name, ignore_enoent=True)
+
+    def _drain(self) -> list[tuple[int, bytes]]:
+        """Wake the pollers of notified files; return the stale directory entries."""
+        stale, notified = self.table.drain()
         for inode in notified:
             for handle in self._pollers.pop(inode, {}).values():
                 handle.notify()
+        return stale
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = self.table.attr(node)
