@@ -2,6 +2,7 @@
 engine's scaling with the number of cgroups.  A measurement, not a test: it prints figures.
 
     python scripts/bench.py [--iterations N] [--skip-kernel] [--skip-fuse] [--skip-engine]
+                            [--skip-alloc]
 """
 
 import argparse
@@ -11,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import tracemalloc
 from pathlib import Path
@@ -18,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the engine, without installing the package
 
+from encidfs.client import Client  # noqa: E402
 from encidfs.engine import new_hierarchy  # noqa: E402
 
 ENCIDS = 1  # subtree_control mask of the encids controller (the hierarchy's only one)
@@ -325,6 +328,34 @@ def engine_scaling(iterations):
           " memory under 2048 bytes per cgroup")
 
 
+# -- allocations through the control socket ----------------------------------------------------
+
+def allocation_rate(round_trips):
+    """allocate+free round trips per second through the control socket, 1 and 8 clients."""
+    argv = lambda mnt: [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground"]  # noqa: E731
+    print(f"\nallocations through the control socket ({round_trips} allocate+free round trips)")
+    with fuse_mount(argv) as mnt:
+        for clients in (1, 8):
+            connections = [Client.connect(mount=mnt) for _ in range(clients)]
+            each = round_trips // clients
+
+            def work(client):
+                for _ in range(each):
+                    client.free(client.allocate("sev"))
+
+            start = time.perf_counter()
+            threads = [threading.Thread(target=work, args=(c,)) for c in connections]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.perf_counter() - start
+            for client in connections:
+                client.close()
+            print(f"  {clients} client{'s' if clients > 1 else ' '}: "
+                  f"{each * clients / elapsed:8,.0f} round trips/s")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--iterations", type=int, default=2000,
@@ -334,6 +365,8 @@ def main():
     parser.add_argument("--skip-fuse", action="store_true",
                         help="skip encidfs and the bare file system")
     parser.add_argument("--skip-engine", action="store_true", help="skip the engine scaling")
+    parser.add_argument("--skip-alloc", action="store_true",
+                        help="skip the control socket's allocation rate")
     args = parser.parse_args()
 
     targets = {}
@@ -353,6 +386,11 @@ def main():
             print(f"{name}: skipped, {e}")
     if targets:
         print_fuse_table(results, args.iterations)
+    if not args.skip_alloc:
+        try:
+            allocation_rate(args.iterations)
+        except (Skip, OSError) as e:
+            print(f"allocations: skipped, {e}")
     if not args.skip_engine:
         engine_scaling(args.iterations)
 
