@@ -12,9 +12,11 @@ install: .venv/.installed
 mount: install
 	mkdir -p $(MOUNTPOINT)
 	.venv/bin/encidfs mount $(MOUNTPOINT)
-	@echo "Try:  cat $(MOUNTPOINT)/encids.sev.stat"
+	@echo "Try:  export PATH=$(CURDIR)/.venv/bin:\$$PATH"
+	@echo "      cat $(MOUNTPOINT)/encids.sev.stat"
 	@echo "      echo +encids > $(MOUNTPOINT)/cgroup.subtree_control; mkdir $(MOUNTPOINT)/vm1"
-	@echo "      echo 4 > $(MOUNTPOINT)/vm1/encids.sev.max; cat $(MOUNTPOINT)/vm1/encids.sev.current"
+	@echo "      echo 4 > $(MOUNTPOINT)/vm1/encids.sev.max; echo \$$\$$ > $(MOUNTPOINT)/vm1/cgroup.procs"
+	@echo "      encidfs run --type sev -- sleep 100 &  cat $(MOUNTPOINT)/vm1/encids.sev.current"
 	@echo "Unmount with: make umount"
 
 umount:
