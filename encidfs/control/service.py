@@ -35,7 +35,8 @@ class ControlService:
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
 
     def handle(self, request: dict, peer: Peer) -> dict:
-        op = self._ops.get(request.get("op"))  # type: ignore[arg-type]
+        name = request.get("op")
+        op = self._ops.get(name) if isinstance(name, str) else None
         if op is None:
             return error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}")
         try:
