@@ -207,6 +207,11 @@ class FileTable:
 
     # -- what changed -------------------------------------------------------------------------
 
+    @property
+    def changed(self) -> bool:
+        """Whether drain() has anything to report (cheap: asked after every request)."""
+        return bool(self.hierarchy.changes)
+
     def drain(self) -> tuple[list[tuple[int, bytes]], list[int]]:
         """What the engine changed since the last call: directory entries the kernel may have
         cached that no longer stand, as (dir, name), and the files to notify pollers of."""

@@ -40,7 +40,8 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
             log.exception("%s%r failed", method.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
         finally:
-            await self.apply_changes()
+            if self.table.changed:
+                await self.apply_changes()
 
     return wrapper
 
