@@ -12,7 +12,7 @@ import errno
 import os
 import socket
 
-from .protocol import CONTROL_XATTR, MAX_LINE, decode, encode
+from .protocol import CONTROL_XATTR, decode, encode
 
 
 class ControlError(OSError):
@@ -71,7 +71,7 @@ class Client:
 
     def request(self, **request: object) -> dict:
         self._sock.sendall(encode(request))
-        line = self._reader.readline(MAX_LINE + 1)
+        line = self._reader.readline()  # replies have no length limit (status grows)
         if not line.endswith(b"\n"):
             raise ConnectionError("the daemon closed the connection")
         reply = decode(line)

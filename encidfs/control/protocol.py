@@ -31,7 +31,10 @@ def encode(message: dict) -> bytes:
 
 def decode(line: bytes) -> dict:
     """A request or reply object; ValueError when the line is not one."""
-    message = json.loads(line)
+    try:
+        message = json.loads(line)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
     if not isinstance(message, dict):
         raise ValueError("not a JSON object")
     return message

@@ -43,7 +43,7 @@ async def _connection(stream: trio.SocketStream, service: ControlService) -> Non
         async with stream:
             while data := await stream.receive_some(MAX_LINE):
                 pending += data
-                while (end := pending.find(b"\n")) >= 0:
+                while (end := pending.find(b"\n")) >= 0 and end <= MAX_LINE:
                     line = bytes(pending[:end])
                     del pending[:end + 1]
                     await stream.send_all(encode(_reply(line, service, peer)))

@@ -183,6 +183,8 @@ class ProcessTracker:
             self._exited(pid)
 
     def _exited(self, pid: int) -> None:
+        if self._connector is not None:
+            self._drain_connector()  # forks it made before exiting come first
         self._watched.pop(pid, None)
         self._stopped.discard(pid)
         self._joined.pop(pid, None)

@@ -623,7 +623,7 @@ def test_free_of_some_unallocated_ids_frees_nothing(mnt):
     pytest.param(b'{"op": []}', id="unhashable-op"),
     pytest.param(b'{"op": {"x": 1}}', id="object-op"),
     pytest.param(b"[" * 50000, id="deeply-nested"),
-    pytest.param(b'{"a":' * 20000 + b"1" + b"}" * 20000, id="deeply-nested-object"),
+    pytest.param(b'{"a":' * 10000 + b"1" + b"}" * 10000, id="deeply-nested-object"),
 ])
 def test_odd_json_gets_an_error_reply(mnt, raw, line):
     connection = raw()
