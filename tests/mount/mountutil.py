@@ -1,0 +1,122 @@
+"""Helpers for the mount tests: raw reads and writes that report errnos, polling, a shell.
+
+Writes go through os.open/os.write so that an error comes back from the write(2) that caused
+it (buffered Python files would only report it at close).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+FSTYPE = "fuse.encidfs"
+DEADLINE = 10.0  # seconds: generous, only ever reached when something is broken
+
+
+def mounted_fstype(mountpoint: Path | str) -> str | None:
+    """The type of the file system mounted last exactly at mountpoint, per mountinfo."""
+    target = os.path.abspath(mountpoint)
+    fstype = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
+            if point == target:
+                fstype = fields[fields.index("-") + 1]
+    return fstype
+
+
+def wait_until(condition: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
+    """Poll condition() until it returns something true; fail with `what` at the deadline."""
+    deadline = time.monotonic() + timeout
+    delay = 0.002
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def read(path: Path | str) -> str:
+    """The whole content of a file, read with read(2) until end of file."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        chunks = []
+        while chunk := os.read(fd, 65536):
+            chunks.append(chunk)
+        return b"".join(chunks).decode()
+    finally:
+        os.close(fd)
+
+
+def write(path: Path | str, data: bytes | str, offset: int | None = None,
+          flags: int = 0) -> int:
+    """One write(2) (or pwrite(2) at offset) of data on a fresh O_WRONLY descriptor."""
+    if isinstance(data, str):
+        data = data.encode()
+    fd = os.open(path, os.O_WRONLY | flags)
+    try:
+        if offset is None:
+            return os.write(fd, data)
+        return os.pwrite(fd, data, offset)
+    finally:
+        os.close(fd)
+
+
+# Names for errnos that have two (errno.errorcode picks the other one).
+_PREFERRED_NAMES = {errno.EOPNOTSUPP: "EOPNOTSUPP", errno.EAGAIN: "EAGAIN"}
+
+
+def outcome(action: Callable[[], object]) -> str:
+    """"OK", or the errno name of the OSError that action() raised."""
+    try:
+        action()
+    except OSError as error:
+        code = error.errno
+        return _PREFERRED_NAMES.get(code) or errno.errorcode.get(code, str(code))
+    return "OK"
+
+
+def write_result(path: Path | str, data: bytes | str, offset: int | None = None) -> str:
+    """"OK" if the whole buffer was accepted, else the errno name of the failed write."""
+    size = len(data.encode() if isinstance(data, str) else data)
+    result: list[int] = []
+    name = outcome(lambda: result.append(write(path, data, offset)))
+    if name == "OK":
+        assert result == [size], f"short write: {result[0]} of {size} bytes"
+    return name
+
+
+def sh(script: str, check: bool = True, **kwargs) -> subprocess.CompletedProcess[str]:
+    """Run a bash script as a user would; stdout and stderr are captured as text."""
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True,
+                            timeout=DEADLINE, **kwargs)
+    if check and result.returncode != 0:
+        raise AssertionError(f"bash -c {script!r} exited {result.returncode}: "
+                             f"{result.stderr.strip()}")
+    return result
+
+
+def keyed(text: str) -> dict[str, int]:
+    """A "key value" per line file (cgroup.stat, cgroup.events, encids.*.stat) as a dict."""
+    pairs = (line.split(" ") for line in text.splitlines())
+    return {key: int(value) for key, value in pairs}
+
+
+def events(cgroup: Path) -> dict[str, int]:
+    return keyed(read(cgroup / "cgroup.events"))
+
+
+def pids(cgroup: Path, name: str = "cgroup.procs") -> list[int]:
+    return [int(line) for line in read(cgroup / name).splitlines()]

@@ -1,0 +1,165 @@
+"""The encidfs command: configuration options as the mount shows them, errors as one line,
+and `encidfs mount` / `encidfs umount` as a user runs them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mountutil import DEADLINE, FSTYPE, mounted_fstype, read, wait_until, write
+
+ENCIDFS = [sys.executable, "-m", "encidfs"]
+
+
+def encidfs(*args):
+    return subprocess.run([*ENCIDFS, *args], capture_output=True, text=True, timeout=DEADLINE,
+                          stdin=subprocess.DEVNULL)
+
+
+def gone(pid):
+    """No such process, or only its zombie (the daemon is not our child to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.fixture
+def mountpoint(tmp_path):
+    """An empty directory; whatever ends up mounted there is unmounted afterwards."""
+    path = tmp_path / "mp"
+    path.mkdir()
+    yield path
+    if mounted_fstype(path) == FSTYPE:
+        try:
+            pid = int(os.getxattr(path, "user.encidfs.pid"))
+        except OSError:
+            pid = None
+        subprocess.run(["umount", str(path)], capture_output=True)
+        if pid is not None and not gone(pid):
+            wait_until(lambda: gone(pid), "the daemon to exit after umount")
+
+
+# -- options --------------------------------------------------------------------------------
+
+def test_capacity_options_make_exactly_those_types(mount_encidfs):
+    mnt = mount_encidfs("--capacity", "sev=3", "--capacity", "tdx=7")
+    assert sorted(n for n in os.listdir(mnt) if n.startswith("encids.")) == [
+        "encids.sev.stat", "encids.tdx.stat"]
+    assert read(mnt / "encids.sev.stat") == "total 3\nused 0\n"
+    assert read(mnt / "encids.tdx.stat") == "total 7\nused 0\n"
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    assert sorted(n for n in os.listdir(mnt / "a") if n.startswith("encids.")) == [
+        "encids.sev.current", "encids.sev.events", "encids.sev.max",
+        "encids.tdx.current", "encids.tdx.events", "encids.tdx.max"]
+    assert read(mnt / "a/encids.tdx.max") == "max\n"
+
+
+def test_asids_split_into_sev_and_sev_es(mount_encidfs):
+    mnt = mount_encidfs("--asids", "509", "--min-sev-asid", "100")
+    assert read(mnt / "encids.sev.stat") == "total 410\nused 0\n"
+    assert read(mnt / "encids.sev_es.stat") == "total 99\nused 0\n"
+
+
+@pytest.mark.parametrize("toml, stats", [
+    ("[capacity]\ntdx = 5\n", {"tdx": 5}),
+    ("asids = 16\nmin_sev_asid = 5\n", {"sev": 12, "sev_es": 4}),
+], ids=["capacity-table", "asids"])
+def test_config_file(mount_encidfs, tmp_path, toml, stats):
+    config = tmp_path / "encidfs.toml"
+    config.write_text(toml)
+    mnt = mount_encidfs("--config", str(config))
+    assert sorted(n for n in os.listdir(mnt) if n.startswith("encids.")) == sorted(
+        f"encids.{t}.stat" for t in stats)
+    for t, total in stats.items():
+        assert read(mnt / f"encids.{t}.stat") == f"total {total}\nused 0\n"
+
+
+# -- errors: one line, exit status 1, no traceback, nothing mounted -----------------------------
+
+def _config(tmp_path, text):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+ERROR_CASES = {
+    "missing-mountpoint": lambda mp, tmp: [str(mp / "nope")],
+    "non-empty-mountpoint": lambda mp, tmp: (mp / "file").touch() or [str(mp)],
+    "mountpoint-is-a-file": lambda mp, tmp: (mp / "file").touch() or [str(mp / "file")],
+    "capacity-without-count": lambda mp, tmp: [str(mp), "--capacity", "sev"],
+    "capacity-not-a-number": lambda mp, tmp: [str(mp), "--capacity", "sev=x"],
+    "capacity-upper-case-type": lambda mp, tmp: [str(mp), "--capacity", "SEV=1"],
+    "capacity-negative": lambda mp, tmp: [str(mp), "--capacity", "sev=-1"],
+    "capacity-without-type": lambda mp, tmp: [str(mp), "--capacity", "=5"],
+    "config-not-toml": lambda mp, tmp: [str(mp), "--config", _config(tmp, "capacity = [\n")],
+    "config-unknown-key": lambda mp, tmp: [str(mp), "--config", _config(tmp, "sev = 3\n")],
+    "config-missing": lambda mp, tmp: [str(mp), "--config", str(tmp / "missing.toml")],
+    "asids-alone": lambda mp, tmp: [str(mp), "--asids", "509"],
+    "min-sev-asid-alone": lambda mp, tmp: [str(mp), "--min-sev-asid", "100"],
+    "min-sev-asid-above-asids": lambda mp, tmp: [str(mp), "--asids", "5", "--min-sev-asid", "6"],
+}
+
+
+@pytest.mark.parametrize("case", ERROR_CASES)
+def test_mount_errors_are_one_line_and_exit_1(mountpoint, tmp_path, case):
+    result = encidfs("mount", *ERROR_CASES[case](mountpoint, tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("encidfs: "), result.stderr
+    assert result.stdout == ""
+    assert mounted_fstype(mountpoint) is None
+
+
+def test_mount_over_a_mounted_instance_is_refused(mnt):
+    result = encidfs("mount", str(mnt))
+    assert result.returncode == 1
+    assert result.stderr.startswith("encidfs: ") and result.stderr.count("\n") == 1
+    assert read(mnt / "cgroup.controllers") == "encids\n"  # still the first instance
+
+
+def test_umount_of_something_else_is_refused(tmp_path):
+    result = encidfs("umount", str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.startswith("encidfs: ") and result.stderr.count("\n") == 1
+
+
+# -- mount and umount -------------------------------------------------------------------------
+
+def test_mount_returns_once_mounted_and_umount_stops_the_daemon(mountpoint):
+    result = encidfs("mount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    # No waiting: the command returns only once the file system answers.
+    assert mounted_fstype(mountpoint) == FSTYPE
+    assert read(mountpoint / "cgroup.controllers") == "encids\n"
+    pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
+    assert f"(daemon pid {pid})" in result.stdout
+    assert not gone(pid)
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        assert b"encidfs" in f.read()
+
+    result = encidfs("umount", str(mountpoint))
+    assert result.returncode == 0, result.stderr
+    assert mounted_fstype(mountpoint) is None
+    assert gone(pid)
+    assert os.listdir(mountpoint) == []
+
+
+def test_mount_command_passes_options_to_the_daemon(mountpoint):
+    result = encidfs("mount", str(mountpoint), "--capacity", "tdx=4")
+    assert result.returncode == 0, result.stderr
+    assert read(mountpoint / "encids.tdx.stat") == "total 4\nused 0\n"
+    assert encidfs("umount", str(mountpoint)).returncode == 0
+
+
+def test_sigterm_unmounts_and_exits_cleanly(daemon):
+    daemon.process.send_signal(signal.SIGTERM)
+    assert daemon.process.wait(timeout=DEADLINE) == 0
+    assert mounted_fstype(daemon.mountpoint) is None
