@@ -2,6 +2,7 @@
 lifetime of csses and cgroups that charges keep alive (dying cgroups, offline csses)."""
 
 import errno
+from collections import Counter
 
 import pytest
 
@@ -31,6 +32,11 @@ def abc(h):
     h.write_subtree_control(b, ENCIDS, 0)
     c = h.mkdir(b, "c")
     return a, b, c
+
+
+def raises_errno(code):
+    """pytest.raises for an OSError carrying exactly `code`."""
+    return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
 def usage(cg, t=SEV):
@@ -90,10 +96,8 @@ def test_refusal_logs_controller_events_for_the_refusing_level_and_ancestors(h, 
     h.drain_changes()
     with pytest.raises(ChargeRefused):
         encids.try_charge(c, "sev", 1)
-    assert {(change, cg) for change, cg in h.drain_changes()} == {
-        (Change.CONTROLLER_EVENTS, b), (Change.CONTROLLER_EVENTS, a),
-        (Change.CONTROLLER_EVENTS, h.root),
-    }
+    assert Counter(h.drain_changes()) == Counter(
+        (Change.CONTROLLER_EVENTS, cg) for cg in (b, a, h.root))
 
 
 def test_charge_over_capacity_is_refused_at_the_first_level(h, encids, abc):
@@ -152,18 +156,17 @@ def test_zero_charge_succeeds_even_over_a_lowered_limit(h, encids, abc):
 
 
 def test_unknown_type_is_einval(h, encids, abc):
-    with pytest.raises(OSError) as refused:
+    with raises_errno(errno.EINVAL):
         encids.try_charge(abc[2], "sev_snp", 1)
-    assert refused.value.errno == errno.EINVAL
-    with pytest.raises(OSError, check=lambda e: e.errno == errno.EINVAL):
+    with raises_errno(errno.EINVAL):
         encids.type_index("sev_snp")
 
 
 def test_type_without_capacity_is_einval_and_counts_no_event(h, encids, abc):
     a, b, c = abc
-    with pytest.raises(OSError) as refused:
+    with raises_errno(errno.EINVAL) as refused:
         encids.try_charge(c, "tdx", 1)
-    assert refused.value.errno == errno.EINVAL and not isinstance(refused.value, ChargeRefused)
+    assert not isinstance(refused.value, ChargeRefused)
     assert [events(cg, TDX) for cg in (h.root, a, b, c)] == [0, 0, 0, 0]
     assert encids.used(TDX) == 0
 
@@ -171,14 +174,14 @@ def test_type_without_capacity_is_einval_and_counts_no_event(h, encids, abc):
 def test_limit_of_a_type_without_capacity_is_einval(h, encids, abc):
     # misc_cg_max_write() refuses a type whose capacity is 0 with EINVAL.
     c = abc[2]
-    with pytest.raises(OSError, check=lambda e: e.errno == errno.EINVAL):
+    with raises_errno(errno.EINVAL):
         encids.set_max(c, TDX, 1)
     assert c.css[0].max[TDX] == U64_MAX
 
 
 def test_limit_of_cgroup_without_css_is_enoent(h, encids):
     a = h.mkdir(h.root, "a")
-    with pytest.raises(OSError, check=lambda e: e.errno == errno.ENOENT):
+    with raises_errno(errno.ENOENT):
         encids.set_max(a, SEV, 1)
 
 
