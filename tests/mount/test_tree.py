@@ -189,3 +189,15 @@ def test_writes_to_a_removed_cgroup_are_enodev(cg):
         assert outcome(lambda: os.write(fd, b"+encids")) == "ENODEV"
     finally:
         os.close(fd)
+
+
+def test_enabling_is_eexist_where_a_child_has_a_cgroup_named_like_a_new_file(cg):
+    """The kernel cannot create encids.sev.max in a where a has a child cgroup of that name:
+    the write fails with EEXIST and nothing is enabled."""
+    (cg / "a/encids.sev.max").mkdir(parents=True)
+    assert write_result(cg / "cgroup.subtree_control", "+encids") == "EEXIST"
+    assert read(cg / "cgroup.subtree_control") == ""
+    assert (cg / "a/encids.sev.max").is_dir()
+    os.rmdir(cg / "a/encids.sev.max")
+    assert write_result(cg / "cgroup.subtree_control", "+encids") == "OK"
+    assert os.path.isfile(cg / "a/encids.sev.max")
