@@ -120,3 +120,14 @@ def events(cgroup: Path) -> dict[str, int]:
 
 def pids(cgroup: Path, name: str = "cgroup.procs") -> list[int]:
     return [int(line) for line in read(cgroup / name).splitlines()]
+
+
+def nested(mnt: Path) -> tuple[Path, Path]:
+    """Root enables encids; /a enables encids; /a/b exists. Returns (a, b)."""
+    write(mnt / "cgroup.subtree_control", "+encids")
+    a = mnt / "a"
+    a.mkdir()
+    write(a / "cgroup.subtree_control", "+encids")
+    b = a / "b"
+    b.mkdir()
+    return a, b

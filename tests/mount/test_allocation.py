@@ -14,7 +14,7 @@ import threading
 
 import pytest
 
-from mountutil import DEADLINE, keyed, pids, read, sh, wait_until, write
+from mountutil import DEADLINE, keyed, nested, pids, read, sh, wait_until, write
 
 from encidfs.client import Client, ControlError
 
@@ -92,17 +92,6 @@ def raw(mnt):
     yield connect
     for connection in connections:
         connection.close()
-
-
-def nested(mnt):
-    """Root enables encids; /a enables encids; /a/b exists. Returns (a, b)."""
-    write(mnt / "cgroup.subtree_control", "+encids")
-    a = mnt / "a"
-    a.mkdir()
-    write(a / "cgroup.subtree_control", "+encids")
-    b = a / "b"
-    b.mkdir()
-    return a, b
 
 
 # -- charging and ID numbers ------------------------------------------------------------------

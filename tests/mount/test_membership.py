@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from mountutil import DEADLINE, events, pids, read, wait_until, write
+from mountutil import DEADLINE, events, nested, pids, read, wait_until, write
 
 from encidfs.client import Client
 
@@ -294,12 +294,7 @@ def test_status_shows_the_tree_and_the_proc_connector(mnt, procs):
 
 
 def test_run_with_cgroup_moves_itself_there_first(mnt, procs):
-    write(mnt / "cgroup.subtree_control", "+encids")
-    a = mnt / "a"
-    a.mkdir()
-    write(a / "cgroup.subtree_control", "+encids")
-    b = a / "b"
-    b.mkdir()
+    a, b = nested(mnt)
     runner = procs.start([*ENCIDFS, "run", "--mount", str(mnt), "--cgroup", "/a/b", "--type",
                           "sev", "--count", "2", "--print-ids", "--", "sleep", "600"],
                          stderr=subprocess.PIPE, text=True)
