@@ -72,13 +72,14 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
                file_names: dict[int, set[str]]) -> list[CfType]:
     """`file_names` maps a controller's ssid to the names of its files (to detect collisions)."""
 
-    def show_procs(cg: Cgroup) -> str:
+    def member_pids(cg: Cgroup) -> list[int]:
         processes.sync()
         if cg.is_root:
-            pids = [pid for pid in processes.all_pids() if pid not in hierarchy.members]
-        else:
-            pids = sorted(cg.procs or ())
-        return "".join(f"{pid}\n" for pid in pids)
+            return [pid for pid in processes.all_pids() if pid not in hierarchy.members]
+        return sorted(cg.procs or ())
+
+    def show_procs(cg: Cgroup) -> str:
+        return "".join(f"{pid}\n" for pid in member_pids(cg))
 
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
@@ -89,8 +90,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         processes.apply_freezer([tgid])
 
     def show_threads(cg: Cgroup) -> str:
-        pids = [int(line) for line in show_procs(cg).split()]
-        return "".join(f"{tid}\n" for pid in pids for tid in processes.threads(pid))
+        return "".join(f"{tid}\n" for pid in member_pids(cg) for tid in processes.threads(pid))
 
     def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
         # Without threaded cgroups, a thread can only "move" into the cgroup it is already in.

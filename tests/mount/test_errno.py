@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from mountutil import outcome, read, sh, write, write_result
+from mountutil import outcome, read, sh, write_result
 
 # -- names: only mkdir and rmdir change them --------------------------------------------------
 

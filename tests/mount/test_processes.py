@@ -159,7 +159,7 @@ def test_a_thread_id_moves_its_whole_process(cg, procs):
 
 
 def test_threads_lists_the_thread_ids_of_every_member(cg, procs):
-    (process, tid), sleeper = procs.threaded(), procs.sleep()
+    (process, _tid), sleeper = procs.threaded(), procs.sleep()
     move(process.pid, cg)
     move(sleeper.pid, cg)
     assert sorted(pids(cg)) == sorted([process.pid, sleeper.pid])
