@@ -24,6 +24,17 @@ class Caller:
     pid: int
     uid: int
     gid: int
+    groups: frozenset[int] = frozenset()  # supplementary groups
+
+    def may_write(self, mode: int, uid: int, gid: int) -> bool:
+        """generic_permission() for MAY_WRITE; root (CAP_DAC_OVERRIDE) always may."""
+        if self.uid == 0:
+            return True
+        if self.uid == uid:
+            return bool(mode & 0o200)
+        if self.gid == gid or gid in self.groups:
+            return bool(mode & 0o020)
+        return bool(mode & 0o002)
 
 
 Show = Callable[[Cgroup], str]

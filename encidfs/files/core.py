@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ..engine import INT_MAX, Cgroup, Hierarchy, fail
@@ -68,9 +68,19 @@ def _parse_switch(text: bytes, allowed: range) -> int:
     return value
 
 
-def core_files(hierarchy: Hierarchy, processes: Processes,
-               file_names: dict[int, set[str]]) -> list[CfType]:
-    """`file_names` maps a controller's ssid to the names of its files (to detect collisions)."""
+def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int, set[str]],
+               may_write: Callable[[Cgroup, str, Caller], bool]) -> list[CfType]:
+    """`file_names` maps a controller's ssid to the names of its files (to detect collisions);
+    `may_write(cg, file name, caller)` tells whether the caller may write that file."""
+
+    def check_migration(src: Cgroup, dst: Cgroup, caller: Caller) -> None:
+        """cgroup_procs_write_permission(): the opener must be able to write cgroup.procs of
+        the common ancestor of source and destination (the delegation boundary)."""
+        common = src
+        while not any(ancestor is common for ancestor in dst.ancestors()):
+            common = common.parent  # type: ignore[assignment]
+        if not may_write(common, "cgroup.procs", caller):
+            raise fail(errno.EACCES, f"no write access to {common.path}/cgroup.procs")
 
     def member_pids(cg: Cgroup) -> list[int]:
         processes.sync()
@@ -84,6 +94,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
         processes.sync()
+        check_migration(hierarchy.cgroup_of(tgid), cg, caller)
         hierarchy.attach(tgid, cg)
         if not cg.is_root:
             processes.joined(tgid)
@@ -95,6 +106,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
         # Without threaded cgroups, a thread can only "move" into the cgroup it is already in.
         src = hierarchy.cgroup_of(processes.thread_group(_parse_pid(text) or caller.pid))
+        check_migration(src, cg, caller)
         if not cg.is_root and cg.subtree_control:
             raise fail(errno.EBUSY)
         if src is not cg:

@@ -50,7 +50,7 @@ class FileTable:
         for controller in hierarchy.controllers:
             controller_files[controller.ssid] = encids_files(controller)  # type: ignore[arg-type]
         names = {ssid: {cft.name for cft in rows} for ssid, rows in controller_files.items()}
-        self.cftypes = core_files(hierarchy, processes, names)
+        self.cftypes = core_files(hierarchy, processes, names, self._may_write)
         for rows in controller_files.values():
             self.cftypes += rows
         assert len(self.cftypes) <= _STRIDE - _FILE_BASE
@@ -239,6 +239,11 @@ class FileTable:
 
     def notifications(self, inode: int) -> int:
         return self._notified.get(inode, 0)
+
+    def _may_write(self, cg: Cgroup, name: str, caller: Caller) -> bool:
+        row = self._row_by_name[name]
+        attr = self.attr(Node(self.file_inode(cg, row), cg, self.cftypes[row]))
+        return caller.may_write(attr.mode, attr.uid, attr.gid)
 
     def _forget(self, inode: int) -> None:
         self._file_attrs.pop(inode, None)

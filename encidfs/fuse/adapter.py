@@ -55,7 +55,13 @@ def _invalidate(entries: list[tuple[int, bytes]]) -> None:
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
-    return Caller(ctx.pid, ctx.uid, ctx.gid)
+    if ctx.uid == 0:
+        return Caller(ctx.pid, ctx.uid, ctx.gid)
+    try:
+        groups = frozenset(pyfuse3.get_sup_groups(ctx.pid))
+    except OSError:
+        groups = frozenset()  # the caller is gone already
+    return Caller(ctx.pid, ctx.uid, ctx.gid, groups)
 
 
 class CgroupOperations(pyfuse3.Operations):
