@@ -23,6 +23,10 @@ class Change(Enum):
     EVENTS = "events"  # cgroup.events content changed (populated, frozen)
     CONTROLLER_EVENTS = "controller-events"  # a controller's events file changed
     REMOVED = "removed"  # the cgroup was removed (it may still be dying)
+    # For the durable state:
+    SETTINGS = "settings"  # a cgroup was made, or its subtree_control, limits or freeze changed
+    PROCS = "procs"  # the set of processes attached to a (non-root) cgroup changed
+    ALLOCATIONS = "allocations"  # IDs were allocated or freed (the cgroup they are charged to)
 
 
 class Cgroup:
@@ -138,6 +142,7 @@ class Hierarchy:
         for controller in self.controllers:
             if parent.subtree_control & (1 << controller.ssid):
                 self._css_online(cg, controller)
+        self.changes.append((Change.SETTINGS, cg))
         return cg
 
     def rmdir(self, cg: Cgroup) -> None:
@@ -175,6 +180,7 @@ class Hierarchy:
         if enable and cg.parent is not None and cg.procs:
             raise fail(errno.EBUSY, "the cgroup has processes")
         cg.subtree_control = (cg.subtree_control | enable) & ~disable
+        self.changes.append((Change.SETTINGS, cg))
         for child in cg.children.values():
             for controller in self.controllers:
                 bit = 1 << controller.ssid
@@ -187,10 +193,12 @@ class Hierarchy:
     def set_max_depth(self, cg: Cgroup, value: int) -> None:
         self._check_live(cg)
         cg.max_depth = value
+        self.changes.append((Change.SETTINGS, cg))
 
     def set_max_descendants(self, cg: Cgroup, value: int) -> None:
         self._check_live(cg)
         cg.max_descendants = value
+        self.changes.append((Change.SETTINGS, cg))
 
     def set_freeze(self, cg: Cgroup, freeze: bool) -> None:
         self._check_live(cg)
@@ -198,6 +206,7 @@ class Hierarchy:
             return
         before = {node: self.frozen(node) for node in self.subtree(cg)}
         cg.freeze = freeze
+        self.changes.append((Change.SETTINGS, cg))
         self.changes.extend((Change.EVENTS, node) for node, was in before.items()
                             if self.frozen(node) != was)
 
@@ -242,6 +251,7 @@ class Hierarchy:
                 if dst.procs is None:
                     dst.procs = set()
                 dst.procs.add(pid)
+                self.changes.append((Change.PROCS, dst))
                 if len(dst.procs) == 1:
                     self._populated_changed(dst, True)
             self._remove_proc(pid, src)
@@ -253,6 +263,7 @@ class Hierarchy:
             with self._watch_frozen(cg):
                 self.members[child] = cg
                 cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
+                self.changes.append((Change.PROCS, cg))
 
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
@@ -291,6 +302,7 @@ class Hierarchy:
         if self.members.get(pid) is src:
             del self.members[pid]
         src.procs.discard(pid)
+        self.changes.append((Change.PROCS, src))
         if not src.procs:
             src.procs = None
             self._populated_changed(src, False)

@@ -88,6 +88,7 @@ class EncidsController(Controller):
         if self.capacity[type_index] == 0:
             raise fail(errno.EINVAL, f"{self.types[type_index]} has no IDs on this host")
         css.max[type_index] = value
+        self.hierarchy.changes.append((Change.SETTINGS, cg))
 
     def try_charge(self, cg: Cgroup, type_name: str, amount: int) -> Charge:
         t = self.type_index(type_name)
@@ -132,6 +133,7 @@ class EncidsController(Controller):
         for id_ in ids:
             self._allocated[id_] = (holder, charge)
             held.add(id_)
+        self.hierarchy.changes.append((Change.ALLOCATIONS, charge.cgroup))
         return ids
 
     def holder_of(self, id_: int) -> int | None:
@@ -159,6 +161,7 @@ class EncidsController(Controller):
                 del self._held[holder]
             self.uncharge(charge, 1)
             self.spaces[charge.type].give_back(id_)
+            self.hierarchy.changes.append((Change.ALLOCATIONS, charge.cgroup))
 
     def release_holder(self, holder: int) -> list[int]:
         """The holder is gone (like a VM's fd closing): free everything it held."""
