@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import logging.handlers
 import os
@@ -16,6 +17,7 @@ from collections.abc import Callable
 
 from . import commands as client_commands
 from . import config as configuration
+from .state import StateError
 
 FSTYPE = "fuse.encidfs"
 MOUNT_TIMEOUT = 10.0
@@ -38,6 +40,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--min-sev-asid", type=int, metavar="M",
                        help="lowest SEV ASID; the ones below it are SEV-ES ASIDs")
     mount.add_argument("--config", metavar="FILE.toml")
+    mount.add_argument("--state", metavar="FILE",
+                       help="keep the state in this SQLite file and restore it on mount")
     mount.add_argument("--control", metavar="PATH",
                        help="the control socket (default: derived from the mountpoint)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
@@ -71,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
-                                options, args.control)
+                                options, args.control, args.state)
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
     _check_fuse()
@@ -81,6 +85,8 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _check_mountpoint(mountpoint: str) -> None:
+    if _mounted_fstype(mountpoint) == FSTYPE and not _answers(mountpoint):
+        _clean_dead_mount(mountpoint)
     if not os.path.exists(mountpoint):
         raise CliError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
@@ -89,6 +95,23 @@ def _check_mountpoint(mountpoint: str) -> None:
         raise CliError(f"{mountpoint} is already a mount point")
     if os.listdir(mountpoint):
         raise CliError(f"mountpoint {mountpoint} is not empty")
+
+
+def _answers(mountpoint: str) -> bool:
+    """False for a FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
+    try:
+        os.stat(mountpoint)
+    except OSError as error:
+        return error.errno != errno.ENOTCONN
+    return True
+
+
+def _clean_dead_mount(mountpoint: str) -> None:
+    command = (["umount", "-l", mountpoint] if os.geteuid() == 0
+               else ["fusermount3", "-u", "-z", mountpoint])
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise CliError(f"cannot clean up the dead mount on {mountpoint}: {result.stderr.strip()}")
 
 
 def _check_fuse() -> None:
@@ -118,6 +141,8 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
         daemon.run(mountpoint, config, ready)
     except RuntimeError as error:  # pyfuse3 reports a failed mount this way
         raise CliError(f"cannot mount {mountpoint}: {error}") from None
+    except StateError as error:
+        raise CliError(str(error)) from None
     return 0
 
 
@@ -169,6 +194,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--config", args.config]
     if args.control:
         argv += ["--control", args.control]
+    if args.state:
+        argv += ["--state", os.path.abspath(args.state)]
     for option in args.options:
         argv += ["-o", option]
     if args.debug:

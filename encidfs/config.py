@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -20,6 +21,11 @@ class Config:
     first_ids: dict[str, int] | None = None  # None: each type's IDs follow the previous type's
     fuse_options: list[str] = field(default_factory=list)
     control: str | None = None  # the control socket's path; None: derived from the mountpoint
+    state: str | None = None  # the SQLite state file; None: state lives in memory only
+
+    def layout(self) -> dict:
+        """What IDs there are: a state file is only good for the layout it was made with."""
+        return {"capacities": self.capacities, "first_ids": self.first_ids}
 
     def use_asids(self, asids: int, min_sev_asid: int) -> None:
         """KVM's split: SEV uses ASIDs min_sev_asid..asids, SEV-ES the ones below min_sev_asid."""
@@ -54,7 +60,8 @@ def _check_count(name: str, value: object) -> int:
 
 
 def load(path: str | None, capacities: list[str], asids: int | None,
-         min_sev_asid: int | None, fuse_options: list[str], control: str | None = None) -> Config:
+         min_sev_asid: int | None, fuse_options: list[str], control: str | None = None,
+         state: str | None = None) -> Config:
     """The file first, then the command line over it."""
     config = Config()
     if path is not None:
@@ -68,6 +75,7 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.first_ids = None
     config.fuse_options += fuse_options
     config.control = control or config.control
+    config.state = os.path.abspath(state) if state else config.state
     return config
 
 
@@ -79,7 +87,8 @@ def _load_file(config: Config, path: str) -> None:
         raise ConfigError(f"cannot read {path}: {error.strerror}") from None
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
-    unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control"}
+    unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
+                           "state"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -102,3 +111,7 @@ def _load_file(config: Config, path: str) -> None:
     if control is not None and not isinstance(control, str):
         raise ConfigError(f"{path}: control must be a path")
     config.control = control
+    state = data.get("state")
+    if state is not None and not isinstance(state, str):
+        raise ConfigError(f"{path}: state must be a path")
+    config.state = state

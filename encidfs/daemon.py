@@ -14,7 +14,8 @@ from .config import Config
 from .control.protocol import CONTROL_XATTR, default_control_path
 from .control.server import serve_control
 from .control.service import ControlService
-from .engine import EncidsController, new_hierarchy
+from . import state
+from .engine import EncidsController, Hierarchy, new_hierarchy
 from .files.table import FileTable
 from .fuse.adapter import CgroupOperations, mount_options
 from .procs import ProcessTracker
@@ -52,10 +53,17 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     table.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(table, CACHE_TIMEOUT)
     service = ControlService(mountpoint, hierarchy, tracker, operations.flush_changes)
+    restored = _restore(config, hierarchy, table, tracker) if config.state else []
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
+            for pid in restored:
+                if pid in hierarchy.members:
+                    tracker.joined(pid)
+                else:
+                    tracker.watch(pid)
+            tracker.apply_freezer(hierarchy.members)
             await nursery.start(serve_control, control, service)
             log.info("process tracking: %s; control socket %s", tracker.mode, control)
             nursery.start_soon(_stop_on_signal)
@@ -66,6 +74,21 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _restore(config: Config, hierarchy: Hierarchy, table: FileTable,
+             tracker: ProcessTracker) -> list[int]:
+    """Rebuild from the state file, rewrite it without what is gone, and journal from now on."""
+    assert config.state is not None
+    db = state.open_state(config.state, config.layout())
+    watched = state.restore(db, hierarchy, table, tracker.start_time)
+    table.drain()  # nothing is mounted yet: there is no cache to invalidate, nobody polls
+    journal = state.StateJournal(db, hierarchy, table, tracker.start_time)
+    journal.save_all()
+    table.journal = journal
+    log.info("restored %d cgroups and %d processes from %s", len(hierarchy.by_id),
+             len(watched), config.state)
+    return watched
 
 
 async def _stop_on_signal() -> None:

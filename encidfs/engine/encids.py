@@ -136,6 +136,28 @@ class EncidsController(Controller):
         self.hierarchy.changes.append((Change.ALLOCATIONS, charge.cgroup))
         return ids
 
+    def adopt(self, holder: int, type_name: str, ids: list[int], cg: Cgroup) -> None:
+        """Take back IDs a holder had before a restart, charged to cg as they were, whatever
+        the limits are now (a limit may have been lowered below its usage since)."""
+        t = self.type_index(type_name)
+        css: EncidsCss = self.hierarchy.effective_css(cg, self)  # type: ignore[assignment]
+        level: EncidsCss | None = css
+        while level is not None:
+            level.usage[t] += len(ids)
+            level = level.parent  # type: ignore[assignment]
+        css.refs += 1
+        charge = Charge(css, t, len(ids))
+        held = self._held.setdefault(holder, set())
+        for id_ in ids:
+            self.spaces[t].claim(id_)
+            self._allocated[id_] = (holder, charge)
+            held.add(id_)
+        self.hierarchy.changes.append((Change.ALLOCATIONS, cg))
+
+    def allocations(self) -> dict[int, tuple[int, Charge]]:
+        """ID -> (holder PID, its charge)."""
+        return self._allocated
+
     def holder_of(self, id_: int) -> int | None:
         entry = self._allocated.get(id_)
         return entry[0] if entry else None

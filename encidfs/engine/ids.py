@@ -27,6 +27,15 @@ class IdSpace:
         assert taken[-1] in self.ids
         return taken
 
+    def claim(self, id_: int) -> None:
+        """Mark one particular free ID as taken (restoring what a holder had)."""
+        if id_ >= self._next:
+            self._freed.extend(range(self._next, id_))
+            self._next = id_ + 1
+        else:
+            self._freed.remove(id_)
+        heapq.heapify(self._freed)
+
     def give_back(self, id_: int) -> None:
         heapq.heappush(self._freed, id_)
 

@@ -12,6 +12,7 @@ import os
 import stat
 import time
 from dataclasses import dataclass
+from typing import Protocol
 
 from ..engine import Cgroup, Change, Hierarchy, fail
 from .cftype import Caller, CfType, Placement
@@ -34,6 +35,19 @@ class NodeAttr:
     gid: int
     mtime_ns: int
     ctime_ns: int
+
+
+@dataclass
+class NodeState:
+    """A cgroup's node attributes as the durable state keeps them; "" names the directory."""
+
+    attrs: dict[str, NodeAttr]  # the directory, files someone changed, and "*": file defaults
+    xattrs: dict[str, dict[bytes, bytes]]
+
+
+class Journal(Protocol):
+    def record(self, changes: list[tuple[Change, Cgroup]], nodes: set[Cgroup]) -> None:
+        """Make these changes durable before the request that made them is answered."""
 
 
 @dataclass(slots=True)
@@ -70,6 +84,8 @@ class FileTable:
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
         self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
         self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
+        self.journal: Journal | None = None
+        self._changed_nodes: set[Cgroup] = set()  # attributes changed, for the journal
 
     # -- nodes --------------------------------------------------------------------------------
 
@@ -145,6 +161,7 @@ class FileTable:
         if mtime_ns is not None:
             attr.mtime_ns = mtime_ns
         attr.ctime_ns = time.time_ns()
+        self._changed_nodes.add(node.cgroup)
         return attr
 
     # -- extended attributes (kernfs keeps them in memory, as here) ----------------------------
@@ -166,12 +183,14 @@ class FileTable:
         if (name not in xattrs and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX:
             raise fail(errno.ENOSPC)
         xattrs[name] = value
+        self._changed_nodes.add(node.cgroup)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         if self._xattrs.get(node.inode, {}).pop(name, None) is None:
             raise fail(errno.ENODATA)
+        self._changed_nodes.add(node.cgroup)
 
     def _node_xattrs(self, node: Node) -> dict[bytes, bytes]:
         own = self._xattrs.get(node.inode, {})
@@ -190,6 +209,7 @@ class FileTable:
         self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | stat.S_IMODE(mode), caller.uid,
                                           caller.gid, now, now)
         self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, caller.uid, caller.gid, now, now)
+        self._changed_nodes.add(cg)
         return Node(self.dir_inode(cg), cg, None)
 
     def rmdir(self, parent_inode: int, name: bytes) -> None:
@@ -210,14 +230,18 @@ class FileTable:
     @property
     def changed(self) -> bool:
         """Whether drain() has anything to report (cheap: asked after every request)."""
-        return bool(self.hierarchy.changes)
+        return bool(self.hierarchy.changes or self._changed_nodes)
 
     def drain(self) -> tuple[list[tuple[int, bytes]], list[int]]:
         """What the engine changed since the last call: directory entries the kernel may have
         cached that no longer stand, as (dir, name), and the files to notify pollers of."""
         stale: list[tuple[int, bytes]] = []
         notified: list[int] = []
-        for change, cg in self.hierarchy.drain_changes():
+        changes = self.hierarchy.drain_changes()
+        if self.journal is not None:
+            self.journal.record(changes, self._changed_nodes)
+        self._changed_nodes = set()
+        for change, cg in changes:
             if change is Change.FILES:
                 for row in self._controller_rows:
                     self._forget(self.file_inode(cg, row))  # recreated files start afresh
@@ -228,7 +252,7 @@ class FileTable:
                 self._forget(self.dir_inode(cg))
                 del self._dir_attrs[cg.id], self._file_defaults[cg.id]
                 # The kernel dropped the directory's entry itself: rmdir came through it.
-            else:
+            elif change in (Change.EVENTS, Change.CONTROLLER_EVENTS):
                 rows = ([self._events_row] if change is Change.EVENTS
                         else self._controller_events_rows)
                 for row in rows:
@@ -239,6 +263,33 @@ class FileTable:
 
     def notifications(self, inode: int) -> int:
         return self._notified.get(inode, 0)
+
+    # -- durable state ------------------------------------------------------------------------
+
+    def node_state(self, cg: Cgroup) -> NodeState:
+        attrs = {"": self._dir_attrs[cg.id], "*": self._file_defaults[cg.id]}
+        xattrs = {"": self._xattrs.get(self.dir_inode(cg), {})}
+        for row, cft in enumerate(self.cftypes):
+            inode = self.file_inode(cg, row)
+            if inode in self._file_attrs:
+                attrs[cft.name] = self._file_attrs[inode]
+            if self._xattrs.get(inode):
+                xattrs[cft.name] = self._xattrs[inode]
+        return NodeState(attrs, {name: values for name, values in xattrs.items() if values})
+
+    def restore_node_state(self, cg: Cgroup, state: NodeState) -> None:
+        for name, attr in state.attrs.items():
+            if name == "":
+                self._dir_attrs[cg.id] = attr
+            elif name == "*":
+                self._file_defaults[cg.id] = attr
+            elif name in self._row_by_name:
+                self._file_attrs[self.file_inode(cg, self._row_by_name[name])] = attr
+        for name, values in state.xattrs.items():
+            if name == "":
+                self._xattrs[self.dir_inode(cg)] = dict(values)
+            elif name in self._row_by_name:
+                self._xattrs[self.file_inode(cg, self._row_by_name[name])] = dict(values)
 
     def _may_write(self, cg: Cgroup, name: str, caller: Caller) -> bool:
         row = self._row_by_name[name]

@@ -150,6 +150,16 @@ class ProcessTracker:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
+    def start_time(self, pid: int) -> int | None:
+        """When the process started (ticks since boot), or None if there is none."""
+        known = self._watched.get(pid)
+        if known is not None:
+            return known
+        try:
+            return int(_stat_fields(self._proc, pid)[19])
+        except (FileNotFoundError, ProcessLookupError):
+            return None
+
     # -- what the engine cares about -------------------------------------------------------
 
     def joined(self, pid: int) -> None:
