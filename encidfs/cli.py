@@ -98,11 +98,12 @@ def _check_mountpoint(mountpoint: str) -> None:
 
 
 def _answers(mountpoint: str) -> bool:
-    """False for a FUSE mount whose daemon is gone ("Transport endpoint is not connected")."""
+    """False for a FUSE mount whose daemon is gone ("Transport endpoint is not connected", or
+    "Software caused connection abort" when requests were pending)."""
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # always asks the daemon; stat() may be answered from a cache
     except OSError as error:
-        return error.errno != errno.ENOTCONN
+        return error.errno not in (errno.ENOTCONN, errno.ECONNABORTED)
     return True
 
 
