@@ -26,12 +26,18 @@ T = TypeVar("T")
 
 
 def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
-    """OSError becomes its errno; anything else is a bug: logged, EIO, and the daemon goes on."""
+    """OSError becomes its errno; anything else (a bug, a state file that cannot be written)
+    is logged and answered EIO, and the daemon goes on.  Changes are applied (and made
+    durable) before the reply."""
 
     @functools.wraps(method)
     async def wrapper(self: CgroupOperations, *args: Any) -> T:
         try:
-            return await method(self, *args)
+            try:
+                return await method(self, *args)
+            finally:
+                if self.table.changed:
+                    await self.apply_changes()
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except pyfuse3.FUSEError:
@@ -39,9 +45,6 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
         except Exception:
             log.exception("%s%r failed", method.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
-        finally:
-            if self.table.changed:
-                await self.apply_changes()
 
     return wrapper
 
@@ -86,7 +89,12 @@ class CgroupOperations(pyfuse3.Operations):
 
     def flush_changes(self) -> None:
         """After a change from elsewhere (process events, the control socket)."""
-        for dir_inode, name in self._drain():
+        try:
+            stale = self._drain()
+        except Exception:
+            log.exception("applying changes failed")  # e.g. the state file: logged, not fatal
+            return
+        for dir_inode, name in stale:
             pyfuse3.invalidate_entry_async(dir_inode, name, ignore_enoent=True)
 
     def _drain(self) -> list[tuple[int, bytes]]:
