@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--config", metavar="FILE.toml")
     mount.add_argument("--state", metavar="FILE",
                        help="keep the state in this SQLite file and restore it on mount")
+    mount.add_argument("--tracking", choices=("auto", "scan"), default="auto",
+                       help="how forks are followed: the proc connector when the daemon may "
+                            "use it (auto), or scanning /proc (scan)")
     mount.add_argument("--control", metavar="PATH",
                        help="the control socket (default: derived from the mountpoint)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
@@ -76,6 +79,7 @@ def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
                                 options, args.control, args.state)
+    config.proc_connector = args.tracking == "auto"
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
     _check_fuse()
@@ -197,6 +201,7 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--control", args.control]
     if args.state:
         argv += ["--state", os.path.abspath(args.state)]
+    argv += ["--tracking", args.tracking]
     for option in args.options:
         argv += ["-o", option]
     if args.debug:

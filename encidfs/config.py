@@ -22,6 +22,7 @@ class Config:
     fuse_options: list[str] = field(default_factory=list)
     control: str | None = None  # the control socket's path; None: derived from the mountpoint
     state: str | None = None  # the SQLite state file; None: state lives in memory only
+    proc_connector: bool = True  # follow forks through the proc connector when permitted
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""

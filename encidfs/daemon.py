@@ -46,7 +46,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         hierarchy.set_stopped(pid, stopped)
         operations.flush_changes()
 
-    tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped)
+    tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
+                             use_connector=config.proc_connector)
     table = FileTable(hierarchy, tracker)
     control = config.control or default_control_path(mountpoint)
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()

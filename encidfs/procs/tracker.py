@@ -7,7 +7,7 @@ process is never taken for the old one.
 
 A process forked by a member joins its parent's cgroup.  With the privilege for it, fork events
 come from the kernel's process events connector; without it, /proc is scanned for children of
-members (by parent PID, and started after the parent joined).  Either way `sync()` brings the
+members (by parent PID: started after the parent joined, and not among its children then).  Either way `sync()` brings the
 engine up to date before anything that depends on membership is answered.
 """
 
@@ -55,7 +55,9 @@ class ProcessTracker:
         self.mode = "proc connector" if self._connector else "/proc scan"
         self._watched: dict[int, int] = {}  # PID -> start time
         self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
-        self._joined: dict[int, int] = {}  # member PID -> when it joined, in ticks (for scans)
+        # For scans: when a member joined (in ticks), and the children it had then, which
+        # stay where they were (start times are only as fine as a tick).
+        self._joined: dict[int, tuple[int, set[int]]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -104,7 +106,8 @@ class ProcessTracker:
             except (FileNotFoundError, ProcessLookupError):
                 continue
             parent, start = int(fields[1]), int(fields[19])
-            if parent in self._members and start >= self._joined.get(parent, 0):
+            joined, children_before = self._joined.get(parent, (0, set()))
+            if parent in self._members and start >= joined and pid not in children_before:
                 found.append((start, parent, pid))
         for _, parent, child in sorted(found):
             if parent in self._members:
@@ -164,7 +167,8 @@ class ProcessTracker:
 
     def joined(self, pid: int) -> None:
         """pid became a member of a cgroup other than the root."""
-        self._joined[pid] = _boot_ticks()
+        if self._connector is None:
+            self._joined[pid] = (_boot_ticks(), self._children(pid))
         self.watch(pid)
 
     def watch(self, pid: int) -> None:
@@ -221,6 +225,16 @@ class ProcessTracker:
         except (FileNotFoundError, ProcessLookupError, StopIteration):
             raise fail(errno.ESRCH) from None
         return int(uids[0]), int(uids[2])
+
+    def _children(self, pid: int) -> set[int]:
+        children: set[int] = set()
+        try:
+            for tid in os.listdir(f"{self._proc}/{pid}/task"):
+                with open(f"{self._proc}/{pid}/task/{tid}/children") as f:
+                    children.update(int(child) for child in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        return children
 
     def all_pids(self) -> list[int]:
         return sorted(int(name) for name in os.listdir(self._proc) if name.isdigit())

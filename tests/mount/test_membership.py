@@ -113,7 +113,9 @@ def test_root_procs_lists_processes_that_are_in_no_child(mnt, procs):
 
 # -- fork inheritance -------------------------------------------------------------------------
 
-def test_child_forked_by_a_member_is_a_member(mnt, procs, orphans):
+@pytest.mark.parametrize("tracking", ["auto", "scan"])
+def test_child_forked_by_a_member_is_a_member(mount_encidfs, procs, orphans, tracking):
+    mnt = mount_encidfs("--tracking", tracking)
     a = mnt / "a"
     a.mkdir()
     parent, next_child = forker(procs, orphans)
