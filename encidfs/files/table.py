@@ -243,9 +243,8 @@ class FileTable:
         self._changed_nodes = set()
         for change, cg in changes:
             if change is Change.FILES:
-                for row in self._controller_rows:
-                    self._forget(self.file_inode(cg, row))  # recreated files start afresh
-                    stale.append((self.dir_inode(cg), self.cftypes[row].name.encode()))
+                stale += [(self.dir_inode(cg), self.cftypes[row].name.encode())
+                          for row in self._controller_rows]
             elif change is Change.REMOVED:
                 for row in range(len(self.cftypes)):
                     self._forget(self.file_inode(cg, row))
@@ -290,6 +289,22 @@ class FileTable:
                 self._xattrs[self.dir_inode(cg)] = dict(values)
             elif name in self._row_by_name:
                 self._xattrs[self.file_inode(cg, self._row_by_name[name])] = dict(values)
+
+    def files_made_by(self, writer: Caller) -> None:
+        """Controller files that a write made (enabling a controller) are new nodes owned by
+        the writer, as cgroup_add_file() makes them; disabled ones are gone with their
+        attributes."""
+        now = time.time_ns()
+        for change, cg in self.hierarchy.changes:
+            if change is not Change.FILES:
+                continue
+            for row in self._controller_rows:
+                inode, cft = self.file_inode(cg, row), self.cftypes[row]
+                self._forget(inode)
+                if cft.present_in(cg):
+                    self._file_attrs[inode] = NodeAttr(stat.S_IFREG | cft.mode, writer.uid,
+                                                       writer.gid, now, now)
+            self._changed_nodes.add(cg)
 
     def _may_write(self, cg: Cgroup, name: str, caller: Caller) -> bool:
         row = self._row_by_name[name]
@@ -349,4 +364,5 @@ class OpenFile:
         if cft.write is None:
             raise fail(errno.EINVAL)
         cft.write(self.node.cgroup, written_text(buf), self.caller)
+        self.table.files_made_by(self.caller)
         return len(buf)
