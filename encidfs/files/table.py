@@ -133,6 +133,8 @@ class FileTable:
         return entries
 
     def attr(self, node: Node) -> NodeAttr:
+        if node.cgroup.dying:
+            raise fail(errno.ENOENT)  # removed since it was looked up (or listed)
         if node.cftype is None:
             return self._dir_attrs[node.cgroup.id]
         changed = self._file_attrs.get(node.inode)
