@@ -164,8 +164,9 @@ class Hierarchy:
 
     # -- cgroup.subtree_control, limits, freeze --------------------------------------------------
 
-    def write_subtree_control(self, cg: Cgroup, enable: int, disable: int) -> None:
-        """Apply "+name"/"-name" sets; `enable` and `disable` are disjoint ssid masks."""
+    def vet_subtree_control(self, cg: Cgroup, enable: int, disable: int) -> tuple[int, int]:
+        """Check a "+name"/"-name" change (disjoint ssid masks) as the kernel does before it
+        touches anything; return what it really enables and disables."""
         self._check_live(cg)
         enable &= ~cg.subtree_control
         disable &= cg.subtree_control
@@ -174,11 +175,16 @@ class Hierarchy:
         for child in cg.children.values():
             if child.subtree_control & disable:
                 raise fail(errno.EBUSY, f"{child.path} still enables it")
-        if not enable and not disable:
-            return
         # The no-internal-process rule: the root is exempt, and disabling is always allowed.
         if enable and cg.parent is not None and cg.procs:
             raise fail(errno.EBUSY, "the cgroup has processes")
+        return enable, disable
+
+    def write_subtree_control(self, cg: Cgroup, enable: int, disable: int) -> None:
+        """Apply "+name"/"-name" sets; `enable` and `disable` are disjoint ssid masks."""
+        enable, disable = self.vet_subtree_control(cg, enable, disable)
+        if not enable and not disable:
+            return
         cg.subtree_control = (cg.subtree_control | enable) & ~disable
         self.changes.append((Change.SETTINGS, cg))
         for child in cg.children.values():

@@ -125,7 +125,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int,
                 enable, disable = enable | bit, disable & ~bit
             else:
                 enable, disable = enable & ~bit, disable | bit
-        _check_file_collisions(cg, enable & ~cg.subtree_control)
+        # The kernel meets a name taken by a directory only when it makes the files.
+        _check_file_collisions(cg, hierarchy.vet_subtree_control(cg, enable, disable)[0])
         hierarchy.write_subtree_control(cg, enable, disable)
 
     def _check_file_collisions(cg: Cgroup, enable: int) -> None:

@@ -329,14 +329,20 @@ class OpenFile:
     """An open interface file; reads follow seq_file: offset 0 renders afresh, later offsets
     continue that rendering, so a reader in small pieces sees one consistent text."""
 
-    __slots__ = ("table", "node", "caller", "_text", "_seen")
+    __slots__ = ("table", "node", "caller", "_css", "_text", "_seen")
 
     def __init__(self, table: FileTable, node: Node, caller: Caller) -> None:
         self.table = table
         self.node = node
         self.caller = caller
+        # A controller's file is gone with the css it showed; one made anew is another node.
+        self._css = self._css_now()
         self._text = b""
         self._seen = table.notifications(node.inode)  # kernfs: of->event
+
+    def _css_now(self) -> object:
+        controller = self.node.cftype.controller  # type: ignore[union-attr]
+        return None if controller is None else self.node.cgroup.css[controller.ssid]
 
     def changed(self) -> bool:
         """Notified since this file was opened or last read (poll reports POLLPRI|POLLERR)."""
@@ -345,7 +351,7 @@ class OpenFile:
     def _check_live(self) -> CfType:
         cg, cft = self.node.cgroup, self.node.cftype
         assert cft is not None
-        if cg.dying or not cft.present_in(cg):
+        if cg.dying or not cft.present_in(cg) or self._css_now() is not self._css:
             raise fail(errno.ENODEV)
         return cft
 
