@@ -6,6 +6,7 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
+from typing import NamedTuple
 
 from ..engine import Cgroup
 from ..engine.css import Controller
@@ -17,8 +18,7 @@ class Placement(Enum):
     NOT_ON_ROOT = "not on root"  # CFTYPE_NOT_ON_ROOT
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who opened the file: the write handlers act for it."""
 
     pid: int

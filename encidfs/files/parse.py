@@ -7,6 +7,7 @@ handlers then strstrip() it and convert numbers with the kstrto*() family.
 from __future__ import annotations
 
 import errno
+import re
 
 from ..engine import fail
 
@@ -24,17 +25,14 @@ def strstrip(buf: bytes) -> bytes:
     return buf.strip(KERNEL_SPACE)
 
 
+_DIGITS = {base: re.compile(pattern) for base, pattern in
+           ((8, rb"[0-7]*"), (10, rb"[0-9]*"), (16, rb"[0-9a-fA-F]*"))}
+
+
 def _digits(text: bytes, base: int) -> tuple[int, int]:
     """_parse_integer(): the value of the leading digits and how many there were."""
-    value = 0
-    count = 0
-    for byte in text:
-        digit = int(chr(byte), 16) if chr(byte) in "0123456789abcdefABCDEF" else base
-        if digit >= base:
-            break
-        value = value * base + digit
-        count += 1
-    return value, count
+    digits = _DIGITS[base].match(text).group()  # type: ignore[union-attr]  # always matches
+    return (int(digits, base) if digits else 0), len(digits)
 
 
 def kstrtoull(text: bytes, base: int = 0) -> int:
