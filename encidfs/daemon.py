@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import signal
@@ -69,6 +70,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             log.info("process tracking: %s; control socket %s", tracker.mode, control)
             nursery.start_soon(_stop_on_signal)
             log.info("mounted on %s with %s", mountpoint, config.capacities)
+            gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
