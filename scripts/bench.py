@@ -25,6 +25,7 @@ from encidfs.engine import new_hierarchy  # noqa: E402
 
 ENCIDS = 1  # subtree_control mask of the encids controller (the hierarchy's only one)
 OPERATIONS = ("read", "write", "procs", "mkdir+rmdir")
+ROUNDS = 10  # turns in which the targets take their samples
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount before it counts as failed
 REFERENCE = (
     "reference figures (issue #2), median read: kernel cgroupfs 6 us; bare pyfuse3 with direct"
@@ -38,17 +39,26 @@ class Skip(Exception):
     """A target that cannot run here; the message says why, in one line."""
 
 
-def measure(op, iterations, batch=1):
-    """Median and p99 in microseconds of op(i); a sample times `batch` calls, for fast ops."""
+def sample(op, iterations, warmup=0, batch=1):
+    """Microseconds per op(i), one sample per `batch` calls (for fast ops), after a warm-up."""
     samples = []
-    warmup = max(20, iterations // 10)  # caches, the kernel's dentries, the daemon's first calls
     for n in range(warmup + iterations):
         start = time.perf_counter_ns()
         for i in range(n * batch, (n + 1) * batch):
             op(i)
         if n >= warmup:
             samples.append((time.perf_counter_ns() - start) / batch / 1000)
+    return samples
+
+
+def summary(samples):
+    """Median and p99."""
     return statistics.median(samples), statistics.quantiles(samples, n=100)[98]
+
+
+def measure(op, iterations, batch=1):
+    """Median and p99 in microseconds of op(i), after a warm-up (caches, first calls)."""
+    return summary(sample(op, iterations, max(20, iterations // 10), batch))
 
 
 # -- the four file operations ---------------------------------------------------------------------
@@ -328,6 +338,26 @@ def engine_scaling(iterations):
           " memory under 2048 bytes per cgroup")
 
 
+def measure_interleaved(targets, iterations):
+    """All targets mounted at once and measured in turns, so that whatever else the machine
+    does meanwhile weighs on each of them alike."""
+    with contextlib.ExitStack() as stack:
+        running = {}
+        for name, target in targets.items():
+            try:
+                running[name] = stack.enter_context(target())
+            except (Skip, OSError) as e:
+                print(f"{name}: skipped, {e}")
+        samples = {name: {op: [] for op in ops} for name, ops in running.items()}
+        for turn in range(ROUNDS):
+            warmup = max(20, iterations // 10) if turn == 0 else 0
+            for name, ops in running.items():
+                for op, fn in ops.items():
+                    samples[name][op] += sample(fn, iterations // ROUNDS, warmup)
+    return {name: {op: summary(values) for op, values in ops.items()}
+            for name, ops in samples.items()}
+
+
 # -- allocations through the control socket ----------------------------------------------------
 
 def allocation_rate(round_trips):
@@ -377,15 +407,8 @@ def main():
     if not args.skip_fuse:
         targets["bare 0 s"] = bare_target("0")
         targets["bare 1 s"] = bare_target("1")
-    results = {}
-    for name, target in targets.items():
-        try:
-            with target() as ops:
-                results[name] = {op: measure(fn, args.iterations) for op, fn in ops.items()}
-        except (Skip, OSError) as e:
-            print(f"{name}: skipped, {e}")
     if targets:
-        print_fuse_table(results, args.iterations)
+        print_fuse_table(measure_interleaved(targets, args.iterations), args.iterations)
     if not args.skip_alloc:
         try:
             allocation_rate(args.iterations)
