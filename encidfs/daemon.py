@@ -30,6 +30,7 @@ CACHE_TIMEOUT = 1.0
 async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
     """Mount, call ready(), and serve until unmounted or told to stop by SIGTERM/SIGINT."""
     hierarchy = new_hierarchy(config.capacities, config.first_ids)
+    hierarchy.keep_state_changes = config.state is not None
     encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
 
     def on_fork(parent: int, child: int) -> None:

@@ -90,6 +90,7 @@ class Hierarchy:
         self.members: dict[int, Cgroup] = {}  # PID -> cgroup, for PIDs outside the root
         self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
         self.changes: list[tuple[Change, Cgroup]] = []
+        self.keep_state_changes = True  # SETTINGS, PROCS, ALLOCATIONS: off without a journal
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
@@ -117,6 +118,11 @@ class Hierarchy:
                 return css
         raise AssertionError("the root has every controller's css")
 
+    def log_state(self, change: Change, cg: Cgroup) -> None:
+        """Log a change that only the durable state needs, if anyone keeps one."""
+        if self.keep_state_changes:
+            self.changes.append((change, cg))
+
     def drain_changes(self) -> list[tuple[Change, Cgroup]]:
         changes, self.changes = self.changes, []
         return changes
@@ -142,7 +148,7 @@ class Hierarchy:
         for controller in self.controllers:
             if parent.subtree_control & (1 << controller.ssid):
                 self._css_online(cg, controller)
-        self.changes.append((Change.SETTINGS, cg))
+        self.log_state(Change.SETTINGS, cg)
         return cg
 
     def rmdir(self, cg: Cgroup) -> None:
@@ -186,7 +192,7 @@ class Hierarchy:
         if not enable and not disable:
             return
         cg.subtree_control = (cg.subtree_control | enable) & ~disable
-        self.changes.append((Change.SETTINGS, cg))
+        self.log_state(Change.SETTINGS, cg)
         for child in cg.children.values():
             for controller in self.controllers:
                 bit = 1 << controller.ssid
@@ -199,12 +205,12 @@ class Hierarchy:
     def set_max_depth(self, cg: Cgroup, value: int) -> None:
         self._check_live(cg)
         cg.max_depth = value
-        self.changes.append((Change.SETTINGS, cg))
+        self.log_state(Change.SETTINGS, cg)
 
     def set_max_descendants(self, cg: Cgroup, value: int) -> None:
         self._check_live(cg)
         cg.max_descendants = value
-        self.changes.append((Change.SETTINGS, cg))
+        self.log_state(Change.SETTINGS, cg)
 
     def set_freeze(self, cg: Cgroup, freeze: bool) -> None:
         self._check_live(cg)
@@ -212,7 +218,7 @@ class Hierarchy:
             return
         before = {node: self.frozen(node) for node in self.subtree(cg)}
         cg.freeze = freeze
-        self.changes.append((Change.SETTINGS, cg))
+        self.log_state(Change.SETTINGS, cg)
         self.changes.extend((Change.EVENTS, node) for node, was in before.items()
                             if self.frozen(node) != was)
 
@@ -257,7 +263,7 @@ class Hierarchy:
                 if dst.procs is None:
                     dst.procs = set()
                 dst.procs.add(pid)
-                self.changes.append((Change.PROCS, dst))
+                self.log_state(Change.PROCS, dst)
                 if len(dst.procs) == 1:
                     self._populated_changed(dst, True)
             self._remove_proc(pid, src)
@@ -269,7 +275,7 @@ class Hierarchy:
             with self._watch_frozen(cg):
                 self.members[child] = cg
                 cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
-                self.changes.append((Change.PROCS, cg))
+                self.log_state(Change.PROCS, cg)
 
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
@@ -308,7 +314,7 @@ class Hierarchy:
         if self.members.get(pid) is src:
             del self.members[pid]
         src.procs.discard(pid)
-        self.changes.append((Change.PROCS, src))
+        self.log_state(Change.PROCS, src)
         if not src.procs:
             src.procs = None
             self._populated_changed(src, False)

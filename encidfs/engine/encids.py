@@ -88,7 +88,7 @@ class EncidsController(Controller):
         if self.capacity[type_index] == 0:
             raise fail(errno.EINVAL, f"{self.types[type_index]} has no IDs on this host")
         css.max[type_index] = value
-        self.hierarchy.changes.append((Change.SETTINGS, cg))
+        self.hierarchy.log_state(Change.SETTINGS, cg)
 
     def try_charge(self, cg: Cgroup, type_name: str, amount: int) -> Charge:
         t = self.type_index(type_name)
@@ -133,7 +133,7 @@ class EncidsController(Controller):
         for id_ in ids:
             self._allocated[id_] = (holder, charge)
             held.add(id_)
-        self.hierarchy.changes.append((Change.ALLOCATIONS, charge.cgroup))
+        self.hierarchy.log_state(Change.ALLOCATIONS, charge.cgroup)
         return ids
 
     def adopt(self, holder: int, type_name: str, ids: list[int], cg: Cgroup) -> None:
@@ -152,7 +152,7 @@ class EncidsController(Controller):
             self.spaces[t].claim(id_)
             self._allocated[id_] = (holder, charge)
             held.add(id_)
-        self.hierarchy.changes.append((Change.ALLOCATIONS, cg))
+        self.hierarchy.log_state(Change.ALLOCATIONS, cg)
 
     def allocations(self) -> dict[int, tuple[int, Charge]]:
         """ID -> (holder PID, its charge)."""
@@ -183,7 +183,7 @@ class EncidsController(Controller):
                 del self._held[holder]
             self.uncharge(charge, 1)
             self.spaces[charge.type].give_back(id_)
-            self.hierarchy.changes.append((Change.ALLOCATIONS, charge.cgroup))
+            self.hierarchy.log_state(Change.ALLOCATIONS, charge.cgroup)
 
     def release_holder(self, holder: int) -> list[int]:
         """The holder is gone (like a VM's fd closing): free everything it held."""
