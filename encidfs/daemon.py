@@ -33,9 +33,11 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     hierarchy.keep_state_changes = config.state is not None
     encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
 
+    @_process_event
     def on_fork(parent: int, child: int) -> None:
         hierarchy.fork(parent, child)
 
+    @_process_event
     def on_exit(pid: int) -> None:
         hierarchy.exit(pid)
         encids.release_holder(pid)  # like a VM's file descriptor closing with its process
@@ -44,6 +46,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     def frozen(pid: int) -> bool:
         return hierarchy.effective_freeze(hierarchy.cgroup_of(pid))
 
+    @_process_event
     def on_stopped(pid: int, stopped: bool) -> None:
         hierarchy.set_stopped(pid, stopped)
         operations.flush_changes()
@@ -78,6 +81,18 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     finally:
         pyfuse3.close(unmount=True)
         log.info("unmounted %s", mountpoint)
+
+
+def _process_event(handler: Callable[..., None]) -> Callable[..., None]:
+    """A process event that fails (a bug) is logged; it never stops the daemon."""
+
+    def guarded(*args: int) -> None:
+        try:
+            handler(*args)
+        except Exception:
+            log.exception("process event %s%r failed", handler.__name__, args)
+
+    return guarded
 
 
 def _restore(config: Config, hierarchy: Hierarchy, table: FileTable,

@@ -7,12 +7,15 @@ charges one after the other, as callers of the kernel's misc_cg_try_charge() wou
 from __future__ import annotations
 
 import errno
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine import U64_MAX, ChargeRefused, EncidsController, Hierarchy, fail
 from ..procs import ProcessTracker
 from .protocol import error_reply
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,9 @@ class ControlService:
             return error_reply(errno.EBUSY, refusal.strerror, refusal.path)
         except OSError as error:
             return error_reply(error.errno or errno.EIO, error.strerror or str(error))
+        except Exception:  # a bug: this request fails, the daemon goes on
+            log.exception("control request %r failed", request)
+            return error_reply(errno.EIO, "internal error (logged by the daemon)")
         finally:
             self._changed()
 

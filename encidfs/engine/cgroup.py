@@ -51,7 +51,8 @@ class Cgroup:
         self.nr_populated_children = 0
         self.freeze = False
         self.dying = False
-        self.refs = 0  # pins held by csses and child cgroups; a dying cgroup is released at 0
+        # Pins: one while live, one per css of its own and per child cgroup not yet released.
+        self.refs = 1
         self.css: list[Css | None] = [None] * nr_controllers
         self.nr_dying_subsys = [0] * nr_controllers
 
@@ -135,16 +136,20 @@ class Hierarchy:
             raise fail(errno.EINVAL, "bad cgroup name")
         if name in parent.children:
             raise fail(errno.EEXIST)  # the VFS finds the name before cgroup_mkdir() runs
-        level = 1
-        for ancestor in parent.ancestors():
-            if ancestor.nr_descendants >= ancestor.max_descendants or level > ancestor.max_depth:
+        depth = 1  # of the new cgroup below `ancestor`
+        ancestor: Cgroup | None = parent
+        while ancestor is not None:
+            if ancestor.nr_descendants >= ancestor.max_descendants or depth > ancestor.max_depth:
                 raise fail(errno.EAGAIN, f"limit of {ancestor.path}")
-            level += 1
+            depth += 1
+            ancestor = ancestor.parent
         cg = self._new_cgroup(name, parent)
         parent.children[name] = cg
         parent.refs += 1
-        for ancestor in parent.ancestors():
+        ancestor = parent
+        while ancestor is not None:
             ancestor.nr_descendants += 1
+            ancestor = ancestor.parent
         for controller in self.controllers:
             if parent.subtree_control & (1 << controller.ssid):
                 self._css_online(cg, controller)
@@ -158,15 +163,16 @@ class Hierarchy:
         del cg.parent.children[cg.name]
         del self.by_id[cg.id]
         cg.dying = True
-        for ancestor in cg.ancestors(include_self=False):
+        ancestor = cg.parent
+        while ancestor is not None:
             ancestor.nr_descendants -= 1
             ancestor.nr_dying_descendants += 1
+            ancestor = ancestor.parent
         self.changes.append((Change.REMOVED, cg))
-        cg.refs += 1  # hold it while its csses go offline, so it is released once, at the end
         for css in cg.css:
             if css is not None:
                 self._css_offline(css)
-        cgroup_put(cg)
+        cgroup_put(cg)  # the pin it held while live
 
     # -- cgroup.subtree_control, limits, freeze --------------------------------------------------
 
@@ -351,35 +357,61 @@ class Hierarchy:
         ssid = css.ssid
         css.online = False
         css.cgroup.css[ssid] = None
-        for cg in css.cgroup.ancestors():
+        cg: Cgroup | None = css.cgroup
+        while cg is not None:
             cg.nr_dying_subsys[ssid] += 1
+            cg = cg.parent
         ancestor = css.parent
         while ancestor is not None:
             ancestor.nr_descendants -= 1
             ancestor = ancestor.parent
-        if css.refs == 0:
-            _css_release(css)
+        css_put(css)  # the pin it held while online
 
 
 def css_put(css: Css) -> None:
-    """Drop a pin on a css; an offline css is released with its last pin."""
-    css.refs -= 1
-    if not css.online and css.refs == 0:
-        _css_release(css)
-
-
-def _css_release(css: Css) -> None:
-    for cg in css.cgroup.ancestors():
-        cg.nr_dying_subsys[css.ssid] -= 1
-    if css.parent is not None:
-        css_put(css.parent)
-    cgroup_put(css.cgroup)
+    """Drop a pin on a css (a charge or a child css going, or the css going offline)."""
+    _drop_pin(css.cgroup, css)
 
 
 def cgroup_put(cg: Cgroup) -> None:
-    """Drop a pin on a cgroup; a removed (dying) cgroup is released with its last pin."""
-    cg.refs -= 1
-    if cg.dying and cg.refs == 0:
-        for ancestor in cg.ancestors(include_self=False):
-            ancestor.nr_dying_descendants -= 1
-        cgroup_put(cg.parent)
+    """Drop a pin on a cgroup (a child cgroup released, or the cgroup removed)."""
+    _drop_pin(cg, None)
+
+
+def _drop_pin(cg: Cgroup, css: Css | None) -> None:
+    """Drop a pin on `css`, or on `cg` when there is no css, and release what that leaves
+    unpinned: an offline css with no pins drops its pins on its parent css and its cgroup, a
+    dying cgroup with none its pin on its parent.  Everything released lies on the path to the
+    root, so one loop up that path releases it and settles every ancestor's counters, however
+    deep the chain (no recursion, and no walk per released level)."""
+    released_csses = [0] * len(cg.nr_dying_subsys)  # by ssid: released at or below this level
+    released_cgroups = 0  # released strictly below this level
+    cgroup_pins = 0 if css is not None else 1  # pins this level's cgroup loses
+    node: Cgroup | None = cg
+    while node is not None and (css is not None or cgroup_pins):
+        parent_css = None  # the css of the next level up that loses a pin
+        if css is not None:
+            css.refs -= 1
+            if css.refs == 0:
+                released_csses[css.ssid] += 1
+                cgroup_pins += 1
+                parent_css = css.parent
+        node.nr_dying_descendants -= released_cgroups
+        for ssid, count in enumerate(released_csses):
+            node.nr_dying_subsys[ssid] -= count
+        parent_pins = 0
+        if cgroup_pins:
+            node.refs -= cgroup_pins
+            if node.refs == 0:
+                released_cgroups += 1
+                parent_pins = 1
+        node, css, cgroup_pins = node.parent, parent_css, parent_pins
+    # Above the last level that lost a pin, only the counters change.
+    dying_subsys = [(ssid, count) for ssid, count in enumerate(released_csses) if count]
+    if not released_cgroups and not dying_subsys:
+        return
+    while node is not None:
+        node.nr_dying_descendants -= released_cgroups
+        for ssid, count in dying_subsys:
+            node.nr_dying_subsys[ssid] -= count
+        node = node.parent

@@ -22,8 +22,8 @@ class Css:
         self.cgroup = cgroup
         self.parent = parent
         self.online = True
-        # Pins held by others: child csses and charges.  An online css is also kept by its cgroup.
-        self.refs = 0
+        # Pins: one while online, one per charge and per child css not yet released.
+        self.refs = 1
         # Online csses below this one: the kernel's css->nr_descendants (cgroup.stat nr_subsys_*).
         self.nr_descendants = 0
 

@@ -363,3 +363,26 @@ def test_offline_chain_releases_bottom_up_after_grandparent_disables(h, encids, 
     assert [css.usage[SEV] for css in old_chain] == [0, 0, 0]
     assert [cg.nr_dying_subsys[0] for cg in (h.root, a, b, c)] == [0, 0, 0, 0]
     assert usage(h.root) == 0 and h.root.css[0].nr_descendants == 3
+
+
+def test_a_dying_chain_10000_deep_is_released_by_its_last_uncharge(h, encids):
+    # A delegatee's worst case: +encids at every level of a deep chain, a charge at the bottom,
+    # the holder moved out and the chain removed; the last uncharge releases all of it at once.
+    depth = 10_000
+    cg = h.root
+    for level in range(depth):
+        h.write_subtree_control(cg, ENCIDS, 0)
+        cg = h.mkdir(cg, "c")
+    h.attach(100, cg)
+    ids = encids.allocate(100, "sev", 1)
+    h.attach(100, h.root)
+    chain = list(cg.ancestors())[:-1]
+    for node in chain:
+        h.rmdir(node)
+    assert h.root.nr_dying_descendants == depth
+    assert h.root.nr_dying_subsys[0] == depth
+    encids.free(ids)
+    assert h.root.nr_dying_descendants == 0 and h.root.nr_dying_subsys[0] == 0
+    assert all(node.refs == 0 for node in chain)
+    assert h.root.css[0].nr_descendants == 0 and encids.used(SEV) == 0
+    assert encids.allocate(100, "sev", 1) == ids  # the ID is back in the pool
