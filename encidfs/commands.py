@@ -7,7 +7,7 @@ import errno
 import os
 import sys
 
-from .control.client import Client, ControlError
+from .control.client import DEFAULT_TIMEOUT, Client, ControlError
 
 DEFAULT_MOUNT = os.environ.get("ENCIDFS_MOUNT", "/run/encidfs")
 
@@ -18,6 +18,9 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
         where.add_argument("--mount", metavar="MNT",
                            help=f"the encidfs mountpoint (default {DEFAULT_MOUNT})")
         where.add_argument("--control", metavar="SOCK", help="the control socket")
+        parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                            help=f"give up on a daemon that does not answer (default "
+                                 f"{DEFAULT_TIMEOUT:g})")
 
     run = commands.add_parser("run", help="allocate IDs, then exec a command that holds them")
     connection_options(run)
@@ -60,8 +63,8 @@ def run_command(args: argparse.Namespace) -> int:
 
 def _connect(args: argparse.Namespace) -> Client:
     if args.control:
-        return Client.connect(control=args.control)
-    return Client.connect(mount=args.mount or DEFAULT_MOUNT)
+        return Client.connect(control=args.control, timeout=args.timeout)
+    return Client.connect(mount=args.mount or DEFAULT_MOUNT, timeout=args.timeout)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -52,7 +52,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         operations.flush_changes()
 
     tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
-                             use_connector=config.proc_connector)
+                             use_connector=config.proc_connector,
+                             exempt=frozenset({os.getpid()}))
     table = FileTable(hierarchy, tracker)
     control = config.control or default_control_path(mountpoint)
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
@@ -110,13 +111,24 @@ def _restore(config: Config, hierarchy: Hierarchy, table: FileTable,
     return watched
 
 
+# Signals whose default action would end the daemon, and every tenant's mount with it.
+_IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                    signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGXFSZ)
+
+
 async def _stop_on_signal() -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    """SIGTERM and SIGINT unmount cleanly; the others that would kill are logged and ignored."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *_IGNORED_SIGNALS) as signals:
         async for signum in signals:
+            if signum in _IGNORED_SIGNALS:
+                log.info("%s: ignored", signal.Signals(signum).name)
+                continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return
 
 
 def run(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
+    for signum in _IGNORED_SIGNALS:  # until _stop_on_signal logs them
+        signal.signal(signum, signal.SIG_IGN)
     trio.run(serve, mountpoint, config, ready)

@@ -11,8 +11,12 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
+import time
 
 from .protocol import CONTROL_XATTR, decode, encode
+
+DEFAULT_TIMEOUT = 5.0  # seconds a request may take before the client gives up on the daemon
 
 
 class ControlError(OSError):
@@ -40,24 +44,41 @@ class Allocation(list):
 
 
 class Client:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Connect to the socket at `path`; every request gives up after `timeout` seconds
+        with ETIMEDOUT (a daemon that is stopped, or gone without closing the socket)."""
         self.path = path
+        self.timeout = timeout
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            self._sock.connect(path)
+            self._connect(path)
         except OSError:
             self._sock.close()
             raise
         self._reader = self._sock.makefile("rb")
 
+    def _connect(self, path: str) -> None:
+        # With a timeout the socket does not block: a full listen backlog is EAGAIN at once.
+        self._sock.settimeout(self.timeout)
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                self._sock.connect(path)
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise _timed_out(self.timeout, "to accept the connection") from None
+                time.sleep(0.005)
+
     @classmethod
-    def connect(cls, mount: str | None = None, control: str | None = None) -> Client:
+    def connect(cls, mount: str | None = None, control: str | None = None,
+                timeout: float = DEFAULT_TIMEOUT) -> Client:
         """By socket path, or by mountpoint (the root's user.encidfs.control names the socket)."""
         if control is None:
             if mount is None:
                 raise ValueError("give a mountpoint or a control socket path")
-            control = control_path(mount)
-        return cls(control)
+            control = control_path(mount, timeout)
+        return cls(control, timeout)
 
     def close(self) -> None:
         self._reader.close()
@@ -70,8 +91,11 @@ class Client:
         self.close()
 
     def request(self, **request: object) -> dict:
-        self._sock.sendall(encode(request))
-        line = self._reader.readline()  # replies have no length limit (status grows)
+        try:
+            self._sock.sendall(encode(request))
+            line = self._reader.readline()  # replies have no length limit (status grows)
+        except TimeoutError:
+            raise _timed_out(self.timeout, "to answer") from None
         if not line.endswith(b"\n"):
             raise ConnectionError("the daemon closed the connection")
         reply = decode(line)
@@ -95,8 +119,28 @@ class Client:
         return self.request(op="status")
 
 
-def control_path(mount: str) -> str:
-    try:
-        return os.getxattr(mount, CONTROL_XATTR).decode()
-    except OSError as error:
-        raise OSError(error.errno, f"{mount} is not an encidfs mount: {error.strerror}") from None
+def control_path(mount: str, timeout: float = DEFAULT_TIMEOUT) -> str:
+    """The socket the mount's root names.  Asking the mount waits while its daemon is stopped,
+    so the question is asked by a thread that is left behind if it does not come back."""
+    answer: list[bytes | OSError] = []
+
+    def ask() -> None:
+        try:
+            answer.append(os.getxattr(mount, CONTROL_XATTR))
+        except OSError as error:
+            answer.append(error)
+
+    asking = threading.Thread(target=ask, daemon=True)
+    asking.start()
+    asking.join(timeout)
+    if not answer:
+        raise _timed_out(timeout, f"on {mount}")
+    if isinstance(answer[0], OSError):
+        error = answer[0]
+        raise OSError(error.errno, f"{mount} is not an encidfs mount: {error.strerror}")
+    return answer[0].decode()
+
+
+def _timed_out(timeout: float, what: str) -> ControlError:
+    return ControlError(errno.ETIMEDOUT, f"the daemon did not answer within {timeout:g} s "
+                                         f"(waiting for it {what})")

@@ -44,13 +44,16 @@ class ProcessTracker:
     def __init__(self, members: Mapping[int, object], on_fork: Callable[[int, int], None],
                  on_exit: Callable[[int], None], frozen: Callable[[int], bool],
                  on_stopped: Callable[[int, bool], None], proc: str = "/proc",
-                 use_connector: bool = True) -> None:
+                 use_connector: bool = True, exempt: frozenset[int] = frozenset()) -> None:
         self._members = members  # PID -> cgroup, the engine's, read only
         self._on_fork = on_fork
         self._on_exit = on_exit
         self._frozen = frozen  # whether the freezer covers a process's cgroup
         self._on_stopped = on_stopped
         self._proc = proc
+        # The daemon's own processes: never stopped or killed (the kernel never freezes
+        # itself); the freezer counts them as stopped, so that `frozen` is reached.
+        self._exempt = exempt
         self._connector = open_connector() if use_connector else None
         self.mode = "proc connector" if self._connector else "/proc scan"
         self._watched: dict[int, int] = {}  # PID -> start time
@@ -128,13 +131,17 @@ class ProcessTracker:
         for pid in pids:
             try:
                 if self._frozen(pid) and pid not in self._stopped:
-                    os.kill(pid, signal.SIGSTOP)
                     self._stopped.add(pid)
+                    if pid in self._exempt:
+                        self._on_stopped(pid, True)
+                        continue
+                    os.kill(pid, signal.SIGSTOP)
                     assert self._nursery is not None
                     self._nursery.start_soon(self._wait_stopped, pid)
                 elif not self._frozen(pid) and pid in self._stopped:
                     self._stopped.discard(pid)  # only what the freezer stopped, it resumes
-                    os.kill(pid, signal.SIGCONT)
+                    if pid not in self._exempt:
+                        os.kill(pid, signal.SIGCONT)
                     self._on_stopped(pid, False)
             except ProcessLookupError:
                 pass  # its exit is on its way
@@ -247,6 +254,8 @@ class ProcessTracker:
 
     def kill(self, pids: Iterable[int]) -> None:
         for pid in pids:
+            if pid in self._exempt:
+                continue
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
