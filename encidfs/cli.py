@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--tracking", choices=("auto", "scan"), default="auto",
                        help="how forks are followed: the proc connector when the daemon may "
                             "use it (auto), or scanning /proc (scan)")
+    mount.add_argument("--max-cgroups", type=int, metavar="N",
+                       help="how many cgroups (live and dying) the daemon keeps at most; "
+                            f"mkdir beyond is EAGAIN (default {configuration.DEFAULT_MAX_CGROUPS})")
     mount.add_argument("--control", metavar="PATH",
                        help="the control socket (default: derived from the mountpoint)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
@@ -78,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
 def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
-                                options, args.control, args.state)
+                                options, args.control, args.state, args.max_cgroups)
     config.proc_connector = args.tracking == "auto"
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
@@ -201,6 +204,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--control", args.control]
     if args.state:
         argv += ["--state", os.path.abspath(args.state)]
+    if args.max_cgroups is not None:
+        argv += ["--max-cgroups", str(args.max_cgroups)]
     argv += ["--tracking", args.tracking]
     for option in args.options:
         argv += ["-o", option]

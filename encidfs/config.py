@@ -8,6 +8,9 @@ import tomllib
 from dataclasses import dataclass, field
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
+# About 1.4 KiB of daemon memory each: 100,000 cgroups, with every other bound at its limit
+# (xattrs, connections, replies), keep the daemon well under 1 GiB.
+DEFAULT_MAX_CGROUPS = 100_000
 _TYPE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -23,6 +26,7 @@ class Config:
     control: str | None = None  # the control socket's path; None: derived from the mountpoint
     state: str | None = None  # the SQLite state file; None: state lives in memory only
     proc_connector: bool = True  # follow forks through the proc connector when permitted
+    max_cgroups: int = DEFAULT_MAX_CGROUPS  # below the root, live and dying (mkdir: EAGAIN)
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""
@@ -62,7 +66,7 @@ def _check_count(name: str, value: object) -> int:
 
 def load(path: str | None, capacities: list[str], asids: int | None,
          min_sev_asid: int | None, fuse_options: list[str], control: str | None = None,
-         state: str | None = None) -> Config:
+         state: str | None = None, max_cgroups: int | None = None) -> Config:
     """The file first, then the command line over it."""
     config = Config()
     if path is not None:
@@ -77,7 +81,15 @@ def load(path: str | None, capacities: list[str], asids: int | None,
     config.fuse_options += fuse_options
     config.control = control or config.control
     config.state = os.path.abspath(state) if state else config.state
+    if max_cgroups is not None:
+        config.max_cgroups = _check_max_cgroups(max_cgroups)
     return config
+
+
+def _check_max_cgroups(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
+        raise ConfigError(f"max_cgroups must be a whole number from 0 to 2^31-1, got {value!r}")
+    return value
 
 
 def _load_file(config: Config, path: str) -> None:
@@ -89,7 +101,7 @@ def _load_file(config: Config, path: str) -> None:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
-                           "state"}
+                           "state", "max_cgroups"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -116,3 +128,5 @@ def _load_file(config: Config, path: str) -> None:
     if state is not None and not isinstance(state, str):
         raise ConfigError(f"{path}: state must be a path")
     config.state = state
+    if "max_cgroups" in data:
+        config.max_cgroups = _check_max_cgroups(data["max_cgroups"])

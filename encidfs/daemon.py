@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import resource
 import signal
 from collections.abc import Callable
 
@@ -25,11 +26,25 @@ log = logging.getLogger(__name__)
 
 # Entries and attributes may be cached this long; whatever changes them is invalidated at once.
 CACHE_TIMEOUT = 1.0
+# Descriptors kept for the FUSE device, the journal, /proc reads, threads and logging; the rest
+# go to control connections (a quarter, up to 1024) and pidfds of watched processes.
+FD_RESERVE = 256
+MAX_CONNECTIONS = 1024
+
+
+def raise_fd_limit() -> int:
+    """Take the hard limit on descriptors as the soft one (the 1024 a shell hands down is far
+    too few for a pidfd per watched process); return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
 
 
 async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
     """Mount, call ready(), and serve until unmounted or told to stop by SIGTERM/SIGINT."""
-    hierarchy = new_hierarchy(config.capacities, config.first_ids)
+    hierarchy = new_hierarchy(config.capacities, config.first_ids, config.max_cgroups)
     hierarchy.keep_state_changes = config.state is not None
     encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
 
@@ -51,9 +66,12 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         hierarchy.set_stopped(pid, stopped)
         operations.flush_changes()
 
+    fd_limit = raise_fd_limit()
+    max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
     tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
                              use_connector=config.proc_connector,
-                             exempt=frozenset({os.getpid()}))
+                             exempt=frozenset({os.getpid()}),
+                             pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections))
     table = FileTable(hierarchy, tracker)
     control = config.control or default_control_path(mountpoint)
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
@@ -71,9 +89,10 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                 else:
                     tracker.watch(pid)
             tracker.apply_freezer(hierarchy.members)
-            await nursery.start(serve_control, control, service)
-            log.info("process tracking: %s; control socket %s", tracker.mode, control)
-            nursery.start_soon(_stop_on_signal)
+            await nursery.start(serve_control, control, service, max_connections)
+            log.info("process tracking: %s; control socket %s; %d descriptors",
+                     tracker.mode, control, fd_limit)
+            await nursery.start(_stop_on_signal)
             log.info("mounted on %s with %s", mountpoint, config.capacities)
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
@@ -116,9 +135,11 @@ _IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALR
                     signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGXFSZ)
 
 
-async def _stop_on_signal() -> None:
+async def _stop_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                          ) -> None:
     """SIGTERM and SIGINT unmount cleanly; the others that would kill are logged and ignored."""
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *_IGNORED_SIGNALS) as signals:
+        task_status.started()
         async for signum in signals:
             if signum in _IGNORED_SIGNALS:
                 log.info("%s: ignored", signal.Signals(signum).name)

@@ -10,7 +10,7 @@ __all__ = [
 ]
 
 
-def new_hierarchy(capacities: dict[str, int],
-                  first_ids: dict[str, int] | None = None) -> Hierarchy:
+def new_hierarchy(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
+                  max_cgroups: int = INT_MAX) -> Hierarchy:
     """A hierarchy with the encids controller for the given types."""
-    return Hierarchy([EncidsController(capacities, first_ids)])
+    return Hierarchy([EncidsController(capacities, first_ids)], max_cgroups)

@@ -80,8 +80,11 @@ class Cgroup:
 
 
 class Hierarchy:
-    def __init__(self, controllers: list[Controller]) -> None:
+    def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX) -> None:
+        """`max_cgroups` caps the cgroups below the root, live and dying, as the root's
+        cgroup.max.descendants would (the daemon's memory is the limit a kernel would have)."""
         self.controllers = controllers
+        self.max_cgroups = max_cgroups
         for ssid, controller in enumerate(controllers):
             controller.ssid = ssid
             controller.hierarchy = self
@@ -136,6 +139,8 @@ class Hierarchy:
             raise fail(errno.EINVAL, "bad cgroup name")
         if name in parent.children:
             raise fail(errno.EEXIST)  # the VFS finds the name before cgroup_mkdir() runs
+        if self.root.nr_descendants + self.root.nr_dying_descendants >= self.max_cgroups:
+            raise fail(errno.EAGAIN, f"the daemon's cap of {self.max_cgroups} cgroups")
         depth = 1  # of the new cgroup below `ancestor`
         ancestor: Cgroup | None = parent
         while ancestor is not None:

@@ -26,6 +26,9 @@ _FILE_BASE = 2
 WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
 XATTRS_MAX = 128  # kernfs's limits on user xattrs per node
 XATTR_BYTES_MAX = 128 * 1024
+# All nodes together (names and values): kernfs charges xattrs to the writer's memory cgroup,
+# the daemon has only its own memory to spend.
+XATTR_TOTAL_MAX = 64 << 20
 
 
 @dataclass(slots=True)
@@ -83,6 +86,7 @@ class FileTable:
         self._file_defaults = {hierarchy.root.id: NodeAttr(stat.S_IFREG, 0, 0, now, now)}
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
         self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
+        self._xattr_bytes = 0  # names and values in _xattrs
         self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
         self.journal: Journal | None = None
         self._changed_nodes: set[Cgroup] = set()  # attributes changed, for the journal
@@ -180,18 +184,27 @@ class FileTable:
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
-        xattrs = self._xattrs.setdefault(node.inode, {})
+        xattrs = self._xattrs.get(node.inode, {})
+        old = xattrs.get(name)
         size = sum(len(v) for k, v in xattrs.items() if k != name) + len(value)
-        if (name not in xattrs and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX:
+        growth = len(value) - len(old) if old is not None else len(name) + len(value)
+        if (old is None and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX \
+                or self._xattr_bytes + growth > XATTR_TOTAL_MAX:
             raise fail(errno.ENOSPC)
-        xattrs[name] = value
+        self._xattrs.setdefault(node.inode, xattrs)[name] = value
+        self._xattr_bytes += growth
         self._changed_nodes.add(node.cgroup)
 
     def removexattr(self, node: Node, name: bytes) -> None:
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
-        if self._xattrs.get(node.inode, {}).pop(name, None) is None:
+        xattrs = self._xattrs.get(node.inode, {})
+        value = xattrs.pop(name, None)
+        if value is None:
             raise fail(errno.ENODATA)
+        self._xattr_bytes -= len(name) + len(value)
+        if not xattrs:
+            del self._xattrs[node.inode]
         self._changed_nodes.add(node.cgroup)
 
     def _node_xattrs(self, node: Node) -> dict[bytes, bytes]:
@@ -288,9 +301,13 @@ class FileTable:
                 self._file_attrs[self.file_inode(cg, self._row_by_name[name])] = attr
         for name, values in state.xattrs.items():
             if name == "":
-                self._xattrs[self.dir_inode(cg)] = dict(values)
+                inode = self.dir_inode(cg)
             elif name in self._row_by_name:
-                self._xattrs[self.file_inode(cg, self._row_by_name[name])] = dict(values)
+                inode = self.file_inode(cg, self._row_by_name[name])
+            else:
+                continue
+            self._xattrs[inode] = dict(values)
+            self._xattr_bytes += _xattr_size(values)
 
     def files_made_by(self, writer: Caller) -> None:
         """Controller files that a write made (enabling a controller) are new nodes owned by
@@ -315,7 +332,7 @@ class FileTable:
 
     def _forget(self, inode: int) -> None:
         self._file_attrs.pop(inode, None)
-        self._xattrs.pop(inode, None)
+        self._xattr_bytes -= _xattr_size(self._xattrs.pop(inode, {}))
         self._notified.pop(inode, None)
 
     def _dir(self, inode: int) -> Cgroup:
@@ -374,3 +391,7 @@ class OpenFile:
         cft.write(self.node.cgroup, written_text(buf), self.caller)
         self.table.files_made_by(self.caller)
         return len(buf)
+
+
+def _xattr_size(xattrs: dict[bytes, bytes]) -> int:
+    return sum(len(name) + len(value) for name, value in xattrs.items())

@@ -25,6 +25,7 @@ from ..engine import fail
 from .connector import forks, open_connector
 
 PF_NO_SETAFFINITY = 0x04000000  # kernel threads that must stay where they are
+POLL_INTERVAL = 0.1  # seconds between looks at the processes watched without a pidfd
 _TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -44,7 +45,8 @@ class ProcessTracker:
     def __init__(self, members: Mapping[int, object], on_fork: Callable[[int, int], None],
                  on_exit: Callable[[int], None], frozen: Callable[[int], bool],
                  on_stopped: Callable[[int, bool], None], proc: str = "/proc",
-                 use_connector: bool = True, exempt: frozenset[int] = frozenset()) -> None:
+                 use_connector: bool = True, exempt: frozenset[int] = frozenset(),
+                 pidfd_budget: int = 1 << 30) -> None:
         self._members = members  # PID -> cgroup, the engine's, read only
         self._on_fork = on_fork
         self._on_exit = on_exit
@@ -57,6 +59,11 @@ class ProcessTracker:
         self._connector = open_connector() if use_connector else None
         self.mode = "proc connector" if self._connector else "/proc scan"
         self._watched: dict[int, int] = {}  # PID -> start time
+        # Watched through a pidfd while the daemon's descriptors allow it; past that budget
+        # (or on EMFILE), by looking at /proc on every sync() and every POLL_INTERVAL.
+        self._pidfd_budget = pidfd_budget
+        self._pidfds = 0
+        self._polled: set[int] = set()
         self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
         # For scans: when a member joined (in ticks), and the children it had then, which
         # stay where they were (start times are only as fine as a tick).
@@ -66,6 +73,7 @@ class ProcessTracker:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._poll_exits)
             task_status.started()
             if self._connector is None:
                 await trio.sleep_forever()
@@ -73,14 +81,20 @@ class ProcessTracker:
                 await trio.lowlevel.wait_readable(self._connector)
                 self.sync()
 
+    async def _poll_exits(self) -> None:
+        while True:
+            await trio.sleep(POLL_INTERVAL)
+            self._check_polled()
+
     # -- keeping the engine up to date ---------------------------------------------------------
 
     def sync(self) -> None:
-        """Apply every fork that happened until now."""
+        """Apply every fork that happened until now (and the exits of polled processes)."""
         if self._connector is not None:
             self._drain_connector()
         elif self._members:
             self._scan()
+        self._check_polled()
 
     def _drain_connector(self) -> None:
         assert self._connector is not None
@@ -163,12 +177,15 @@ class ProcessTracker:
     def start_time(self, pid: int) -> int | None:
         """When the process started (ticks since boot), or None if there is none."""
         known = self._watched.get(pid)
-        if known is not None:
-            return known
+        return known if known is not None else self.start_time_now(pid)
+
+    def start_time_now(self, pid: int) -> int | None:
+        """As /proc says now: None for no process, or one that has exited (a zombie)."""
         try:
-            return int(_stat_fields(self._proc, pid)[19])
+            fields = _stat_fields(self._proc, pid)
         except (FileNotFoundError, ProcessLookupError):
             return None
+        return None if fields[0] in ("Z", "X") else int(fields[19])
 
     # -- what the engine cares about -------------------------------------------------------
 
@@ -180,18 +197,29 @@ class ProcessTracker:
 
     def watch(self, pid: int) -> None:
         """Call on_exit(pid) when this process exits (at once if it is gone already)."""
-        try:
-            start = int(_stat_fields(self._proc, pid)[19])
-            pidfd = os.pidfd_open(pid)
-        except (FileNotFoundError, ProcessLookupError):
+        start = self.start_time_now(pid)
+        known = self._watched.get(pid)
+        if start is not None and start == known:
+            return
+        if known is not None:
+            self._exited(pid)  # the PID was reused before its exit was seen: the old one is gone
+        if start is None:
             self._exited(pid)
             return
-        if self._watched.get(pid) == start:
-            os.close(pidfd)
-            return
-        if pid in self._watched:
-            self._exited(pid)  # the PID was reused before its exit was seen: the old one is gone
         self._watched[pid] = start
+        try:
+            pidfd = os.pidfd_open(pid) if self._pidfds < self._pidfd_budget else None
+        except ProcessLookupError:
+            self._exited(pid)
+            return
+        except OSError as error:
+            if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                raise
+            pidfd = None
+        if pidfd is None:
+            self._polled.add(pid)
+            return
+        self._pidfds += 1
         assert self._nursery is not None, "the tracker runs before the file system answers"
         self._nursery.start_soon(self._wait_exit, pid, start, pidfd)
 
@@ -200,12 +228,18 @@ class ProcessTracker:
             await trio.lowlevel.wait_readable(pidfd)
         finally:
             os.close(pidfd)
+            self._pidfds -= 1
         if self._watched.get(pid) == start:
+            self._exited(pid)
+
+    def _check_polled(self) -> None:
+        for pid in [pid for pid in self._polled if self.start_time_now(pid) != self._watched[pid]]:
             self._exited(pid)
 
     def _exited(self, pid: int) -> None:
         if self._connector is not None:
             self._drain_connector()  # forks it made before exiting come first
+        self._polled.discard(pid)
         self._watched.pop(pid, None)
         self._stopped.discard(pid)
         self._joined.pop(pid, None)
@@ -240,7 +274,7 @@ class ProcessTracker:
                 with open(f"{self._proc}/{pid}/task/{tid}/children") as f:
                     children.update(int(child) for child in f.read().split())
         except (FileNotFoundError, ProcessLookupError):
-            pass
+            pass  # gone: it has no children to leave behind
         return children
 
     def all_pids(self) -> list[int]:

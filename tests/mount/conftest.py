@@ -19,6 +19,7 @@ import collections
 import contextlib
 import itertools
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -50,13 +51,17 @@ class Daemon:
         return self.log.read_text(errors="replace")
 
 
-def _spawn(mountpoint: Path, log: Path, extra_args: tuple[str, ...]) -> Daemon:
+def _spawn(mountpoint: Path, log: Path, extra_args: tuple[str, ...],
+           nofile: tuple[int, int] | None = None) -> Daemon:
+    """`nofile`: the daemon's (soft, hard) limit on descriptors, if not the inherited one."""
     mountpoint.mkdir()
+    limit = None if nofile is None else (
+        lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
     with open(log, "wb") as log_file:
         process = subprocess.Popen(
             [sys.executable, "-m", "encidfs", "mount", str(mountpoint), "--foreground",
              *extra_args],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, preexec_fn=limit)
     return Daemon(mountpoint, process, log)
 
 
@@ -88,9 +93,10 @@ class DaemonPool:
         self.counter = itertools.count()
         self.waiting: collections.deque[Daemon] = collections.deque()
 
-    def spawn(self, extra_args: tuple[str, ...] = ()) -> Daemon:
+    def spawn(self, extra_args: tuple[str, ...] = (),
+              nofile: tuple[int, int] | None = None) -> Daemon:
         n = next(self.counter)
-        return _spawn(self.base / f"mnt{n}", self.base / f"encidfs{n}.log", extra_args)
+        return _spawn(self.base / f"mnt{n}", self.base / f"encidfs{n}.log", extra_args, nofile)
 
     def take(self) -> Daemon:
         """A default instance, maybe still starting (`_mounted` waits for it)."""
@@ -157,11 +163,13 @@ def _mounted(daemon: Daemon) -> Iterator[Daemon]:
 
 @pytest.fixture
 def mount_encidfs(pool: DaemonPool) -> Iterator[Callable[..., Path]]:
-    """Factory: mount_encidfs(*extra_args) mounts a fresh instance and returns its root."""
+    """Factory: mount_encidfs(*extra_args, nofile=None) mounts a fresh instance and returns its
+    root; `nofile` is the daemon's (soft, hard) limit on descriptors."""
     with contextlib.ExitStack() as stack:
 
-        def mount(*extra_args: str) -> Path:
-            daemon = pool.spawn(extra_args) if extra_args else pool.take()
+        def mount(*extra_args: str, nofile: tuple[int, int] | None = None) -> Path:
+            fresh = extra_args or nofile is not None
+            daemon = pool.spawn(extra_args, nofile) if fresh else pool.take()
             return stack.enter_context(_mounted(daemon)).mountpoint
 
         yield mount

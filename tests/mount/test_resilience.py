@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from mountutil import DEADLINE, keyed, read, wait_until, write
+from mountutil import DEADLINE, keyed, outcome, read, wait_until, write
 
 from encidfs.client import Client, ControlError
 
@@ -83,6 +86,8 @@ def test_a_deep_dying_chain_is_released_and_its_id_returns(daemon, procs, releas
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM])
 def test_stray_signals_do_not_stop_the_daemon(daemon, signum):
     mnt = daemon.mountpoint
+    # The mount shows before the daemon is ready (it then ignores without logging).
+    wait_until(lambda: "mounted on" in daemon.log_text(), "the daemon to be ready")
     os.kill(daemon.process.pid, signum)
     wait_until(lambda: f"{signal.Signals(signum).name}: ignored" in daemon.log_text(),
                "the daemon to log the signal")
@@ -142,3 +147,181 @@ def proc_state(pid: int) -> str:
 
 def pids_of(cgroup: Path) -> list[int]:
     return [int(line) for line in read(cgroup / "cgroup.procs").splitlines()]
+
+
+# -- what the outside can make the daemon spend -----------------------------------------------
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # one that nobody can execute (the venv's lives in /root)
+
+# Opens N connections to the socket given, says how many it got, and keeps them until stdin ends.
+HOG = r"""
+import socket, sys
+path, count = sys.argv[1], int(sys.argv[2])
+held = []
+for _ in range(count):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    held.append(sock)
+print(len(held), flush=True)
+sys.stdin.read()
+"""
+
+
+def as_nobody(*argv: str, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                             "--clear-groups", *argv], cwd="/", **kwargs)
+
+
+def daemon_sockets(pid: int) -> int:
+    count = 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            count += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+        except FileNotFoundError:
+            pass
+    return count
+
+
+def test_the_daemon_takes_the_hard_limit_on_descriptors(mount_encidfs):
+    mnt = mount_encidfs(nofile=(1024, 4096))
+    pid = int(os.getxattr(mnt, "user.encidfs.pid"))
+    with open(f"/proc/{pid}/limits") as f:
+        soft, hard = next(line.split()[3:5] for line in f if line.startswith("Max open files"))
+    assert (soft, hard) == ("4096", "4096")
+
+
+def test_a_thousand_idle_connections_of_one_user_starve_nobody_else(daemon, procs):
+    mnt = daemon.mountpoint
+    path = os.getxattr(mnt, "user.encidfs.control").decode()
+    before = daemon_sockets(daemon.process.pid)
+    hog = as_nobody(SYSTEM_PYTHON, "-I", "-S", "-c", HOG, path, "1000",
+                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert hog.stdout.readline() == "1000\n"  # the kernel queues what the daemon refuses
+        wait_until(lambda: daemon_sockets(daemon.process.pid) <= before + 64 + 1,
+                   "the daemon to refuse the user's connections past 64")
+        with Client.connect(control=path, timeout=2.0) as client:
+            holder = procs.sleep()
+            assert client.allocate("sev", pid=holder.pid) == [1]
+        # Forks go on being followed: every member needs a pidfd.
+        write(mnt / "cgroup.subtree_control", "+encids")
+        (mnt / "a").mkdir()
+        with forking_shell(50) as forks:
+            write(mnt / "a/cgroup.procs", str(forks.pid))
+            forks.stdin.write("go\n")
+            forks.stdin.flush()
+            wait_until(lambda: len(read(mnt / "a/cgroup.procs").split()) == 51, "50 forks")
+    finally:
+        hog.kill()
+        hog.wait(timeout=DEADLINE)
+    assert daemon.process.poll() is None
+
+
+@contextlib.contextmanager
+def forking_shell(count: int) -> Iterator[subprocess.Popen]:
+    """A shell that, once told on stdin, starts `count` sleeps; all of them end with the
+    block."""
+    shell = subprocess.Popen(
+        ["sh", "-c", f"read line; for i in $(seq {count}); do sleep 600 & pids=\"$pids $!\"; "
+                     "done; read line; kill $pids"], stdin=subprocess.PIPE, text=True)
+    try:
+        yield shell
+    finally:
+        shell.stdin.close()
+        shell.wait(timeout=DEADLINE)
+
+
+def test_processes_past_the_pidfd_budget_are_still_followed(mount_encidfs):
+    # 400 descriptors: a budget of 44 pidfds (400 - 256 reserved - 100 for connections).
+    mnt = mount_encidfs(nofile=(400, 400))
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    with forking_shell(450) as forks:
+        write(mnt / "a/cgroup.procs", str(forks.pid))
+        forks.stdin.write("go\n")
+        forks.stdin.flush()
+        wait_until(lambda: len(read(mnt / "a/cgroup.procs").split()) == 451, "450 forks in a")
+        with Client.connect(mount=str(mnt)) as client:
+            holders = [int(pid) for pid in read(mnt / "a/cgroup.procs").split()][-60:]
+            for pid in holders:
+                client.allocate("sev", pid=pid)
+        assert used(mnt) == 60
+    wait_until(lambda: keyed(read(mnt / "a/cgroup.events"))["populated"] == 0,
+               "every process to leave a")
+    wait_until(lambda: used(mnt) == 0, "the holders' IDs to be freed")
+
+
+def test_a_client_that_never_reads_is_dropped(daemon):
+    mnt = daemon.mountpoint
+    write(mnt / "cgroup.subtree_control", "+encids")
+    for n in range(100):
+        (mnt / f"cg{n}").mkdir()
+    path = os.getxattr(mnt, "user.encidfs.control").decode()
+    before = daemon_sockets(daemon.process.pid)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as flood:
+        flood.connect(path)
+        flood.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            for _ in range(2000):  # replies of ~15 KiB each, and nobody reads them
+                flood.send(b'{"op": "status"}\n')
+        with Client.connect(control=path, timeout=2.0) as client:
+            assert client.status()["ok"]
+        # SEND_TIMEOUT (5 s) after its replies stopped moving, the daemon lets it go.
+        wait_until(lambda: daemon_sockets(daemon.process.pid) < before + 1,
+                   "the daemon to drop the client that does not read")
+    assert daemon.process.poll() is None
+
+
+def test_xattrs_are_bounded_per_node_and_in_all(daemon):
+    mnt = daemon.mountpoint
+    node = mnt / "cgroup.procs"
+    for n in range(128):
+        os.setxattr(node, f"user.n{n}", b"x")
+    assert outcome(lambda: os.setxattr(node, "user.one-more", b"x")) == "ENOSPC"
+    os.removexattr(node, "user.n0")
+    os.setxattr(node, f"user.{'a' * 200}", b"")  # kernfs counts the values, not the names
+    big = b"v" * 65536  # XATTR_SIZE_MAX: the largest value setxattr(2) takes
+    directory = mnt / "a"
+    directory.mkdir()
+    os.setxattr(directory, "user.big1", big)
+    os.setxattr(directory, "user.big2", big)  # 128 KiB of values: kernfs's limit per node
+    assert outcome(lambda: os.setxattr(directory, "user.one-byte", b"1")) == "ENOSPC"
+    # 64 MiB over all nodes: nodes enough for that many, each filled to its own limit.
+    write(mnt / "cgroup.subtree_control", "+encids")
+    stored, refused = 2 * len(big), None
+    for n in range(60):
+        cgroup = mnt / f"cg{n}"
+        cgroup.mkdir()
+        for name in [".", *os.listdir(cgroup)]:
+            for value in ("1", "2"):
+                refused = outcome(lambda: os.setxattr(cgroup / name, f"user.{value}", big))
+                if refused != "OK":
+                    break
+                stored += len(big)
+            if refused != "OK":
+                break
+        if refused != "OK":
+            break
+    assert refused == "ENOSPC"
+    assert 63 << 20 < stored <= 64 << 20
+    os.removexattr(directory, "user.big1")
+    os.setxattr(directory / "cgroup.procs", "user.b", big)  # room again
+    assert daemon.process.poll() is None
+
+
+def test_the_daemons_cap_on_cgroups_counts_live_and_dying_ones(mount_encidfs, procs):
+    mnt = mount_encidfs("--max-cgroups", "3")
+    write(mnt / "cgroup.subtree_control", "+encids")
+    for name in ("a", "b", "c"):
+        (mnt / name).mkdir()
+    assert outcome(lambda: (mnt / "d").mkdir()) == "EAGAIN"
+    holder = procs.sleep()
+    write(mnt / "c/cgroup.procs", str(holder.pid))
+    with Client.connect(mount=str(mnt)) as client:
+        client.allocate("sev", pid=holder.pid)
+    write(mnt / "cgroup.procs", str(holder.pid))
+    (mnt / "c").rmdir()  # dying while its charge lasts
+    assert outcome(lambda: (mnt / "d").mkdir()) == "EAGAIN"
+    holder.kill()
+    wait_until(lambda: outcome(lambda: (mnt / "d").mkdir()) == "OK", "room for d")
