@@ -50,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                             f"mkdir beyond is EAGAIN (default {configuration.DEFAULT_MAX_CGROUPS})")
     mount.add_argument("--control", metavar="PATH",
                        help="the control socket (default: derived from the mountpoint)")
+    mount.add_argument("--control-mode", metavar="MODE",
+                       help="the control socket's mode, in octal (default 0600: the owner only)")
+    mount.add_argument("--control-group", metavar="GROUP",
+                       help="the control socket's group (with --control-mode 0660, its members "
+                            "may allocate for processes placed in their cgroups)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                        help="FUSE mount options, comma-separated (e.g. allow_other)")
     mount.add_argument("--foreground", "-f", action="store_true",
@@ -81,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
 def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
-                                options, args.control, args.state, args.max_cgroups)
+                                options, args.control, args.state, args.max_cgroups,
+                                args.control_mode, args.control_group)
     config.proc_connector = args.tracking == "auto"
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
@@ -202,6 +208,10 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--config", args.config]
     if args.control:
         argv += ["--control", args.control]
+    if args.control_mode:
+        argv += ["--control-mode", args.control_mode]
+    if args.control_group:
+        argv += ["--control-group", args.control_group]
     if args.state:
         argv += ["--state", os.path.abspath(args.state)]
     if args.max_cgroups is not None:

@@ -38,8 +38,10 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     alloc.add_argument("--pid", type=int, required=True)
     alloc.set_defaults(handler=_alloc)
 
-    free = commands.add_parser("free", help="free IDs")
+    free = commands.add_parser("free", help="free IDs of a holder")
     connection_options(free)
+    free.add_argument("--pid", type=int, required=True,
+                      help="the process that holds them (only it, or the mount's owner, frees)")
     free.add_argument("ids", type=int, nargs="+", metavar="ID")
     free.set_defaults(handler=_free)
 
@@ -98,7 +100,7 @@ def _alloc(args: argparse.Namespace) -> int:
 
 def _free(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        client.free(args.ids)
+        client.free(args.ids, pid=args.pid)
     return 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import grp
 import os
 import re
 import tomllib
@@ -27,6 +28,8 @@ class Config:
     state: str | None = None  # the SQLite state file; None: state lives in memory only
     proc_connector: bool = True  # follow forks through the proc connector when permitted
     max_cgroups: int = DEFAULT_MAX_CGROUPS  # below the root, live and dying (mkdir: EAGAIN)
+    control_mode: int = 0o600  # the control socket's: by default the mount's owner alone
+    control_group: int | None = None  # the control socket's group (a GID), if not the owner's
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""
@@ -66,7 +69,8 @@ def _check_count(name: str, value: object) -> int:
 
 def load(path: str | None, capacities: list[str], asids: int | None,
          min_sev_asid: int | None, fuse_options: list[str], control: str | None = None,
-         state: str | None = None, max_cgroups: int | None = None) -> Config:
+         state: str | None = None, max_cgroups: int | None = None,
+         control_mode: str | None = None, control_group: str | None = None) -> Config:
     """The file first, then the command line over it."""
     config = Config()
     if path is not None:
@@ -83,7 +87,30 @@ def load(path: str | None, capacities: list[str], asids: int | None,
     config.state = os.path.abspath(state) if state else config.state
     if max_cgroups is not None:
         config.max_cgroups = _check_max_cgroups(max_cgroups)
+    if control_mode is not None:
+        config.control_mode = _parse_mode(control_mode)
+    if control_group is not None:
+        config.control_group = _parse_group(control_group)
     return config
+
+
+def _parse_mode(text: object) -> int:
+    """A socket mode in octal (0660): read and write bits only, as connect(2) needs write."""
+    if isinstance(text, str) and re.fullmatch(r"0?[0-7]{3}", text) and not int(text, 8) & 0o111:
+        return int(text, 8)
+    raise ConfigError(f"control mode {text!r} must be octal permission bits such as 0660, "
+                      "without execute bits")
+
+
+def _parse_group(name: object) -> int:
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"control group {name!r} must be a group name or number")
+    if name.isdigit():
+        return int(name)
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError:
+        raise ConfigError(f"control group {name!r}: no such group") from None
 
 
 def _check_max_cgroups(value: object) -> int:
@@ -101,7 +128,7 @@ def _load_file(config: Config, path: str) -> None:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
-                           "state", "max_cgroups"}
+                           "state", "max_cgroups", "control_mode", "control_group"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -130,3 +157,7 @@ def _load_file(config: Config, path: str) -> None:
     config.state = state
     if "max_cgroups" in data:
         config.max_cgroups = _check_max_cgroups(data["max_cgroups"])
+    if "control_mode" in data:
+        config.control_mode = _parse_mode(data["control_mode"])
+    if "control_group" in data:
+        config.control_group = _parse_group(data["control_group"])

@@ -89,7 +89,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                 else:
                     tracker.watch(pid)
             tracker.apply_freezer(hierarchy.members)
-            await nursery.start(serve_control, control, service, max_connections)
+            await nursery.start(serve_control, control, service, max_connections,
+                                config.control_mode, config.control_group)
             log.info("process tracking: %s; control socket %s; %d descriptors",
                      tracker.mode, control, fd_limit)
             await nursery.start(_stop_on_signal)

@@ -30,17 +30,19 @@ class ControlError(OSError):
 class Allocation(list):
     """The IDs of one allocation; as a context manager, frees them on exit."""
 
-    def __init__(self, client: Client, type_name: str, ids: list[int], cgroup: str) -> None:
+    def __init__(self, client: Client, type_name: str, ids: list[int], holder: int,
+                 cgroup: str) -> None:
         super().__init__(ids)
         self.client = client
         self.type = type_name
+        self.holder = holder
         self.cgroup = cgroup
 
     def __enter__(self) -> Allocation:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        self.client.free(list(self))
+        self.client.free(list(self), pid=self.holder)
 
 
 class Client:
@@ -110,10 +112,15 @@ class Client:
         if pid is not None:
             request["pid"] = pid
         reply = self.request(**request)
-        return Allocation(self, type_name, reply["ids"], reply["cgroup"])
+        return Allocation(self, type_name, reply["ids"], reply["holder"], reply["cgroup"])
 
-    def free(self, ids: list[int]) -> None:
-        self.request(op="free", ids=ids)
+    def free(self, ids: list[int], pid: int | None = None) -> None:
+        """Free IDs held by `pid` (this process by default): only the holder itself, or the
+        mount's owner, may."""
+        request: dict = {"op": "free", "ids": ids}
+        if pid is not None:
+            request["pid"] = pid
+        self.request(**request)
 
     def status(self) -> dict:
         return self.request(op="status")

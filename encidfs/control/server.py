@@ -46,16 +46,25 @@ class Limits:
         return None
 
 
-async def serve_control(path: str, service: ControlService, max_connections: int, *,
+async def serve_control(path: str, service: ControlService, max_connections: int,
+                        mode: int, gid: int | None, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve on a socket at `path` with the given mode and group: who can connect may ask,
+    and what they may do is decided per request."""
     os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
     if os.path.exists(path):
         os.unlink(path)  # left by a daemon that died; this mount is ours now
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    await sock.bind(path)
+    old_umask = os.umask(0o177)  # nobody else may connect before the mode is set
+    try:
+        await sock.bind(path)
+    finally:
+        os.umask(old_umask)
     limits = Limits(max_connections)
     try:
-        os.chmod(path, 0o666)  # anyone may ask; what they may do is decided per request
+        if gid is not None:
+            os.chown(path, -1, gid)
+        os.chmod(path, mode)
         sock.listen(128)
         task_status.started()
         await trio.serve_listeners(lambda stream: _connection(stream, service, limits),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -34,6 +35,7 @@ class ControlService:
         self.hierarchy = hierarchy
         self.encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
         self.tracker = tracker
+        self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
 
@@ -63,19 +65,32 @@ class ControlService:
         self.tracker.sync()  # a holder forked a moment ago must be charged where it was born
         holder = self.tracker.thread_group(pid)
         self._check_may_act_for(peer, holder)
+        # Watched from now on, and alive now: an exit still on its way is settled first, so
+        # that the charge goes to the cgroup the process is in, or to none (a zombie's).
+        if not self.tracker.watch(holder):
+            raise fail(errno.ESRCH, f"process {holder} has exited")
+        cg = self.hierarchy.cgroup_of(holder)
+        if cg.is_root and not self._owner(peer):
+            raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
+                                    "owner charges the root, others' processes are placed first")
         ids = self.encids.allocate(holder, type_name, count)
-        self.tracker.watch(holder)
-        return {"type": type_name, "ids": ids, "holder": holder,
-                "cgroup": self.hierarchy.cgroup_of(holder).path}
+        return {"type": type_name, "ids": ids, "holder": holder, "cgroup": cg.path}
 
     def _free(self, request: dict, peer: Peer) -> dict:
+        """Free IDs of one holder: the holder itself asks, or the mount's owner does."""
         ids = request.get("ids")
-        if not isinstance(ids, list) or not ids or not all(_whole(i) for i in ids):
-            raise fail(errno.EINVAL, "free takes a list of IDs")
-        for holder in {self.encids.holder_of(i) for i in ids} - {None}:
-            self._check_may_act_for(peer, holder)  # type: ignore[arg-type]
+        holder = request.get("pid", peer.pid)
+        if not isinstance(ids, list) or not ids or not all(_whole(i) for i in ids) \
+                or not _whole(holder):
+            raise fail(errno.EINVAL, "free takes a list of IDs and their holder's PID")
+        if holder != peer.pid and not self._owner(peer):
+            raise fail(errno.EPERM, "only the holder or the mount's owner frees its IDs")
+        # A stale request (its holder gone, the IDs handed out again) names the wrong holder.
+        foreign = [i for i in ids if self.encids.holder_of(i) != holder]
+        if foreign:
+            raise fail(errno.EINVAL, f"not held by process {holder}: {foreign}")
         self.encids.free(ids)
-        return {"ids": ids}
+        return {"ids": ids, "holder": holder}
 
     def _status(self, request: dict, peer: Peer) -> dict:
         self.tracker.sync()
@@ -104,6 +119,10 @@ class ControlService:
                         for (t, path), held in charges.items()]
         return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode, "cgroups": sorted(cgroups, key=lambda c: c["path"]),
                 "holders": holders}
+
+    def _owner(self, peer: Peer) -> bool:
+        """Root, or the user who mounted (the daemon runs as the mount's owner)."""
+        return peer.uid in (0, self.owner_uid)
 
     def _check_may_act_for(self, peer: Peer, pid: int) -> None:
         if peer.uid != 0 and peer.uid not in self.tracker.owners(pid):

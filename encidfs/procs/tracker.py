@@ -14,6 +14,7 @@ engine up to date before anything that depends on membership is answered.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import time
@@ -23,6 +24,8 @@ import trio
 
 from ..engine import fail
 from .connector import forks, open_connector
+
+log = logging.getLogger(__name__)
 
 PF_NO_SETAFFINITY = 0x04000000  # kernel threads that must stay where they are
 POLL_INTERVAL = 0.1  # seconds between looks at the processes watched without a pidfd
@@ -65,9 +68,9 @@ class ProcessTracker:
         self._pidfds = 0
         self._polled: set[int] = set()
         self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
-        # For scans: when a member joined (in ticks), and the children it had then, which
-        # stay where they were (start times are only as fine as a tick).
-        self._joined: dict[int, tuple[int, set[int]]] = {}
+        # For scans: when a member joined (in ticks), and in scan mode the children it had
+        # then, which stay where they were (start times are only as fine as a tick).
+        self._joined: dict[int, tuple[int, set[int] | None]] = {}
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -106,7 +109,8 @@ class ProcessTracker:
             except OSError as error:
                 if error.errno != errno.ENOBUFS:
                     raise
-                self._scan()  # events were lost: look at /proc instead
+                log.warning("process events were lost (ENOBUFS): looking at /proc instead")
+                self._scan()
                 continue
             for parent, child in forks(datagram):
                 if parent in self._members:
@@ -123,12 +127,21 @@ class ProcessTracker:
             except (FileNotFoundError, ProcessLookupError):
                 continue
             parent, start = int(fields[1]), int(fields[19])
-            joined, children_before = self._joined.get(parent, (0, set()))
-            if parent in self._members and start >= joined and pid not in children_before:
+            if parent in self._members and self._forked_after_join(parent, pid, start):
                 found.append((start, parent, pid))
         for _, parent, child in sorted(found):
             if parent in self._members:
                 self._adopt(parent, child)
+
+    def _forked_after_join(self, parent: int, child: int, start: int) -> bool:
+        """Whether a child of a member was forked after the member joined: only such a child
+        joins its cgroup.  Start times are only as fine as a tick: in the tick of the join,
+        the children the member had then are told apart (scan mode), or, where they were not
+        listed (connector mode, which needs this only after lost events), none joins."""
+        joined, children_before = self._joined.get(parent, (0, None))
+        if children_before is None:
+            return start > joined
+        return start >= joined and child not in children_before
 
     def _adopt(self, parent: int, child: int) -> None:
         self._on_fork(parent, child)
@@ -191,37 +204,39 @@ class ProcessTracker:
 
     def joined(self, pid: int) -> None:
         """pid became a member of a cgroup other than the root."""
-        if self._connector is None:
-            self._joined[pid] = (_boot_ticks(), self._children(pid))
+        children = self._children(pid) if self._connector is None else None
+        self._joined[pid] = (_boot_ticks(), children)
         self.watch(pid)
 
-    def watch(self, pid: int) -> None:
-        """Call on_exit(pid) when this process exits (at once if it is gone already)."""
+    def watch(self, pid: int) -> bool:
+        """Call on_exit(pid) when this process exits, at once if it has exited already (a
+        zombie too); return whether it lives."""
         start = self.start_time_now(pid)
         known = self._watched.get(pid)
         if start is not None and start == known:
-            return
+            return True
         if known is not None:
             self._exited(pid)  # the PID was reused before its exit was seen: the old one is gone
         if start is None:
             self._exited(pid)
-            return
+            return False
         self._watched[pid] = start
         try:
             pidfd = os.pidfd_open(pid) if self._pidfds < self._pidfd_budget else None
         except ProcessLookupError:
             self._exited(pid)
-            return
+            return False
         except OSError as error:
             if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
                 raise
             pidfd = None
         if pidfd is None:
             self._polled.add(pid)
-            return
+            return True
         self._pidfds += 1
         assert self._nursery is not None, "the tracker runs before the file system answers"
         self._nursery.start_soon(self._wait_exit, pid, start, pidfd)
+        return True
 
     async def _wait_exit(self, pid: int, start: int, pidfd: int) -> None:
         try:

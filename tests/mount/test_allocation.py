@@ -112,10 +112,10 @@ def test_allocation_charges_the_holders_cgroup_and_its_ancestors(cgroup, mnt, pr
         assert client.allocate("sev_es", count=2, pid=holder.pid) == [510, 511]
         assert current(a, "sev_es") == 2 and used(mnt, "sev_es") == 2
 
-        client.free([1, 2])
+        client.free([1, 2], pid=holder.pid)
         assert current(a) == 1 and used(mnt) == 1
         assert client.allocate("sev", count=3, pid=holder.pid) == [1, 2, 4]
-        client.free([1, 2, 3, 4, 510, 511])
+        client.free([1, 2, 3, 4, 510, 511], pid=holder.pid)
         assert current(a) == 0 and used(mnt) == 0
         assert current(a, "sev_es") == 0
         assert client.allocate("sev", count=2, pid=holder.pid) == [1, 2]
@@ -141,7 +141,7 @@ def test_alloc_and_free_commands(cgroup, mnt, procs):
                      "--pid", str(holder.pid))
     assert (result.returncode, result.stdout, result.stderr) == (0, "1\n2\n3\n", "")
     assert current(a) == 3
-    result = encidfs("free", "--mount", str(mnt), "1", "3")
+    result = encidfs("free", "--mount", str(mnt), "--pid", str(holder.pid), "1", "3")
     assert (result.returncode, result.stderr) == (0, "")
     assert current(a) == 1 and used(mnt) == 1
     result = encidfs("alloc", "--mount", str(mnt), "--type", "sev", "--count", "2",
@@ -181,7 +181,7 @@ def test_asids_layout_splits_sev_and_sev_es(mount_encidfs, procs):
     with Client.connect(mount=mnt) as client:
         assert client.allocate("sev", count=3, pid=holder.pid) == [5, 6, 7]
         assert client.allocate("sev_es", count=2, pid=holder.pid) == [1, 2]
-        client.free([6, 1])
+        client.free([6, 1], pid=holder.pid)
         assert client.allocate("sev", count=2, pid=holder.pid) == [6, 8]
         assert client.allocate("sev_es", count=3, pid=holder.pid) == [1, 3, 4]
         error = refused(lambda: client.allocate("sev_es", pid=holder.pid))
@@ -257,9 +257,9 @@ def test_limit_below_usage_is_accepted_and_refuses_later_charges(cgroup, mnt, pr
         write(a / "encids.sev.max", "1")
         assert current(a) == 3
         assert refused(lambda: client.allocate("sev", pid=holder.pid)).cgroup == "/a"
-        client.free([1, 2])
+        client.free([1, 2], pid=holder.pid)
         assert refused(lambda: client.allocate("sev", pid=holder.pid)).errno == errno.EBUSY
-        client.free([3])
+        client.free([3], pid=holder.pid)
         assert client.allocate("sev", pid=holder.pid) == [1]
 
 
@@ -328,7 +328,7 @@ def test_moving_the_holder_leaves_the_charge_behind(cgroup, mnt, procs):
         second = client.allocate("sev", pid=holder.pid)
         assert second.cgroup == "/b"
         assert (current(a), current(b), used(mnt)) == (2, 1, 3)
-        client.free(first)
+        client.free(first, pid=holder.pid)
         assert (current(a), current(b), used(mnt)) == (0, 1, 1)
     holder.kill()
     wait_until(lambda: current(b) == 0, "the moved holder's IDs to be freed")
@@ -389,42 +389,81 @@ def ask(**request):
     sock.sendall(json.dumps(request).encode() + b"\n")
     return json.loads(reader.readline())
 me = os.getpid()
-out = {"uid": os.getuid(), "pid": me,
+out = {"uid": os.getuid(), "pid": me, "status": ask(op="status")["ok"],
        "for_init": ask(op="allocate", type="sev", pid=1),
-       "for_self": ask(op="allocate", type="sev", pid=me),
+       "in_the_root": ask(op="allocate", type="sev")}
+print(json.dumps(out), flush=True)
+sys.stdin.readline()  # placed in a cgroup meanwhile
+out = {"for_self": ask(op="allocate", type="sev", pid=me),
        "implicit": ask(op="allocate", type="sev"),
-       "free_roots": ask(op="free", ids=[int(sys.argv[2])]),
-       "status": ask(op="status")["ok"]}
+       "free_roots": ask(op="free", ids=[int(sys.argv[2])], pid=int(sys.argv[3])),
+       "free_roots_as_own": ask(op="free", ids=[int(sys.argv[2])])}
 out["free_own"] = ask(op="free", ids=out["for_self"].get("ids", [0]))
-print(json.dumps(out))
+print(json.dumps(out), flush=True)
 """
 
 
-def test_non_root_may_allocate_only_for_its_own_processes(mnt):
-    with Client.connect(mount=mnt) as client:
-        roots = client.allocate("sev")
-    argv = [sys.executable, "-c", _AS_NOBODY, control_path(mnt), str(roots[0])]
+def _as_nobody(argv: list[str], **kwargs) -> subprocess.Popen:
     setpriv = shutil.which("setpriv")
     if setpriv:
-        argv[:0] = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
-        as_nobody = {}
-    else:
-        as_nobody = {"user": NOBODY, "group": NOBODY, "extra_groups": []}
-    result = subprocess.run(argv, capture_output=True, text=True, timeout=DEADLINE, **as_nobody)
-    assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout)
-    assert out["uid"] == NOBODY
-    assert out["for_init"]["errno"] == "EPERM"
+        return subprocess.Popen([setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}",
+                                 "--clear-groups", *argv], **kwargs)
+    return subprocess.Popen(argv, user=NOBODY, group=NOBODY, extra_groups=[], **kwargs)
+
+
+def test_others_allocate_only_for_their_own_processes_placed_in_a_cgroup(mount_encidfs, procs):
+    mnt = mount_encidfs("--control-mode", "0666")
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "t").mkdir()
+    holder = procs.sleep()
+    with Client.connect(mount=mnt) as client:
+        roots = client.allocate("sev", pid=holder.pid)  # the owner charges the root
+    nobody = _as_nobody([sys.executable, "-c", _AS_NOBODY, control_path(mnt), str(roots[0]),
+                         str(holder.pid)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                        text=True)
+    try:
+        first = json.loads(nobody.stdout.readline())
+        assert first["uid"] == NOBODY and first["status"] is True
+        assert first["for_init"]["errno"] == "EPERM"
+        assert first["in_the_root"]["errno"] == "EPERM"  # the owner places it first
+        move(first["pid"], mnt / "t")
+        nobody.stdin.write("placed\n")
+        nobody.stdin.flush()
+        out = json.loads(nobody.stdout.readline())
+    finally:
+        nobody.stdin.close()
+        nobody.wait(timeout=DEADLINE)
     assert out["for_self"]["ok"] and out["for_self"]["ids"] == [2]
-    assert out["for_self"]["holder"] == out["pid"]
-    assert out["implicit"]["ok"] and out["implicit"]["holder"] == out["pid"]
-    assert out["free_roots"]["errno"] == "EPERM"
-    assert out["status"] is True
+    assert out["for_self"]["holder"] == first["pid"] and out["for_self"]["cgroup"] == "/t"
+    assert out["implicit"]["ok"] and out["implicit"]["holder"] == first["pid"]
+    assert out["free_roots"]["errno"] == "EPERM"  # not the holder, not the owner
+    assert out["free_roots_as_own"]["errno"] == "EINVAL"  # not held by the one asking
     assert out["free_own"]["ok"]
-    # Its other ID went with it when it exited; root's is untouched.
+    # Its other ID went with it when it exited; the owner's holder's is untouched.
     wait_until(lambda: used(mnt) == 1, "the exited non-root holder's IDs to be freed")
     with Client.connect(mount=mnt) as client:
         assert [h["ids"] for h in client.status()["holders"]] == [[1]]
+
+
+@pytest.mark.parametrize("options, may_connect", [
+    ((), False),
+    (("--control-mode", "0660"), False),
+    (("--control-mode", "0660", "--control-group", str(NOBODY)), True),
+], ids=["owner only by default", "group mode, owner's group", "group mode, nobody's group"])
+def test_the_control_sockets_mode_and_group_decide_who_may_ask(mount_encidfs, options,
+                                                                may_connect):
+    mnt = mount_encidfs(*options)
+    path = control_path(mnt)
+    info = os.stat(path)
+    assert oct(info.st_mode & 0o777) == ("0o660" if options else "0o600")
+    assert info.st_gid == (NOBODY if may_connect else 0)
+    asking = _as_nobody([sys.executable, "-c", "import socket, sys\n"
+                         "socket.socket(socket.AF_UNIX).connect(sys.argv[1])", path],
+                        stderr=subprocess.PIPE, text=True)
+    _, stderr = asking.communicate(timeout=DEADLINE)
+    assert (asking.returncode == 0) == may_connect, stderr
+    if not may_connect:
+        assert "PermissionError" in stderr
 
 
 # -- concurrency ------------------------------------------------------------------------------
@@ -474,8 +513,8 @@ def test_concurrent_clients_never_exceed_the_limit(cgroup, mnt, procs):
         assert refusals(a) == "max 11\n"
 
         lucky = sorted(granted)
-        clients[lucky[0]].free(granted[lucky[0]])
-        clients[lucky[1]].free(granted[lucky[1]])
+        clients[lucky[0]].free(granted[lucky[0]], pid=holders[lucky[0]].pid)
+        clients[lucky[1]].free(granted[lucky[1]], pid=holders[lucky[1]].pid)
         assert current(a) == 3
         holders[lucky[2]].kill()
         wait_until(lambda: current(a) == 2, "a killed holder's ID to be freed")
@@ -584,7 +623,7 @@ def test_malformed_requests_get_an_error_and_the_connection_goes_on(mnt, raw):
     # Nothing was charged, and real requests still work on the same connection.
     assert used(mnt) == 0
     assert connection.ask(b'{"op": "allocate", "type": "sev"}\n')["ids"] == [1]
-    assert connection.ask(b'{"op": "free", "ids": [1]}\n') == {"ok": True, "ids": [1]}
+    assert connection.ask(b'{"op": "free", "ids": [1]}\n')["ok"]
 
 
 def test_several_requests_in_one_write_get_replies_in_order(mnt, raw):

@@ -194,7 +194,7 @@ def traversable() -> Iterator:
 def umnt(mount_encidfs, traversable) -> Path:
     """A fresh instance mounted with allow_other, reachable by the test user: its mountpoint is
     in pytest's 0700 temporary directories, which `traversable` opens to o+x for the test."""
-    return traversable(mount_encidfs("-o", "allow_other"))
+    return traversable(mount_encidfs("-o", "allow_other", "--control-mode", "0666"))
 
 
 # -- the user's side ----------------------------------------------------------------------------
@@ -692,25 +692,32 @@ def test_control_socket_acts_only_for_the_users_own_processes(umnt, user, agent,
     assert (init["ok"], init["errno"]) == (False, "EPERM")
     gone = agent.control(umnt, op="allocate", type="sev", pid=2**22 + 1)
     assert (gone["ok"], gone["errno"]) == (False, "ESRCH")
+    in_root = agent.control(umnt, op="allocate", type="sev", pid=mine)
+    assert (in_root["ok"], in_root["errno"]) == (False, "EPERM")  # the owner places it first
     assert current(umnt / "a") == 0
 
+    write(umnt / "a" / "cgroup.procs", str(mine))
+    write(umnt / "a" / "cgroup.procs", str(agent.pid))
     granted = agent.control(umnt, op="allocate", type="sev", count=2, pid=mine)
-    assert granted["ok"] and granted["holder"] == mine and granted["cgroup"] == "/"
+    assert granted["ok"] and granted["holder"] == mine and granted["cgroup"] == "/a"
     own = agent.control(umnt, op="allocate", type="sev_es")  # pid: the caller itself
     assert own["ok"] and own["holder"] == agent.pid
     assert keyed(read(umnt / "encids.sev.stat"))["used"] == 2
 
     with Client.connect(mount=str(umnt)) as client:
         root_ids = client.allocate("sev", pid=roots)
-        not_yours = agent.control(umnt, op="free", ids=list(root_ids))
+        not_yours = agent.control(umnt, op="free", ids=list(root_ids), pid=roots)
         assert (not_yours["ok"], not_yours["errno"]) == (False, "EPERM")
-        mixed = agent.control(umnt, op="free", ids=[granted["ids"][0], root_ids[0]])
-        assert (mixed["ok"], mixed["errno"]) == (False, "EPERM")  # all or nothing
+        # Only the holder itself frees its IDs, not another process of the same user.
+        other = agent.control(umnt, op="free", ids=granted["ids"], pid=mine)
+        assert (other["ok"], other["errno"]) == (False, "EPERM")
+        mixed = agent.control(umnt, op="free", ids=[own["ids"][0], root_ids[0]])
+        assert (mixed["ok"], mixed["errno"]) == (False, "EINVAL")  # all or nothing
         assert keyed(read(umnt / "encids.sev.stat"))["used"] == 3
-        assert current(umnt / "a") == 1
-        assert agent.control(umnt, op="free", ids=granted["ids"])["ok"]
+        assert current(umnt / "a") == 3
         assert agent.control(umnt, op="free", ids=own["ids"])["ok"]
-        client.free(list(root_ids))  # root frees anyone's, and allocates for anyone's
+        client.free(list(root_ids), pid=roots)  # the owner frees anyone's
+        client.free(granted["ids"], pid=mine)
         assert client.allocate("sev", pid=mine) and client.allocate("sev", pid=agent.pid)
     assert keyed(read(umnt / "encids.sev.stat"))["used"] == 2
 

@@ -70,7 +70,7 @@ def test_a_deep_dying_chain_is_released_and_its_id_returns(daemon, procs, releas
             if release == "holder exits":
                 holder.kill()
             else:
-                client.free(list(ids))
+                client.free(list(ids), pid=holder.pid)
             wait_until(lambda: used(mnt) == 0, "the ID to be freed")
             wait_until(lambda: keyed(read(mnt / "cgroup.stat"))["nr_dying_descendants"] == 0,
                        "the dying chain to be released")
@@ -191,15 +191,16 @@ def test_the_daemon_takes_the_hard_limit_on_descriptors(mount_encidfs):
     assert (soft, hard) == ("4096", "4096")
 
 
-def test_a_thousand_idle_connections_of_one_user_starve_nobody_else(daemon, procs):
-    mnt = daemon.mountpoint
+def test_a_thousand_idle_connections_of_one_user_starve_nobody_else(mount_encidfs, procs):
+    mnt = mount_encidfs("--control-mode", "0666")
     path = os.getxattr(mnt, "user.encidfs.control").decode()
-    before = daemon_sockets(daemon.process.pid)
+    daemon_pid = int(os.getxattr(mnt, "user.encidfs.pid"))
+    before = daemon_sockets(daemon_pid)
     hog = as_nobody(SYSTEM_PYTHON, "-I", "-S", "-c", HOG, path, "1000",
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert hog.stdout.readline() == "1000\n"  # the kernel queues what the daemon refuses
-        wait_until(lambda: daemon_sockets(daemon.process.pid) <= before + 64 + 1,
+        wait_until(lambda: daemon_sockets(daemon_pid) <= before + 64 + 1,
                    "the daemon to refuse the user's connections past 64")
         with Client.connect(control=path, timeout=2.0) as client:
             holder = procs.sleep()
@@ -215,7 +216,7 @@ def test_a_thousand_idle_connections_of_one_user_starve_nobody_else(daemon, proc
     finally:
         hog.kill()
         hog.wait(timeout=DEADLINE)
-    assert daemon.process.poll() is None
+    assert _alive(daemon_pid)
 
 
 @contextlib.contextmanager
@@ -325,3 +326,86 @@ def test_the_daemons_cap_on_cgroups_counts_live_and_dying_ones(mount_encidfs, pr
     assert outcome(lambda: (mnt / "d").mkdir()) == "EAGAIN"
     holder.kill()
     wait_until(lambda: outcome(lambda: (mnt / "d").mkdir()) == "OK", "room for d")
+
+
+# -- membership -----------------------------------------------------------------------------------
+
+def start_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
+def boot_ticks() -> int:
+    return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
+
+
+def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays_out(daemon):
+    mnt = daemon.mountpoint
+    with Client.connect(mount=str(mnt)) as client:
+        if client.status()["tracking"] != "proc connector":
+            pytest.skip("needs the proc connector (CAP_NET_ADMIN)")
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    parent = subprocess.Popen(["sh", "-c", "sleep 600 & echo $!; read line; kill $!"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        child = int(parent.stdout.readline())
+        # A tick later, so that start times tell the child from a fork after the join.
+        wait_until(lambda: boot_ticks() > start_ticks(child) + 1, "a tick to pass")
+        write(mnt / "a/cgroup.procs", str(parent.pid))
+        # Far more process events than the connector's socket holds, while the daemon sleeps.
+        os.kill(daemon.process.pid, signal.SIGSTOP)
+        try:
+            subprocess.run(["sh", "-c", "for i in $(seq 3000); do /bin/true; done"],
+                           check=True, timeout=60)
+        finally:
+            os.kill(daemon.process.pid, signal.SIGCONT)
+        wait_until(lambda: "process events were lost" in daemon.log_text(),
+                   "the daemon to notice the lost events")
+        assert pids_of(mnt / "a") == [parent.pid]
+        assert child in pids_of(mnt)
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=DEADLINE)
+
+
+# -- the control socket ---------------------------------------------------------------------------
+
+def test_a_zombie_or_an_exited_process_gets_no_ids(daemon):
+    mnt = daemon.mountpoint
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    zombie = subprocess.Popen(["sh", "-c", "read line"], stdin=subprocess.PIPE)
+    write(mnt / "a/cgroup.procs", str(zombie.pid))
+    zombie.stdin.close()  # it exits, and stays a zombie until waited for
+    wait_until(lambda: proc_state(zombie.pid) == "Z", "the process to become a zombie")
+    with Client.connect(mount=str(mnt)) as client:
+        with pytest.raises(ControlError) as refused:
+            client.allocate("sev", pid=zombie.pid)
+        assert refused.value.errno == errno.ESRCH
+        zombie.wait()
+        with pytest.raises(ControlError) as refused:
+            client.allocate("sev", pid=zombie.pid)
+        assert refused.value.errno == errno.ESRCH
+        assert client.status()["holders"] == []
+    assert used(mnt) == 0 and keyed(read(mnt / "encids.sev.stat"))["used"] == 0
+
+
+def test_a_late_free_never_frees_an_id_handed_out_again(daemon, procs):
+    mnt = daemon.mountpoint
+    first, second = procs.sleep(), procs.sleep()
+    with Client.connect(mount=str(mnt)) as client:
+        assert client.allocate("sev", pid=first.pid) == [1]
+        first.kill()
+        first.wait()
+        wait_until(lambda: used(mnt) == 0, "the first holder's ID to be freed")
+        assert client.allocate("sev", pid=second.pid) == [1]  # the same ID, another holder
+        with pytest.raises(ControlError) as refused:
+            client.free([1], pid=first.pid)  # the late free of the first holder's ID
+        assert refused.value.errno == errno.EINVAL
+        assert client.allocate("sev", pid=second.pid) == [2]  # 1 is still the second's
+        assert [(h["pid"], h["ids"]) for h in client.status()["holders"]] == [(second.pid, [1, 2])]
+
+
+def _alive(pid: int) -> bool:
+    return proc_state(pid) not in ("Z", "X")

@@ -659,7 +659,7 @@ class Stress:
             for i in ids:
                 held[i].freeing = True
         try:
-            client.free(ids)
+            client.free(ids, pid=holder.pid)
         except ControlError as error:
             counter[("free", errno_name(error.errno))] += 1
             self.problem(f"free {ids} of live holder {holder.pid}: {error}")
