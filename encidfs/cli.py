@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from . import commands as client_commands
 from . import config as configuration
-from .state import StateError
+from .state.store import StateError
 
 FSTYPE = "fuse.encidfs"
 MOUNT_TIMEOUT = 10.0

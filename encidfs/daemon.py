@@ -16,9 +16,11 @@ from .config import Config
 from .control.protocol import CONTROL_XATTR, default_control_path
 from .control.server import serve_control
 from .control.service import ControlService
-from . import state
-from .engine import EncidsController, Hierarchy, new_hierarchy
+from .engine import new_hierarchy
 from .files.table import FileTable
+from .state.changes import Changes, Record
+from .state.restore import restore
+from .state.store import StateStore, runtime_state_path
 from .fuse.adapter import CgroupOperations, mount_options
 from .procs import ProcessTracker
 
@@ -45,17 +47,15 @@ def raise_fd_limit() -> int:
 async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
     """Mount, call ready(), and serve until unmounted or told to stop by SIGTERM/SIGINT."""
     hierarchy = new_hierarchy(config.capacities, config.first_ids, config.max_cgroups)
-    hierarchy.keep_state_changes = config.state is not None
-    encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
+    changes = Changes(hierarchy)
 
     @_process_event
-    def on_fork(parent: int, child: int) -> None:
-        hierarchy.fork(parent, child)
+    def on_fork(parent: int, child: int, start: int | None) -> None:
+        changes.fact("fork", parent, child, start)
 
     @_process_event
     def on_exit(pid: int) -> None:
-        hierarchy.exit(pid)
-        encids.release_holder(pid)  # like a VM's file descriptor closing with its process
+        changes.fact("exit", pid)
         operations.flush_changes()
 
     def frozen(pid: int) -> bool:
@@ -72,14 +72,22 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                              use_connector=config.proc_connector,
                              exempt=frozenset({os.getpid()}),
                              pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections))
-    table = FileTable(hierarchy, tracker)
+    table = FileTable(hierarchy, tracker, changes)
+    changes.table = table
     control = config.control or default_control_path(mountpoint)
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
     table.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(table, CACHE_TIMEOUT)
-    service = ControlService(mountpoint, hierarchy, tracker, operations.flush_changes)
-    restored = _restore(config, hierarchy, table, tracker) if config.state else []
+    service = ControlService(mountpoint, hierarchy, tracker, changes, operations.flush_changes)
+    # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
+    runtime = config.state is None
+    store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
+                       durable=not runtime, runtime=runtime)
+    journal = _FlushedSoon(store)
+    restored = restore(store, changes, tracker.start_time_now)
+    changes.journal = journal
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
+    clean = False
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
@@ -89,6 +97,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                 else:
                     tracker.watch(pid)
             tracker.apply_freezer(hierarchy.members)
+            nursery.start_soon(journal.flush_facts)
             await nursery.start(serve_control, control, service, max_connections,
                                 config.control_mode, config.control_group)
             log.info("process tracking: %s; control socket %s; %d descriptors",
@@ -98,37 +107,47 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
             await pyfuse3.main()
+            clean = True
             nursery.cancel_scope.cancel()
     finally:
         pyfuse3.close(unmount=True)
+        if clean:
+            store.close(remove=runtime)  # a runtime state ends with its mount
         log.info("unmounted %s", mountpoint)
+
+
+class _FlushedSoon:
+    """The store as the changes' journal: facts are flushed as soon as the daemon is idle, all
+    those staged meanwhile in one commit."""
+
+    def __init__(self, store: StateStore) -> None:
+        self.store = store
+        self._staged = trio.Event()
+
+    def append(self, record: Record) -> None:
+        self.store.append(record)
+
+    def stage(self, record: Record) -> None:
+        self.store.stage(record)
+        self._staged.set()
+
+    async def flush_facts(self) -> None:
+        while True:
+            await self._staged.wait()
+            self._staged = trio.Event()
+            self.store.flush()
 
 
 def _process_event(handler: Callable[..., None]) -> Callable[..., None]:
     """A process event that fails (a bug) is logged; it never stops the daemon."""
 
-    def guarded(*args: int) -> None:
+    def guarded(*args: int | None) -> None:
         try:
             handler(*args)
         except Exception:
             log.exception("process event %s%r failed", handler.__name__, args)
 
     return guarded
-
-
-def _restore(config: Config, hierarchy: Hierarchy, table: FileTable,
-             tracker: ProcessTracker) -> list[int]:
-    """Rebuild from the state file, rewrite it without what is gone, and journal from now on."""
-    assert config.state is not None
-    db = state.open_state(config.state, config.layout())
-    watched = state.restore(db, hierarchy, table, tracker.start_time)
-    table.drain()  # nothing is mounted yet: there is no cache to invalidate, nobody polls
-    journal = state.StateJournal(db, hierarchy, table, tracker.start_time)
-    journal.save_all()
-    table.journal = journal
-    log.info("restored %d cgroups and %d processes from %s", len(hierarchy.by_id),
-             len(watched), config.state)
-    return watched
 
 
 # Signals whose default action would end the daemon, and every tenant's mount with it.

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..engine import U64_MAX, ChargeRefused, EncidsController, Hierarchy, fail
 from ..procs import ProcessTracker
+from ..state.changes import Changes
 from .protocol import error_reply
 
 log = logging.getLogger(__name__)
@@ -30,11 +31,12 @@ class Peer:
 
 class ControlService:
     def __init__(self, mountpoint: str, hierarchy: Hierarchy, tracker: ProcessTracker,
-                 changed: Callable[[], None]) -> None:
+                 changes: Changes, changed: Callable[[], None]) -> None:
         self.mountpoint = mountpoint
         self.hierarchy = hierarchy
         self.encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
         self.tracker = tracker
+        self.changes = changes  # allocations and frees are journalled before they happen
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
@@ -73,7 +75,8 @@ class ControlService:
         if cg.is_root and not self._owner(peer):
             raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
                                     "owner charges the root, others' processes are placed first")
-        ids = self.encids.allocate(holder, type_name, count)
+        ids = self.changes.run("allocate", holder, self.tracker.start_time(holder), type_name,
+                               count)
         return {"type": type_name, "ids": ids, "holder": holder, "cgroup": cg.path}
 
     def _free(self, request: dict, peer: Peer) -> dict:
@@ -89,7 +92,7 @@ class ControlService:
         foreign = [i for i in ids if self.encids.holder_of(i) != holder]
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {holder}: {foreign}")
-        self.encids.free(ids)
+        self.changes.run("free", ids)
         return {"ids": ids, "holder": holder}
 
     def _status(self, request: dict, peer: Peer) -> dict:

@@ -1,14 +1,17 @@
 """The cgroup tree and the cgroup v2 core rules (Documentation/admin-guide/cgroup-v2.rst).
 
 Every operation either applies completely or raises an OSError carrying the errno the kernel's
-cgroup files return.  Nothing here does I/O: processes are plain PIDs that the process tracker
-reports, and what changed is appended to `changes` for the layers above to drain.
+cgroup files return.  An operation that changes what a restart must restore takes a `commit`
+callback, which it calls once its checks have passed and before it changes anything: a durable
+journal writes the change there, and if it cannot (commit raises), nothing has changed.
+Nothing here does I/O: processes are plain PIDs that the process tracker reports, and what
+changed is appended to `changes` for the layers above to drain.
 """
 
 from __future__ import annotations
 
 import errno
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
 
@@ -18,15 +21,18 @@ from .errors import fail
 INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
 
 
+Commit = Callable[[], None]
+
+
+def no_journal() -> None:
+    """The commit of an engine kept only in memory (and of a change being replayed)."""
+
+
 class Change(Enum):
     FILES = "files"  # the set of interface files of a cgroup changed
     EVENTS = "events"  # cgroup.events content changed (populated, frozen)
     CONTROLLER_EVENTS = "controller-events"  # a controller's events file changed
     REMOVED = "removed"  # the cgroup was removed (it may still be dying)
-    # For the durable state:
-    SETTINGS = "settings"  # a cgroup was made, or its subtree_control, limits or freeze changed
-    PROCS = "procs"  # the set of processes attached to a (non-root) cgroup changed
-    ALLOCATIONS = "allocations"  # IDs were allocated or freed (the cgroup they are charged to)
 
 
 class Cgroup:
@@ -94,7 +100,6 @@ class Hierarchy:
         self.members: dict[int, Cgroup] = {}  # PID -> cgroup, for PIDs outside the root
         self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
         self.changes: list[tuple[Change, Cgroup]] = []
-        self.keep_state_changes = True  # SETTINGS, PROCS, ALLOCATIONS: off without a journal
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
@@ -122,18 +127,13 @@ class Hierarchy:
                 return css
         raise AssertionError("the root has every controller's css")
 
-    def log_state(self, change: Change, cg: Cgroup) -> None:
-        """Log a change that only the durable state needs, if anyone keeps one."""
-        if self.keep_state_changes:
-            self.changes.append((change, cg))
-
     def drain_changes(self) -> list[tuple[Change, Cgroup]]:
         changes, self.changes = self.changes, []
         return changes
 
     # -- mkdir / rmdir --------------------------------------------------------------------------
 
-    def mkdir(self, parent: Cgroup, name: str) -> Cgroup:
+    def mkdir(self, parent: Cgroup, name: str, commit: Commit = no_journal) -> Cgroup:
         self._check_live(parent)
         if "\n" in name or "/" in name or name in ("", ".", ".."):
             raise fail(errno.EINVAL, "bad cgroup name")
@@ -148,6 +148,7 @@ class Hierarchy:
                 raise fail(errno.EAGAIN, f"limit of {ancestor.path}")
             depth += 1
             ancestor = ancestor.parent
+        commit()
         cg = self._new_cgroup(name, parent)
         parent.children[name] = cg
         parent.refs += 1
@@ -158,13 +159,13 @@ class Hierarchy:
         for controller in self.controllers:
             if parent.subtree_control & (1 << controller.ssid):
                 self._css_online(cg, controller)
-        self.log_state(Change.SETTINGS, cg)
         return cg
 
-    def rmdir(self, cg: Cgroup) -> None:
+    def rmdir(self, cg: Cgroup, commit: Commit = no_journal) -> None:
         self._check_live(cg)
         if cg.parent is None or cg.populated or cg.children:
             raise fail(errno.EBUSY)
+        commit()
         del cg.parent.children[cg.name]
         del self.by_id[cg.id]
         cg.dying = True
@@ -197,13 +198,14 @@ class Hierarchy:
             raise fail(errno.EBUSY, "the cgroup has processes")
         return enable, disable
 
-    def write_subtree_control(self, cg: Cgroup, enable: int, disable: int) -> None:
+    def write_subtree_control(self, cg: Cgroup, enable: int, disable: int,
+                              commit: Commit = no_journal) -> None:
         """Apply "+name"/"-name" sets; `enable` and `disable` are disjoint ssid masks."""
         enable, disable = self.vet_subtree_control(cg, enable, disable)
         if not enable and not disable:
             return
+        commit()
         cg.subtree_control = (cg.subtree_control | enable) & ~disable
-        self.log_state(Change.SETTINGS, cg)
         for child in cg.children.values():
             for controller in self.controllers:
                 bit = 1 << controller.ssid
@@ -213,23 +215,23 @@ class Hierarchy:
                     self._css_offline(child.css[controller.ssid])
             self.changes.append((Change.FILES, child))
 
-    def set_max_depth(self, cg: Cgroup, value: int) -> None:
+    def set_max_depth(self, cg: Cgroup, value: int, commit: Commit = no_journal) -> None:
         self._check_live(cg)
+        commit()
         cg.max_depth = value
-        self.log_state(Change.SETTINGS, cg)
 
-    def set_max_descendants(self, cg: Cgroup, value: int) -> None:
+    def set_max_descendants(self, cg: Cgroup, value: int, commit: Commit = no_journal) -> None:
         self._check_live(cg)
+        commit()
         cg.max_descendants = value
-        self.log_state(Change.SETTINGS, cg)
 
-    def set_freeze(self, cg: Cgroup, freeze: bool) -> None:
+    def set_freeze(self, cg: Cgroup, freeze: bool, commit: Commit = no_journal) -> None:
         self._check_live(cg)
         if cg.freeze == freeze:
             return
+        commit()
         before = {node: self.frozen(node) for node in self.subtree(cg)}
         cg.freeze = freeze
-        self.log_state(Change.SETTINGS, cg)
         self.changes.extend((Change.EVENTS, node) for node, was in before.items()
                             if self.frozen(node) != was)
 
@@ -259,7 +261,7 @@ class Hierarchy:
 
     # -- processes ------------------------------------------------------------------------------
 
-    def attach(self, pid: int, dst: Cgroup) -> None:
+    def attach(self, pid: int, dst: Cgroup, commit: Commit = no_journal) -> None:
         """Move a process (cgroup.procs write); membership only, charges stay where they are."""
         self._check_live(dst)
         if dst.parent is not None and dst.subtree_control:
@@ -267,6 +269,7 @@ class Hierarchy:
         src = self.cgroup_of(pid)
         if src is dst:
             return
+        commit()
         with self._watch_frozen(src, dst):
             # Join before leaving, as the kernel does, so that common ancestors stay populated.
             if dst.parent is not None:
@@ -274,7 +277,6 @@ class Hierarchy:
                 if dst.procs is None:
                     dst.procs = set()
                 dst.procs.add(pid)
-                self.log_state(Change.PROCS, dst)
                 if len(dst.procs) == 1:
                     self._populated_changed(dst, True)
             self._remove_proc(pid, src)
@@ -286,7 +288,6 @@ class Hierarchy:
             with self._watch_frozen(cg):
                 self.members[child] = cg
                 cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
-                self.log_state(Change.PROCS, cg)
 
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
@@ -325,7 +326,6 @@ class Hierarchy:
         if self.members.get(pid) is src:
             del self.members[pid]
         src.procs.discard(pid)
-        self.log_state(Change.PROCS, src)
         if not src.procs:
             src.procs = None
             self._populated_changed(src, False)

@@ -37,3 +37,21 @@ class Controller:
 
     def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> Css:
         return Css(self.ssid, cgroup, parent)
+
+    # A controller's own state, for snapshots: its css fields, and the charges that pin csses.
+
+    def dump_css(self, css: Css) -> dict:
+        return {}
+
+    def load_css(self, css: Css, data: dict) -> None:
+        pass
+
+    def dump_charges(self, css_index: dict[Css, int]) -> list[list]:
+        return []
+
+    def load_charges(self, charges: list[list], csses: list[Css]) -> None:
+        pass
+
+    def pins(self) -> list[Css]:
+        """The csses its charges pin, one entry a pin."""
+        return []

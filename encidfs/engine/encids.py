@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import errno
 
-from .cgroup import Cgroup, Change, css_put
+from .cgroup import Cgroup, Change, Commit, css_put, no_journal
 from .css import Controller, Css
 from .errors import ChargeRefused, fail
 from .ids import IdSpace, consecutive_ranges
@@ -81,16 +81,18 @@ class EncidsController(Controller):
     def used(self, type_index: int) -> int:
         return self.hierarchy.root.css[self.ssid].usage[type_index]  # type: ignore[union-attr]
 
-    def set_max(self, cg: Cgroup, type_index: int, value: int) -> None:
+    def set_max(self, cg: Cgroup, type_index: int, value: int,
+                commit: Commit = no_journal) -> None:
         """A limit below the usage or above the capacity is accepted; later charges obey it.
         A type with no IDs takes no limit (EINVAL), as in the misc controller."""
         css = self.css_of(cg)
         if self.capacity[type_index] == 0:
             raise fail(errno.EINVAL, f"{self.types[type_index]} has no IDs on this host")
+        commit()
         css.max[type_index] = value
-        self.hierarchy.log_state(Change.SETTINGS, cg)
 
-    def try_charge(self, cg: Cgroup, type_name: str, amount: int) -> Charge:
+    def try_charge(self, cg: Cgroup, type_name: str, amount: int,
+                   commit: Commit = no_journal) -> Charge:
         t = self.type_index(type_name)
         if self.capacity[t] == 0:
             raise fail(errno.EINVAL, f"{type_name} has no IDs on this host")
@@ -103,6 +105,7 @@ class EncidsController(Controller):
                 self._count_refusal(level, t)
                 raise ChargeRefused(type_name, level.cgroup.path)
             level = level.parent  # type: ignore[assignment]
+        commit()
         level = css
         while level is not None:
             level.usage[t] += amount
@@ -123,36 +126,66 @@ class EncidsController(Controller):
 
     # -- ID numbers ---------------------------------------------------------------------------
 
-    def allocate(self, holder: int, type_name: str, count: int) -> list[int]:
+    def allocate(self, holder: int, type_name: str, count: int,
+                 commit: Commit = no_journal) -> list[int]:
         """Charge `count` IDs to the holder's cgroup now and hand out the lowest free ones."""
         if count < 1:
             raise fail(errno.EINVAL, "count must be at least 1")
-        charge = self.try_charge(self.hierarchy.cgroup_of(holder), type_name, count)
+        charge = self.try_charge(self.hierarchy.cgroup_of(holder), type_name, count, commit)
         ids = self.spaces[charge.type].take(count)
         held = self._held.setdefault(holder, set())
         for id_ in ids:
             self._allocated[id_] = (holder, charge)
             held.add(id_)
-        self.hierarchy.log_state(Change.ALLOCATIONS, charge.cgroup)
         return ids
 
     def adopt(self, holder: int, type_name: str, ids: list[int], cg: Cgroup) -> None:
         """Take back IDs a holder had before a restart, charged to cg as they were, whatever
         the limits are now (a limit may have been lowered below its usage since)."""
-        t = self.type_index(type_name)
         css: EncidsCss = self.hierarchy.effective_css(cg, self)  # type: ignore[assignment]
-        level: EncidsCss | None = css
-        while level is not None:
-            level.usage[t] += len(ids)
-            level = level.parent  # type: ignore[assignment]
         css.refs += 1
-        charge = Charge(css, t, len(ids))
+        self._hold(holder, Charge(css, self.type_index(type_name), len(ids)), ids)
+
+    def _hold(self, holder: int, charge: Charge, ids: list[int]) -> None:
+        """Record IDs already charged (by `charge`, which the caller pinned) as held."""
+        level: EncidsCss | None = charge.css
+        while level is not None:
+            level.usage[charge.type] += charge.amount
+            level = level.parent  # type: ignore[assignment]
         held = self._held.setdefault(holder, set())
         for id_ in ids:
-            self.spaces[t].claim(id_)
+            self.spaces[charge.type].claim(id_)
             self._allocated[id_] = (holder, charge)
             held.add(id_)
-        self.hierarchy.log_state(Change.ALLOCATIONS, cg)
+
+    # -- snapshots (see snapshot.py) ----------------------------------------------------------
+
+    def dump_css(self, css: EncidsCss) -> dict:
+        return {"max": dict(zip(self.types, css.max)), "events": dict(zip(self.types, css.events))}
+
+    def load_css(self, css: EncidsCss, data: dict) -> None:
+        for t, name in enumerate(self.types):
+            css.max[t] = int(data["max"][name])
+            css.events[t] = int(data["events"][name])
+
+    def dump_charges(self, css_index: dict[Css, int]) -> list[list]:
+        """Each charge once: [its css, type, holder, the IDs left of it]."""
+        charges: dict[int, list] = {}
+        for id_, (holder, charge) in sorted(self._allocated.items()):
+            entry = charges.setdefault(id(charge), [css_index[charge.css],
+                                                    self.types[charge.type], holder, []])
+            entry[3].append(id_)
+        return list(charges.values())
+
+    def load_charges(self, charges: list[list], csses: list[Css]) -> None:
+        """What dump_charges() wrote; the css pins are counted by the snapshot's recount."""
+        for css_index, type_name, holder, ids in charges:
+            charge = Charge(csses[css_index], self.type_index(type_name), len(ids))  # type: ignore[arg-type]
+            self._hold(holder, charge, ids)
+
+    def pins(self) -> list[Css]:
+        """The csses that charges pin, one entry a charge."""
+        return [charge.css for charge in {id(c): c for _, c in self._allocated.values()}.values()]
 
     def allocations(self) -> dict[int, tuple[int, Charge]]:
         """ID -> (holder PID, its charge)."""
@@ -170,11 +203,12 @@ class EncidsController(Controller):
         entry = self._allocated.get(id_)
         return entry[1] if entry else None
 
-    def free(self, ids: list[int]) -> None:
+    def free(self, ids: list[int], commit: Commit = no_journal) -> None:
         """Free IDs; all of them must be allocated (EINVAL otherwise, and nothing is freed)."""
         unknown = [id_ for id_ in ids if id_ not in self._allocated]
         if unknown or len(set(ids)) != len(ids):
             raise fail(errno.EINVAL, f"not allocated: {unknown or ids}")
+        commit()
         for id_ in ids:
             holder, charge = self._allocated.pop(id_)
             held = self._held[holder]
@@ -183,7 +217,6 @@ class EncidsController(Controller):
                 del self._held[holder]
             self.uncharge(charge, 1)
             self.spaces[charge.type].give_back(id_)
-            self.hierarchy.log_state(Change.ALLOCATIONS, charge.cgroup)
 
     def release_holder(self, holder: int) -> list[int]:
         """The holder is gone (like a VM's fd closing): free everything it held."""

@@ -11,8 +11,15 @@ from .cftype import Caller, CfType, Placement
 from .parse import kstrtoint, strstrip
 
 
+class Changes(Protocol):
+    def run(self, op: str, *args: object) -> object:
+        """Journal the change named `op`, then apply it (state/changes.py)."""
+
+
 class Processes(Protocol):
     """What the core files need from process tracking."""
+
+    def start_time(self, pid: int) -> int | None: ...
 
     def thread_group(self, pid: int) -> int:
         """The TGID of a PID or TID; ESRCH if there is none, EINVAL if it cannot be moved."""
@@ -68,9 +75,9 @@ def _parse_switch(text: bytes, allowed: range) -> int:
     return value
 
 
-def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int, set[str]],
+def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
                may_write: Callable[[Cgroup, str, Caller], bool]) -> list[CfType]:
-    """`file_names` maps a controller's ssid to the names of its files (to detect collisions);
+    """Writes change the state through `changes` (journalled, then applied);
     `may_write(cg, file name, caller)` tells whether the caller may write that file."""
 
     def check_migration(src: Cgroup, dst: Cgroup, caller: Caller) -> None:
@@ -95,7 +102,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int,
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
         processes.sync()
         check_migration(hierarchy.cgroup_of(tgid), cg, caller)
-        hierarchy.attach(tgid, cg)
+        changes.run("attach", tgid, processes.start_time(tgid), cg.id)
         if not cg.is_root:
             processes.joined(tgid)
         processes.apply_freezer([tgid])
@@ -125,17 +132,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int,
                 enable, disable = enable | bit, disable & ~bit
             else:
                 enable, disable = enable & ~bit, disable | bit
-        # The kernel meets a name taken by a directory only when it makes the files.
-        _check_file_collisions(cg, hierarchy.vet_subtree_control(cg, enable, disable)[0])
-        hierarchy.write_subtree_control(cg, enable, disable)
-
-    def _check_file_collisions(cg: Cgroup, enable: int) -> None:
-        """The kernel cannot create a control file where a child has a directory of that name."""
-        for ssid, names in file_names.items():
-            if enable & (1 << ssid):
-                for child in cg.children.values():
-                    if not names.isdisjoint(child.children):
-                        raise fail(errno.EEXIST)
+        changes.run("subtree_control", cg.id, hierarchy.names(enable), hierarchy.names(disable),
+                    caller.uid, caller.gid)
 
     def show_stat(cg: Cgroup) -> str:
         lines = [f"nr_descendants {cg.nr_descendants}\n"]
@@ -158,7 +156,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int,
         raise fail(errno.EOPNOTSUPP, "threaded cgroups are not emulated")
 
     def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        hierarchy.set_freeze(cg, bool(_parse_switch(text, range(2))))
+        changes.run("set", cg.id, "freeze", _parse_switch(text, range(2)))
         processes.sync()
         processes.apply_freezer(hierarchy.subtree_pids(cg))
 
@@ -168,10 +166,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes, file_names: dict[int,
         processes.kill(hierarchy.subtree_pids(cg))
 
     def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        hierarchy.set_max_descendants(cg, _parse_limit(text))
+        changes.run("set", cg.id, "max_descendants", _parse_limit(text))
 
     def write_max_depth(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        hierarchy.set_max_depth(cg, _parse_limit(text))
+        changes.run("set", cg.id, "max_depth", _parse_limit(text))
 
     not_on_root = Placement.NOT_ON_ROOT
     return [

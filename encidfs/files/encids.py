@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..engine import U64_MAX, Cgroup, EncidsController
 from .cftype import Caller, CfType, Placement
+from .core import Changes
 from .parse import kstrtoull, strstrip
 
 
@@ -11,7 +12,7 @@ def _limit(value: int) -> str:
     return "max\n" if value == U64_MAX else f"{value}\n"
 
 
-def encids_files(controller: EncidsController) -> list[CfType]:
+def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]:
     files: list[CfType] = []
     for t, type_name in enumerate(controller.types):
         prefix = f"{controller.name}.{type_name}"
@@ -21,7 +22,8 @@ def encids_files(controller: EncidsController) -> list[CfType]:
 
         def write_max(cg: Cgroup, text: bytes, caller: Caller, t: int = t) -> None:
             text = strstrip(text)
-            controller.set_max(cg, t, U64_MAX if text == b"max" else kstrtoull(text, 0))
+            value = U64_MAX if text == b"max" else kstrtoull(text, 0)
+            changes.run("set_max", cg.id, controller.name, controller.types[t], value)
 
         def show_current(cg: Cgroup, t: int = t) -> str:
             return f"{controller.css_of(cg).usage[t]}\n"

@@ -12,11 +12,11 @@ import os
 import stat
 import time
 from dataclasses import dataclass
-from typing import Protocol
 
 from ..engine import Cgroup, Change, Hierarchy, fail
+from ..engine.cgroup import Commit
 from .cftype import Caller, CfType, Placement
-from .core import Processes, core_files
+from .core import Changes, Processes, core_files
 from .encids import encids_files
 from .parse import written_text
 
@@ -40,19 +40,6 @@ class NodeAttr:
     ctime_ns: int
 
 
-@dataclass
-class NodeState:
-    """A cgroup's node attributes as the durable state keeps them; "" names the directory."""
-
-    attrs: dict[str, NodeAttr]  # the directory, files someone changed, and "*": file defaults
-    xattrs: dict[str, dict[bytes, bytes]]
-
-
-class Journal(Protocol):
-    def record(self, changes: list[tuple[Change, Cgroup]], nodes: set[Cgroup]) -> None:
-        """Make these changes durable before the request that made them is answered."""
-
-
 @dataclass(slots=True)
 class Node:
     inode: int
@@ -61,15 +48,19 @@ class Node:
 
 
 class FileTable:
-    def __init__(self, hierarchy: Hierarchy, processes: Processes) -> None:
+    def __init__(self, hierarchy: Hierarchy, processes: Processes, changes: Changes) -> None:
+        """Every change a request makes goes through `changes`, which makes it durable first
+        and then applies it here (the apply_* methods) or in the engine."""
         self.hierarchy = hierarchy
-        controller_files: dict[int, list[CfType]] = {}
+        self.changes = changes
+        self._controller_names: dict[int, set[str]] = {}
+        controller_rows: list[CfType] = []
         for controller in hierarchy.controllers:
-            controller_files[controller.ssid] = encids_files(controller)  # type: ignore[arg-type]
-        names = {ssid: {cft.name for cft in rows} for ssid, rows in controller_files.items()}
-        self.cftypes = core_files(hierarchy, processes, names, self._may_write)
-        for rows in controller_files.values():
-            self.cftypes += rows
+            rows = encids_files(controller, changes)  # type: ignore[arg-type]
+            self._controller_names[controller.ssid] = {cft.name for cft in rows}
+            controller_rows += rows
+        self.cftypes = core_files(hierarchy, processes, changes, self._may_write)
+        self.cftypes += controller_rows
         assert len(self.cftypes) <= _STRIDE - _FILE_BASE
         self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
         self._controller_rows = [row for row, cft in enumerate(self.cftypes) if cft.controller]
@@ -88,8 +79,6 @@ class FileTable:
         self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
         self._xattr_bytes = 0  # names and values in _xattrs
         self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
-        self.journal: Journal | None = None
-        self._changed_nodes: set[Cgroup] = set()  # attributes changed, for the journal
 
     # -- nodes --------------------------------------------------------------------------------
 
@@ -152,22 +141,35 @@ class FileTable:
         return 2 + len(node.cgroup.children) if node.cftype is None else 1
 
     def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, mtime_ns: int | None = None) -> NodeAttr:
-        """chmod/chown/utimes; the caller's right to do it was checked by the kernel."""
-        attr = self.attr(node)
-        if node.cftype is not None:
-            attr = self._file_attrs.setdefault(node.inode, NodeAttr(
-                attr.mode, attr.uid, attr.gid, attr.mtime_ns, attr.ctime_ns))
+                gid: int | None = None, mtime_ns: int | None = None) -> None:
+        """chmod/chown/utimes; the caller's right to do it was checked by the kernel.  Modes
+        and owners are durable; times are not (a restarted daemon starts its own)."""
+        self.attr(node)  # ENOENT once removed
+        if mode is not None or uid is not None or gid is not None:
+            self.changes.run("setattr", node.cgroup.id, self._file_name(node), mode, uid, gid)
+        attr = self._own_attr(node)
+        if mtime_ns is not None:
+            attr.mtime_ns = mtime_ns
+        attr.ctime_ns = time.time_ns()
+
+    def apply_setattr(self, cg: Cgroup, file: str, mode: int | None, uid: int | None,
+                      gid: int | None, commit: Commit) -> None:
+        node = self._named(cg, file)
+        commit()
+        attr = self._own_attr(node)
         if mode is not None:
             attr.mode = stat.S_IFMT(attr.mode) | stat.S_IMODE(mode)
         if uid is not None:
             attr.uid = uid
         if gid is not None:
             attr.gid = gid
-        if mtime_ns is not None:
-            attr.mtime_ns = mtime_ns
-        attr.ctime_ns = time.time_ns()
-        self._changed_nodes.add(node.cgroup)
+
+    def _own_attr(self, node: Node) -> NodeAttr:
+        """The node's attributes to change: a file's own, made from the defaults if need be."""
+        attr = self.attr(node)
+        if node.cftype is not None:
+            attr = self._file_attrs.setdefault(node.inode, NodeAttr(
+                attr.mode, attr.uid, attr.gid, attr.mtime_ns, attr.ctime_ns))
         return attr
 
     # -- extended attributes (kernfs keeps them in memory, as here) ----------------------------
@@ -182,6 +184,12 @@ class FileTable:
         return list(self._node_xattrs(node))
 
     def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+        self.changes.run("setxattr", node.cgroup.id, self._file_name(node), _text(name),
+                         _text(value))
+
+    def apply_setxattr(self, cg: Cgroup, file: str, name_text: str, value_text: str,
+                       commit: Commit) -> None:
+        node, name, value = self._named(cg, file), _bytes(name_text), _bytes(value_text)
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         xattrs = self._xattrs.get(node.inode, {})
@@ -191,21 +199,25 @@ class FileTable:
         if (old is None and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX \
                 or self._xattr_bytes + growth > XATTR_TOTAL_MAX:
             raise fail(errno.ENOSPC)
+        commit()
         self._xattrs.setdefault(node.inode, xattrs)[name] = value
         self._xattr_bytes += growth
-        self._changed_nodes.add(node.cgroup)
 
     def removexattr(self, node: Node, name: bytes) -> None:
+        self.changes.run("removexattr", node.cgroup.id, self._file_name(node), _text(name))
+
+    def apply_removexattr(self, cg: Cgroup, file: str, name_text: str, commit: Commit) -> None:
+        node, name = self._named(cg, file), _bytes(name_text)
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         xattrs = self._xattrs.get(node.inode, {})
-        value = xattrs.pop(name, None)
-        if value is None:
+        if name not in xattrs:
             raise fail(errno.ENODATA)
+        commit()
+        value = xattrs.pop(name)
         self._xattr_bytes -= len(name) + len(value)
         if not xattrs:
             del self._xattrs[node.inode]
-        self._changed_nodes.add(node.cgroup)
 
     def _node_xattrs(self, node: Node) -> dict[bytes, bytes]:
         own = self._xattrs.get(node.inode, {})
@@ -215,23 +227,48 @@ class FileTable:
 
     def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
         parent = self._dir(parent_inode)
-        text = os.fsdecode(name)
-        row = self._row_by_name.get(text)
+        cg = self.changes.run("mkdir", parent.id, os.fsdecode(name), stat.S_IMODE(mode),
+                              caller.uid, caller.gid)
+        return Node(self.dir_inode(cg), cg, None)  # type: ignore[arg-type]
+
+    def apply_mkdir(self, parent: Cgroup, name: str, mode: int, uid: int, gid: int,
+                    commit: Commit) -> Cgroup:
+        row = self._row_by_name.get(name)
         if row is not None and self.cftypes[row].present_in(parent):
             raise fail(errno.EEXIST)
-        cg = self.hierarchy.mkdir(parent, text)
+        cg = self.hierarchy.mkdir(parent, name, commit)
         now = time.time_ns()
-        self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | stat.S_IMODE(mode), caller.uid,
-                                          caller.gid, now, now)
-        self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, caller.uid, caller.gid, now, now)
-        self._changed_nodes.add(cg)
-        return Node(self.dir_inode(cg), cg, None)
+        self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | mode, uid, gid, now, now)
+        self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, uid, gid, now, now)
+        return cg
 
     def rmdir(self, parent_inode: int, name: bytes) -> None:
         node = self.lookup(parent_inode, name)
         if node.cftype is not None:
             raise fail(errno.ENOTDIR)
-        self.hierarchy.rmdir(node.cgroup)
+        self.changes.run("rmdir", node.cgroup.id)
+
+    def check_file_collisions(self, cg: Cgroup, enable: int) -> None:
+        """The kernel cannot create a control file where a child has a directory of that name
+        (EEXIST): asked before enabling a controller."""
+        for ssid, names in self._controller_names.items():
+            if enable & (1 << ssid):
+                for child in cg.children.values():
+                    if not names.isdisjoint(child.children):
+                        raise fail(errno.EEXIST)
+
+    def controller_files_made(self, cg: Cgroup, uid: int, gid: int) -> None:
+        """After a subtree_control write: the controller files of cg's children are new nodes
+        owned by the writer, as cgroup_add_file() makes them; disabled ones are gone with their
+        attributes."""
+        now = time.time_ns()
+        for child in cg.children.values():
+            for row in self._controller_rows:
+                inode, cft = self.file_inode(child, row), self.cftypes[row]
+                self._forget(inode)
+                if cft.present_in(child):
+                    self._file_attrs[inode] = NodeAttr(stat.S_IFREG | cft.mode, uid, gid, now,
+                                                       now)
 
     # -- file contents ------------------------------------------------------------------------
 
@@ -245,18 +282,14 @@ class FileTable:
     @property
     def changed(self) -> bool:
         """Whether drain() has anything to report (cheap: asked after every request)."""
-        return bool(self.hierarchy.changes or self._changed_nodes)
+        return bool(self.hierarchy.changes)
 
     def drain(self) -> tuple[list[tuple[int, bytes]], list[int]]:
         """What the engine changed since the last call: directory entries the kernel may have
         cached that no longer stand, as (dir, name), and the files to notify pollers of."""
         stale: list[tuple[int, bytes]] = []
         notified: list[int] = []
-        changes = self.hierarchy.drain_changes()
-        if self.journal is not None:
-            self.journal.record(changes, self._changed_nodes)
-        self._changed_nodes = set()
-        for change, cg in changes:
+        for change, cg in self.hierarchy.drain_changes():
             if change is Change.FILES:
                 stale += [(self.dir_inode(cg), self.cftypes[row].name.encode())
                           for row in self._controller_rows]
@@ -278,52 +311,55 @@ class FileTable:
     def notifications(self, inode: int) -> int:
         return self._notified.get(inode, 0)
 
-    # -- durable state ------------------------------------------------------------------------
+    # -- snapshots (the durable state's checkpoints) -------------------------------------------
 
-    def node_state(self, cg: Cgroup) -> NodeState:
-        attrs = {"": self._dir_attrs[cg.id], "*": self._file_defaults[cg.id]}
-        xattrs = {"": self._xattrs.get(self.dir_inode(cg), {})}
-        for row, cft in enumerate(self.cftypes):
-            inode = self.file_inode(cg, row)
-            if inode in self._file_attrs:
-                attrs[cft.name] = self._file_attrs[inode]
-            if self._xattrs.get(inode):
-                xattrs[cft.name] = self._xattrs[inode]
-        return NodeState(attrs, {name: values for name, values in xattrs.items() if values})
+    def dump(self) -> dict:
+        """Modes, owners and xattrs of every live cgroup's nodes, by cgroup id and file name
+        ("" for the directory); times are not kept."""
+        nodes: dict[str, dict] = {}
+        for cg in self.hierarchy.subtree(self.hierarchy.root):
+            directory, files = self._dir_attrs[cg.id], self._file_defaults[cg.id]
+            nodes[str(cg.id)] = {"dir": [directory.mode, directory.uid, directory.gid],
+                                 "files": [files.uid, files.gid], "attrs": {}, "xattrs": {}}
+        for inode, attr in self._file_attrs.items():
+            cgid, name = self._id_and_name(inode)
+            nodes[str(cgid)]["attrs"][name] = [attr.mode, attr.uid, attr.gid]
+        for inode, xattrs in self._xattrs.items():
+            cgid, name = self._id_and_name(inode)
+            nodes[str(cgid)]["xattrs"][name] = {_text(k): _text(v) for k, v in xattrs.items()}
+        return nodes
 
-    def restore_node_state(self, cg: Cgroup, state: NodeState) -> None:
-        for name, attr in state.attrs.items():
-            if name == "":
-                self._dir_attrs[cg.id] = attr
-            elif name == "*":
-                self._file_defaults[cg.id] = attr
-            elif name in self._row_by_name:
-                self._file_attrs[self.file_inode(cg, self._row_by_name[name])] = attr
-        for name, values in state.xattrs.items():
-            if name == "":
-                inode = self.dir_inode(cg)
-            elif name in self._row_by_name:
-                inode = self.file_inode(cg, self._row_by_name[name])
-            else:
-                continue
-            self._xattrs[inode] = dict(values)
-            self._xattr_bytes += _xattr_size(values)
-
-    def files_made_by(self, writer: Caller) -> None:
-        """Controller files that a write made (enabling a controller) are new nodes owned by
-        the writer, as cgroup_add_file() makes them; disabled ones are gone with their
-        attributes."""
+    def load(self, nodes: dict) -> None:
+        """What dump() wrote, into a table whose hierarchy was loaded from the same snapshot."""
         now = time.time_ns()
-        for change, cg in self.hierarchy.changes:
-            if change is not Change.FILES:
-                continue
-            for row in self._controller_rows:
-                inode, cft = self.file_inode(cg, row), self.cftypes[row]
-                self._forget(inode)
-                if cft.present_in(cg):
-                    self._file_attrs[inode] = NodeAttr(stat.S_IFREG | cft.mode, writer.uid,
-                                                       writer.gid, now, now)
-            self._changed_nodes.add(cg)
+        for cgid_text, entry in nodes.items():
+            cg = self.hierarchy.by_id[int(cgid_text)]
+            mode, uid, gid = entry["dir"]
+            self._dir_attrs[cg.id] = NodeAttr(mode, uid, gid, now, now)
+            self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, *entry["files"], now, now)
+            for name, (mode, uid, gid) in entry["attrs"].items():
+                self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid, now, now)
+            for name, xattrs in entry["xattrs"].items():
+                values = {_bytes(k): _bytes(v) for k, v in xattrs.items()}
+                self._xattrs[self._named(cg, name).inode] = values
+                self._xattr_bytes += _xattr_size(values)
+
+    def _id_and_name(self, inode: int) -> tuple[int, str]:
+        cgid, slot = divmod(inode, _STRIDE)
+        return cgid, "" if slot == ROOT_INODE else self.cftypes[slot - _FILE_BASE].name
+
+    def _named(self, cg: Cgroup, file: str) -> Node:
+        """A node by cgroup and file name ("" for the directory); ENOENT if not present."""
+        if file == "":
+            return Node(self.dir_inode(cg), cg, None)
+        row = self._row_by_name.get(file)
+        if row is None or not self.cftypes[row].present_in(cg):
+            raise fail(errno.ENOENT)
+        return Node(self.file_inode(cg, row), cg, self.cftypes[row])
+
+    @staticmethod
+    def _file_name(node: Node) -> str:
+        return "" if node.cftype is None else node.cftype.name
 
     def _may_write(self, cg: Cgroup, name: str, caller: Caller) -> bool:
         row = self._row_by_name[name]
@@ -389,9 +425,18 @@ class OpenFile:
         if cft.write is None:
             raise fail(errno.EINVAL)
         cft.write(self.node.cgroup, written_text(buf), self.caller)
-        self.table.files_made_by(self.caller)
         return len(buf)
 
 
 def _xattr_size(xattrs: dict[bytes, bytes]) -> int:
     return sum(len(name) + len(value) for name, value in xattrs.items())
+
+
+# xattr names and values are bytes; records and snapshots carry them as Latin-1 text (one
+# character a byte), which JSON keeps exactly.
+def _text(data: bytes) -> str:
+    return data.decode("latin-1")
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("latin-1")

@@ -45,7 +45,8 @@ def _boot_ticks() -> int:
 
 
 class ProcessTracker:
-    def __init__(self, members: Mapping[int, object], on_fork: Callable[[int, int], None],
+    def __init__(self, members: Mapping[int, object],
+                 on_fork: Callable[[int, int, int | None], None],
                  on_exit: Callable[[int], None], frozen: Callable[[int], bool],
                  on_stopped: Callable[[int, bool], None], proc: str = "/proc",
                  use_connector: bool = True, exempt: frozenset[int] = frozenset(),
@@ -129,9 +130,9 @@ class ProcessTracker:
             parent, start = int(fields[1]), int(fields[19])
             if parent in self._members and self._forked_after_join(parent, pid, start):
                 found.append((start, parent, pid))
-        for _, parent, child in sorted(found):
+        for start, parent, child in sorted(found):
             if parent in self._members:
-                self._adopt(parent, child)
+                self._adopt(parent, child, start)
 
     def _forked_after_join(self, parent: int, child: int, start: int) -> bool:
         """Whether a child of a member was forked after the member joined: only such a child
@@ -143,8 +144,8 @@ class ProcessTracker:
             return start > joined
         return start >= joined and child not in children_before
 
-    def _adopt(self, parent: int, child: int) -> None:
-        self._on_fork(parent, child)
+    def _adopt(self, parent: int, child: int, start: int | None = None) -> None:
+        self._on_fork(parent, child, self.start_time_now(child) if start is None else start)
         self.joined(child)
         self.apply_freezer([child])
 

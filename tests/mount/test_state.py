@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
+import json
 import os
 import signal
 import sqlite3
@@ -12,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from mountutil import FSTYPE, mounted_fstype, nested, pids, read, wait_until, write
+from mountutil import FSTYPE, mounted_fstype, nested, outcome, pids, read, wait_until, write
 
 from encidfs.client import Client
 
@@ -187,7 +190,7 @@ def test_umount_and_mount_again_restores(stateful):
     write(mnt / "x/encids.sev_es.max", "4")
     before = snapshot(mnt)
     assert encidfs("umount", str(mnt)).returncode == 0
-    assert sqlite3.connect(state).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    assert integrity(state) == "ok"
     assert mount().returncode == 0
     assert snapshot(mnt) == before
 
@@ -198,9 +201,28 @@ def test_sigterm_unmounts_and_leaves_the_state_consistent(stateful):
     (mnt / "kept").mkdir()
     os.kill(daemon_pid(mnt), signal.SIGTERM)
     wait_until(lambda: mounted_fstype(mnt) is None, "the daemon to unmount")
-    db = sqlite3.connect(state)
-    assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
-    assert db.execute("SELECT path FROM cgroups ORDER BY path").fetchall() == [("/",), ("/kept",)]
+    wait_until(lambda: not os.path.exists(f"{state}.lock") or lock_free(state),
+               "the daemon to let go of the state file")
+    assert integrity(state) == "ok"
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        # Compacted at the stop: the whole state in the snapshot, no records after it.
+        assert db.execute("SELECT count(*) FROM log").fetchone() == (0,)
+        data = json.loads(db.execute("SELECT data FROM snapshot").fetchone()[0])
+    assert sorted(cg[2] for cg in data["engine"]["cgroups"]) == ["", "kept"]
+
+
+def integrity(state: Path) -> str:
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def lock_free(state: Path) -> bool:
+    with open(f"{state}.lock", "rb") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+    return True
 
 
 @pytest.mark.parametrize("content", [b"this is not a database" * 100, b"\0" * 4096])
@@ -222,11 +244,248 @@ def test_a_state_file_of_another_format_or_layout_is_refused_and_left_alone(stat
     original = state.read_bytes()
     result = mount("--capacity", "sev=3")
     assert result.returncode == 1 and "other resource types" in result.stderr
-    db = sqlite3.connect(state)
-    with db:
+    with contextlib.closing(sqlite3.connect(state)) as db, db:
         db.execute("UPDATE meta SET value = '99' WHERE key = 'schema'")
-    db.close()
     changed = state.read_bytes()
     result = mount()
     assert result.returncode == 1 and "format 99" in result.stderr
     assert state.read_bytes() == changed != original
+
+
+# -- the journal records exactly what the files show ------------------------------------------
+
+@pytest.mark.parametrize("then", ["umount", "re-enable and kill -9"])
+def test_a_limit_goes_with_its_controller(stateful, then):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    write(mnt / "a/encids.sev.max", "5")
+    write(mnt / "cgroup.subtree_control", "-encids")
+    if then == "umount":
+        assert encidfs("umount", str(mnt)).returncode == 0
+        assert mount().returncode == 0
+        write(mnt / "cgroup.subtree_control", "+encids")
+    else:
+        write(mnt / "cgroup.subtree_control", "+encids")
+        assert read(mnt / "a/encids.sev.max") == "max\n"
+        kill_daemon(mnt)
+        assert mount().returncode == 0
+    assert read(mnt / "a/encids.sev.max") == "max\n"
+
+
+def test_any_name_the_kernel_takes_is_kept(stateful):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    name = b"bad\xff name \x01"
+    os.mkdir(os.fsencode(mnt) + b"/" + name)
+    os.setxattr(os.fsencode(mnt) + b"/" + name, b"user.\xfe", b"\x00\xff")
+    (mnt / "after").mkdir()  # the journal goes on
+    kill_daemon(mnt)
+    assert mount().returncode == 0
+    assert sorted(entry for entry in os.listdir(os.fsencode(mnt)) if not entry.startswith(b"cgroup.")
+                  and not entry.startswith(b"encids.")) == [b"after", name]
+    assert os.getxattr(os.fsencode(mnt) + b"/" + name, b"user.\xfe") == b"\x00\xff"
+
+
+# -- the file itself ------------------------------------------------------------------------------
+
+def test_a_second_daemon_on_the_same_state_file_is_refused(stateful, tmp_path):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    other = tmp_path / "other"
+    other.mkdir()
+    result = encidfs("mount", str(other), "--state", str(state), check=False)
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "in use by another encidfs daemon" in result.stderr
+    assert mounted_fstype(other) is None
+    (mnt / "still").mkdir()
+
+
+def test_state_files_are_private_and_a_symlink_is_refused(stateful, tmp_path):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    (mnt / "a").mkdir()
+    for path in (state, Path(f"{state}-wal"), Path(f"{state}.lock")):
+        assert oct(os.stat(path).st_mode & 0o777) == "0o600", path
+    assert encidfs("umount", str(mnt)).returncode == 0
+    link = tmp_path / "link.db"
+    link.symlink_to(state)
+    result = encidfs("mount", str(mnt), "--state", str(link), check=False)
+    assert result.returncode == 1 and "symbolic link" in result.stderr
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_wal_loses_nothing_acknowledged(stateful, damage):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "before").mkdir()
+    wal = Path(f"{state}-wal")
+    if damage == "delete":
+        wal.unlink()
+    else:
+        os.truncate(wal, 0)
+    (mnt / "after").mkdir()  # acknowledged: in a file that is whole
+    write(mnt / "after/encids.sev.max", "3")
+    kill_daemon(mnt)
+    assert mount().returncode == 0
+    assert read(mnt / "after/encids.sev.max") == "3\n"
+    assert (mnt / "before").is_dir()
+
+
+# -- a disk that fills up, a file that cannot be written -------------------------------------
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 512 KiB tmpfs for the state file."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(disk)], check=True)
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> Path:
+    """Take every free byte of the disk with a file; remove it to give the room back."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return filler
+
+
+def succeeds(action) -> bool:
+    return outcome(action) == "OK"
+
+
+def test_a_full_disk_refuses_changes_and_never_loses_one(tmp_path, small_disk, sleeps):
+    mnt, state = tmp_path / "mnt", small_disk / "state.db"
+    mnt.mkdir()
+    assert encidfs("mount", str(mnt), "--state", str(state)).returncode == 0
+    try:
+        write(mnt / "cgroup.subtree_control", "+encids")
+        (mnt / "a").mkdir()
+        holder = sleeps()
+        write(mnt / "a/cgroup.procs", str(holder.pid))
+        with Client.connect(mount=str(mnt)) as client:
+            kept = client.allocate("sev", pid=holder.pid)
+            filler = fill(small_disk)
+            refused = []
+            for _ in range(50):  # until SQLite's own slack is used up as well
+                try:
+                    client.allocate("sev", pid=holder.pid)
+                except OSError as error:
+                    refused.append(error.errno)
+                    break
+            assert refused == [errno.ENOSPC]
+            assert outcome(lambda: (mnt / "p").mkdir()) == "ENOSPC"
+            assert not (mnt / "p").exists()
+            # Reads never fail for it.
+            assert read(mnt / "a/encids.sev.current") != ""
+            assert client.status()["ok"]
+            filler.unlink()
+            # Writes work again, with no restart (the file is tried again every second).
+            wait_until(lambda: succeeds(lambda: (mnt / "p").mkdir()), "mkdir to work again")
+            granted = client.allocate("sev", pid=holder.pid)
+            status = {tuple(h["ids"]) for h in client.status()["holders"]}
+        kill_daemon(mnt)
+        assert encidfs("mount", str(mnt), "--state", str(state)).returncode == 0
+        assert (mnt / "p").is_dir()
+        with Client.connect(mount=str(mnt)) as client:
+            assert {tuple(h["ids"]) for h in client.status()["holders"]} == status
+        assert {*kept, *granted} == {id_ for ids in status for id_ in ids}
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_read_only_state_file_refuses_changes_and_takes_them_again(tmp_path, small_disk):
+    mnt, state = tmp_path / "mnt", small_disk / "state.db"
+    mnt.mkdir()
+    assert encidfs("mount", str(mnt), "--state", str(state)).returncode == 0
+    try:
+        (mnt / "a").mkdir()
+        assert encidfs("umount", str(mnt)).returncode == 0
+        subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+        assert encidfs("mount", str(mnt), "--state", str(state)).returncode == 0
+        assert outcome(lambda: (mnt / "b").mkdir()) == "EIO"
+        assert not (mnt / "b").exists()
+        with Client.connect(mount=str(mnt)) as client:
+            with pytest.raises(OSError) as refused:
+                client.allocate("sev")
+            assert refused.value.errno == errno.EIO
+            assert client.status()["ok"]
+        assert read(mnt / "cgroup.stat").startswith("nr_descendants 1\n")
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+        wait_until(lambda: succeeds(lambda: (mnt / "b").mkdir()), "mkdir to work again")
+        kill_daemon(mnt)
+        assert encidfs("mount", str(mnt), "--state", str(state)).returncode == 0
+        assert sorted(p.name for p in mnt.iterdir() if p.is_dir()) == ["a", "b"]
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+# -- upgrading ------------------------------------------------------------------------------------
+
+DATA = Path(__file__).parent.parent / "data"
+
+
+def test_a_state_file_of_the_first_release_is_upgraded_in_place(stateful, sleeps):
+    """tests/data/state-v1.sql is a file written by encidfs 0.1 (schema 1): a tree with limits,
+    modes, owners and xattrs; a holder of three IDs in /a/b, and one holding an ID charged to a
+    cgroup removed since."""
+    mnt, state, mount = stateful
+    holder = sleeps()
+    with open(f"/proc/{holder.pid}/stat") as f:
+        start = int(f.read().rsplit(")", 1)[1].split()[19])
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        db.executescript((DATA / "state-v1.sql").read_text())
+        with db:  # the fixture's first holder becomes a live process of this test
+            db.execute("UPDATE allocations SET holder = ?, start = ? WHERE holder = 13404",
+                       (holder.pid, start))
+            db.execute("UPDATE members SET pid = ?, start = ?", (holder.pid, start))
+    assert mount().returncode == 0
+    assert read(mnt / "a/encids.sev.max") == "5\n"
+    assert read(mnt / "a/b/encids.sev_es.max") == "7\n"
+    assert read(mnt / "c/cgroup.max.depth") == "3\n"
+    assert read(mnt / "a/cgroup.max.descendants") == "10\n"
+    assert read(mnt / "c/cgroup.freeze") == "1\n"
+    assert read(mnt / "a/cgroup.subtree_control") == "encids\n"
+    assert oct(os.stat(mnt / "c").st_mode & 0o777) == "0o700"
+    assert (os.stat(mnt / "a/b").st_uid, os.stat(mnt / "a/b/cgroup.procs").st_uid) == (1000, 1000)
+    assert os.getxattr(mnt / "a", "user.note") == b"hello"
+    assert os.getxattr(mnt / "a/encids.sev.max", "user.f") == b"1"
+    assert pids(mnt / "a/b") == [holder.pid]
+    assert read(mnt / "a/b/encids.sev.current") == "2\n"
+    assert read(mnt / "a/b/encids.sev_es.current") == "1\n"
+    assert "nr_dying_descendants 0" in read(mnt / "cgroup.stat")  # its holder is gone
+    assert encidfs("umount", str(mnt)).returncode == 0
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert dict(db.execute("SELECT key, value FROM meta"))["schema"] == "2"
+    assert mount().returncode == 0
+    assert read(mnt / "a/encids.sev.max") == "5\n" and pids(mnt / "a/b") == [holder.pid]
+
+
+# -- without --state: a runtime file ------------------------------------------------------------
+
+def test_without_state_a_crash_loses_nothing_and_umount_forgets(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        assert encidfs("mount", str(mnt)).returncode == 0
+        write(mnt / "cgroup.subtree_control", "+encids")
+        (mnt / "kept").mkdir()
+        write(mnt / "kept/encids.sev.max", "2")
+        kill_daemon(mnt)
+        assert encidfs("mount", str(mnt)).returncode == 0
+        assert read(mnt / "kept/encids.sev.max") == "2\n"
+        assert encidfs("umount", str(mnt)).returncode == 0
+        assert encidfs("mount", str(mnt)).returncode == 0
+        assert not (mnt / "kept").exists()
+    finally:
+        if mounted_fstype(mnt) == FSTYPE:
+            encidfs("umount", str(mnt), check=False)

@@ -1,0 +1,141 @@
+"""The engine's state as plain data, and back: what a durable journal checkpoints.
+
+`dump` writes every cgroup still in memory (live, and dying ones that charges pin), every css
+(online, and offline ones still pinned) with its controller's own state, the members, and each
+controller's charges.  `load` rebuilds exactly that into a fresh hierarchy and counts the pins,
+descendants, dying and populated counters from it, children before parents: one pass, however
+deep the tree.
+"""
+
+from __future__ import annotations
+
+from .cgroup import Cgroup, Hierarchy
+from .css import Css
+
+
+def dump(h: Hierarchy) -> dict:
+    csses = _csses(h)
+    css_index = {css: index for index, css in enumerate(csses)}
+    cgroups = _cgroups(h, csses)
+    return {
+        "next_id": h._next_id,
+        "cgroups": [[cg.id, cg.parent.id if cg.parent else None, cg.name, cg.dying,
+                     h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze]
+                    for cg in cgroups],
+        "csses": [[h.controllers[css.ssid].name, css.cgroup.id,
+                   None if css.parent is None else css_index[css.parent], css.online,
+                   h.controllers[css.ssid].dump_css(css)] for css in csses],
+        "members": sorted([pid, cg.id] for pid, cg in h.members.items()),
+        "charges": {c.name: c.dump_charges(css_index) for c in h.controllers},
+    }
+
+
+def load(h: Hierarchy, data: dict) -> None:
+    """Into `h`, a hierarchy just made (its root alone), with the same controllers."""
+    root = h.root
+    cgroups: dict[int, Cgroup] = {}
+    for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze \
+            in data["cgroups"]:
+        if parent_id is None:
+            cg = root
+            del h.by_id[cg.id]
+            cg.id = cgid
+        else:
+            parent = cgroups[parent_id]
+            cg = Cgroup(cgid, name, parent, len(h.controllers))
+            cg.dying = dying
+            if not dying:
+                parent.children[name] = cg
+        if not cg.dying:
+            h.by_id[cgid] = cg
+        cg.subtree_control = _mask(h, subtree_control)
+        cg.max_depth, cg.max_descendants, cg.freeze = max_depth, max_descendants, freeze
+        cgroups[cgid] = cg
+    h._next_id = data["next_id"]
+    for ssid in range(len(h.controllers)):
+        root.css[ssid] = None
+    csses: list[Css] = []
+    for name, cgid, parent_index, online, state in data["csses"]:
+        controller = h.controller(name)
+        assert controller is not None, f"no controller {name}"
+        css = controller.css_alloc(cgroups[cgid], None if parent_index is None
+                                   else csses[parent_index])
+        css.online = online
+        controller.load_css(css, state)
+        if online:
+            css.cgroup.css[css.ssid] = css
+        csses.append(css)
+    for pid, cgid in data["members"]:
+        cg = cgroups[cgid]
+        h.members[pid] = cg
+        if cg.procs is None:
+            cg.procs = set()
+        cg.procs.add(pid)
+    for controller in h.controllers:
+        controller.load_charges(data["charges"].get(controller.name, []), csses)
+    _recount(h, list(cgroups.values()), csses)
+
+
+def _csses(h: Hierarchy) -> list[Css]:
+    """Online csses of live cgroups and every css a charge pins, with their ancestors; parents
+    before children."""
+    found: set[Css] = set()
+    for cg in h.subtree(h.root):
+        found.update(css for css in cg.css if css is not None)
+    for controller in h.controllers:
+        for css in controller.pins():
+            while css is not None and css not in found:
+                found.add(css)
+                css = css.parent  # type: ignore[assignment]
+    return sorted(found, key=lambda css: (css.cgroup.level, css.cgroup.id, css.ssid,
+                                          not css.online))
+
+
+def _cgroups(h: Hierarchy, csses: list[Css]) -> list[Cgroup]:
+    """Live cgroups and the dying ones the csses keep, with their ancestors; parents first."""
+    found = set(h.subtree(h.root))
+    for css in csses:
+        cg: Cgroup | None = css.cgroup
+        while cg is not None and cg not in found:
+            found.add(cg)
+            cg = cg.parent
+    return sorted(found, key=lambda cg: (cg.level, cg.id))
+
+
+def _mask(h: Hierarchy, names: list[str]) -> int:
+    return sum(1 << c.ssid for c in h.controllers if c.name in names)
+
+
+def _recount(h: Hierarchy, cgroups: list[Cgroup], csses: list[Css]) -> None:
+    """Every count that follows from the structure, as the operations would have left it."""
+    for cg in cgroups:
+        cg.refs = 0 if cg.dying else 1
+    for css in csses:
+        css.refs = 1 if css.online else 0
+        css.cgroup.refs += 1
+        if css.parent is not None:
+            css.parent.refs += 1
+    for controller in h.controllers:
+        for css in controller.pins():
+            css.refs += 1
+    own_dying = {cg: [0] * len(h.controllers) for cg in cgroups}
+    for css in csses:
+        if not css.online:
+            own_dying[css.cgroup][css.ssid] += 1
+    # Children before parents: each level adds itself to its parent.
+    for css in sorted(csses, key=lambda css: -css.cgroup.level):
+        if css.parent is not None:
+            css.parent.nr_descendants += css.online + css.nr_descendants
+    for cg in sorted(cgroups, key=lambda cg: -cg.level):
+        cg.nr_dying_subsys = [own + below for own, below in zip(own_dying[cg],
+                                                                cg.nr_dying_subsys)]
+        parent = cg.parent
+        if parent is None:
+            continue
+        parent.refs += 1
+        parent.nr_descendants += (not cg.dying) + cg.nr_descendants
+        parent.nr_dying_descendants += cg.dying + cg.nr_dying_descendants
+        parent.nr_dying_subsys = [a + b for a, b in zip(parent.nr_dying_subsys,
+                                                        cg.nr_dying_subsys)]
+        if not cg.dying and cg.populated:
+            parent.nr_populated_children += 1

@@ -1,0 +1,172 @@
+"""Every durable change, by name: the one way the state changes, live or replayed.
+
+A change a request makes is `run`: it is written to the journal once its checks have passed and
+before it changes anything (the engine's commit points), so that a change the journal cannot
+take is refused and never applied.  What happened without anyone asking (a fork, an exit, a
+refused charge that counted an event) is a `fact`: applied at once, journalled as it can be.
+On restart the journal's records are replayed through the same methods, in order, so that the
+state comes back exactly as it was.  A record is the method's name and its arguments: cgroups by
+id, names and bytes as text, nothing that needs /proc.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Protocol
+
+from ..engine import ChargeRefused, EncidsController, Hierarchy
+from ..engine.cgroup import Cgroup, Commit, no_journal
+from ..files.table import FileTable
+
+log = logging.getLogger(__name__)
+
+Record = tuple  # (name, *arguments)
+
+
+class Journal(Protocol):
+    def append(self, record: Record) -> None:
+        """Make the record durable now, with the facts before it; OSError if it cannot be."""
+
+    def stage(self, record: Record) -> None:
+        """Keep a fact, to be made durable with the next record (or the next flush)."""
+
+
+class Changes:
+    NAMES = frozenset({"mkdir", "rmdir", "subtree_control", "set", "set_max", "setattr",
+                       "setxattr", "removexattr", "attach", "allocate", "free", "fork", "exit"})
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self.hierarchy = hierarchy
+        self.table: FileTable  # set once the file table (which needs this object) is made
+        self.journal: Journal | None = None
+        # When each member and holder started (ticks since boot): a restore drops the ones
+        # whose PID has another process by then.
+        self.starts: dict[int, int] = {}
+
+    def run(self, op: str, *args: object) -> object:
+        record = (op, *args)
+        journal = self.journal
+        commit = no_journal if journal is None else (lambda: journal.append(record))
+        try:
+            return getattr(self, op)(*args, commit=commit)
+        except ChargeRefused:
+            self._stage(record)  # it counted an event: replayed, it refuses and counts again
+            raise
+
+    def fact(self, op: str, *args: object) -> None:
+        getattr(self, op)(*args)
+        self._stage((op, *args))
+
+    def replay(self, records: Iterable[Record]) -> int:
+        """Apply records read back from a journal; return how many could not be (logged)."""
+        failed = 0
+        for record in records:
+            try:
+                if record[0] not in self.NAMES:
+                    raise ValueError(f"unknown change {record[0]!r}")
+                getattr(self, record[0])(*record[1:])
+            except ChargeRefused:
+                pass  # refused then too
+            except (OSError, LookupError, TypeError, ValueError) as error:
+                failed += 1
+                log.warning("journal record %.200r could not be replayed: %s", record, error)
+        return failed
+
+    def _stage(self, record: Record) -> None:
+        if self.journal is not None:
+            self.journal.stage(record)
+
+    def _cgroup(self, cgid: int) -> Cgroup:
+        return self.hierarchy.by_id[cgid]
+
+    # -- the tree and its settings --------------------------------------------------------------
+
+    def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int,
+              commit: Commit = no_journal) -> Cgroup:
+        return self.table.apply_mkdir(self._cgroup(parent), name, mode, uid, gid, commit)
+
+    def rmdir(self, cgroup: int, commit: Commit = no_journal) -> None:
+        self.hierarchy.rmdir(self._cgroup(cgroup), commit)
+
+    def subtree_control(self, cgroup: int, enable: list[str], disable: list[str], uid: int,
+                        gid: int, commit: Commit = no_journal) -> None:
+        cg, h = self._cgroup(cgroup), self.hierarchy
+        enable_mask, disable_mask = (sum(1 << c.ssid for c in h.controllers if c.name in names)
+                                     for names in (enable, disable))
+        # The kernel meets a name taken by a directory only when it makes the files.
+        self.table.check_file_collisions(cg, h.vet_subtree_control(cg, enable_mask,
+                                                                   disable_mask)[0])
+        h.write_subtree_control(cg, enable_mask, disable_mask, commit)
+        self.table.controller_files_made(cg, uid, gid)
+
+    def set(self, cgroup: int, key: str, value: int, commit: Commit = no_journal) -> None:
+        """cgroup.max.depth, cgroup.max.descendants, cgroup.freeze."""
+        cg, h = self._cgroup(cgroup), self.hierarchy
+        setter = {"max_depth": h.set_max_depth, "max_descendants": h.set_max_descendants,
+                  "freeze": lambda cg, value, commit: h.set_freeze(cg, bool(value), commit)}
+        setter[key](cg, value, commit)
+
+    def set_max(self, cgroup: int, controller: str, type_name: str, value: int,
+                commit: Commit = no_journal) -> None:
+        encids = self._controller(controller)
+        encids.set_max(self._cgroup(cgroup), encids.type_index(type_name), value, commit)
+
+    # -- node attributes ------------------------------------------------------------------------
+
+    def setattr(self, cgroup: int, file: str, mode: int | None, uid: int | None,
+                gid: int | None, commit: Commit = no_journal) -> None:
+        self.table.apply_setattr(self._cgroup(cgroup), file, mode, uid, gid, commit)
+
+    def setxattr(self, cgroup: int, file: str, name: str, value: str,
+                 commit: Commit = no_journal) -> None:
+        self.table.apply_setxattr(self._cgroup(cgroup), file, name, value, commit)
+
+    def removexattr(self, cgroup: int, file: str, name: str,
+                    commit: Commit = no_journal) -> None:
+        self.table.apply_removexattr(self._cgroup(cgroup), file, name, commit)
+
+    # -- processes and IDs ----------------------------------------------------------------------
+
+    def attach(self, pid: int, start: int, cgroup: int, commit: Commit = no_journal) -> None:
+        cg = self._cgroup(cgroup)
+        self.hierarchy.attach(pid, cg, commit)
+        self._started(pid, start)
+
+    def allocate(self, holder: int, start: int, type_name: str, count: int,
+                 commit: Commit = no_journal) -> list[int]:
+        ids = self._controller("encids").allocate(holder, type_name, count, commit)
+        self._started(holder, start)
+        return ids
+
+    def free(self, ids: list[int], commit: Commit = no_journal) -> None:
+        encids = self._controller("encids")
+        holders = {encids.holder_of(id_) for id_ in ids}
+        encids.free(ids, commit)
+        for holder in holders:
+            self._started(holder, None)
+
+    def fork(self, parent: int, child: int, start: int) -> None:
+        self.hierarchy.fork(parent, child)
+        self._started(child, start)
+
+    def exit(self, pid: int) -> None:
+        self.hierarchy.exit(pid)
+        self._controller("encids").release_holder(pid)  # like a VM's fd closing with it
+        self.starts.pop(pid, None)
+
+    def _started(self, pid: int | None, start: int | None) -> None:
+        """Keep the start time of a member or holder; forget a PID that is neither."""
+        if pid is None:
+            return
+        if pid in self.hierarchy.members or pid in self._controller("encids").holdings():
+            if start is not None:
+                self.starts[pid] = start
+        else:
+            self.starts.pop(pid, None)
+
+    def _controller(self, name: str) -> EncidsController:
+        controller = self.hierarchy.controller(name)
+        if controller is None:
+            raise LookupError(f"no controller {name!r}")
+        return controller  # type: ignore[return-value]
