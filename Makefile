@@ -25,5 +25,7 @@ umount:
 test: install
 	$(PYTHON) -m pytest -q
 
+# The release before the durable journal (issue #7): its in-memory figures are the baseline.
+BASELINE ?= b913589
 bench: install
-	$(PYTHON) scripts/bench.py
+	$(PYTHON) scripts/bench.py --baseline $(BASELINE)

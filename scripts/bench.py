@@ -1,8 +1,10 @@
 """Benchmark: encidfs against the kernel's cgroupfs and a bare pyfuse3 file system, and the
 engine's scaling with the number of cgroups.  A measurement, not a test: it prints figures.
 
-    python scripts/bench.py [--iterations N] [--skip-kernel] [--skip-fuse] [--skip-engine]
-                            [--skip-alloc]
+    python scripts/bench.py [--iterations N] [--baseline REV] [--skip-kernel] [--skip-fuse]
+                            [--skip-engine] [--skip-alloc]
+
+--baseline REV measures encidfs as it was at git revision REV beside today's, in the same run.
 """
 
 import argparse
@@ -32,7 +34,8 @@ REFERENCE = (
     " I/O 347 us (zero timeouts), 154 us (1 s timeouts); LXCFS (C) 174 us"
 )
 TARGETS = ("targets: median read and write within 1.3x of bare with the same options,"
-           " mkdir+rmdir within 1.5x")
+           " mkdir+rmdir within 1.5x; write with the runtime journal within 1.15x of the"
+           " in-memory baseline (issue #7)")
 
 
 class Skip(Exception):
@@ -136,13 +139,13 @@ def unmount(path):
 
 
 @contextlib.contextmanager
-def fuse_mount(argv):
+def fuse_mount(argv, env=None):
     """Run a daemon, argv(mountpoint), until its mount shows; unmount and reap it on the way out."""
     mnt = os.path.realpath(tempfile.mkdtemp(prefix="encidfs-bench-"))
     with tempfile.TemporaryFile() as log:
         # Its own session: Ctrl-C reaches only us, and we unmount before it goes.
         proc = subprocess.Popen(argv(mnt), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
-                                start_new_session=True)
+                                start_new_session=True, env=env)
         try:
             deadline = time.monotonic() + MOUNT_DEADLINE
             while not is_mounted(mnt):
@@ -165,16 +168,27 @@ def fuse_mount(argv):
             os.rmdir(mnt)
 
 
-@contextlib.contextmanager
-def encidfs_target():
-    argv = lambda mnt: [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground"]  # noqa: E731
-    with fuse_mount(argv) as mnt, sleeper() as pid:
-        write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
-        for name in ("bench", "bench-a", "bench-b"):
-            os.mkdir(f"{mnt}/{name}")
-        yield file_ops(f"{mnt}/bench/encids.sev.current", f"{mnt}/bench/encids.sev.max",
-                       (b"100", b"200"), f"{mnt}/bench/d",
-                       (f"{mnt}/bench-a/cgroup.procs", f"{mnt}/bench-b/cgroup.procs"), pid)
+def encidfs_argv(source, state=False):
+    """The daemon's command line, from the checkout `source`; with a durable state file in
+    the temporary directory beside the mountpoint if `state`."""
+    def argv(mnt):
+        options = ["--state", f"{mnt}.state.db"] if state else []
+        return [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground", *options]
+    return argv
+
+
+def encidfs_target(source=ROOT, state=False):
+    @contextlib.contextmanager
+    def target():
+        env = {**os.environ, "PYTHONPATH": str(source)}
+        with fuse_mount(encidfs_argv(source, state), env) as mnt, sleeper() as pid:
+            write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
+            for name in ("bench", "bench-a", "bench-b"):
+                os.mkdir(f"{mnt}/{name}")
+            yield file_ops(f"{mnt}/bench/encids.sev.current", f"{mnt}/bench/encids.sev.max",
+                           (b"100", b"200"), f"{mnt}/bench/d",
+                           (f"{mnt}/bench-a/cgroup.procs", f"{mnt}/bench-b/cgroup.procs"), pid)
+    return target
 
 
 def bare_target(timeout):
@@ -248,22 +262,34 @@ def ratio(a, b, width, digits):
     return f"{a / b:{width - 1}.{digits}f}x" if a is not None and b else f"{'-':>{width}}"
 
 
-def print_fuse_table(results, iterations):
-    columns = ("encidfs", "kernel", "bare 0 s", "bare 1 s")
-    print(f"\nfile operations, microseconds over {iterations} iterations"
-          " (bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s)")
-    print(f"{'':14}" + "".join(f"{name:>18}" for name in columns)
-          + f"{'encidfs/':>11}{'encidfs/':>10}")
+def print_fuse_table(results, iterations, baseline):
+    columns = ("encidfs", baseline, "--state", "kernel", "bare 0 s", "bare 1 s")
+    print(f"\nfile operations, microseconds over {iterations} iterations (encidfs: its default "
+          f"runtime journal; {baseline}: the baseline revision; --state: a durable state file; "
+          "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s)")
+    print(f"{'':14}" + "".join(f"{name[:16]:>18}" for name in columns)
+          + f"{'encidfs/':>11}{'encidfs/':>11}{'encidfs/':>10}")
     print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
-          + f"{'bare 1 s':>11}{'kernel':>10}")
+          + f"{'baseline':>11}{'bare 1 s':>11}{'kernel':>10}")
     for op in OPERATIONS:
         figures = [results.get(name, {}).get(op, (None, None)) for name in columns]
         medians = {name: median for name, (median, _) in zip(columns, figures)}
         print(f"{op:14}" + "".join(cell(m, 10) + cell(p) for m, p in figures)
+              + ratio(medians["encidfs"], medians[baseline], 11, 2)
               + ratio(medians["encidfs"], medians["bare 1 s"], 11, 2)
               + ratio(medians["encidfs"], medians["kernel"], 10, 1))
     print(REFERENCE)
     print(TARGETS)
+
+
+@contextlib.contextmanager
+def checkout(rev):
+    """The tree of git revision `rev`, in a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="encidfs-baseline-") as tree:
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev], check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        yield Path(tree)
 
 
 # -- engine scaling -------------------------------------------------------------------------------
@@ -360,30 +386,32 @@ def measure_interleaved(targets, iterations):
 
 # -- allocations through the control socket ----------------------------------------------------
 
-def allocation_rate(round_trips):
-    """allocate+free round trips per second through the control socket, 1 and 8 clients."""
-    argv = lambda mnt: [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground"]  # noqa: E731
+def allocation_rate(round_trips, sources):
+    """allocate+free round trips per second through the control socket, 1 and 8 clients, for
+    each of `sources`: name -> (checkout, with a state file)."""
     print(f"\nallocations through the control socket ({round_trips} allocate+free round trips)")
-    with fuse_mount(argv) as mnt:
-        for clients in (1, 8):
-            connections = [Client.connect(mount=mnt) for _ in range(clients)]
-            each = round_trips // clients
+    for name, (source, state) in sources.items():
+        env = {**os.environ, "PYTHONPATH": str(source)}
+        with fuse_mount(encidfs_argv(source, state), env) as mnt:
+            for clients in (1, 8):
+                connections = [Client.connect(mount=mnt) for _ in range(clients)]
+                each = round_trips // clients
 
-            def work(client):
-                for _ in range(each):
-                    client.free(client.allocate("sev"))
+                def work(client):
+                    for _ in range(each):
+                        client.free(client.allocate("sev"))
 
-            start = time.perf_counter()
-            threads = [threading.Thread(target=work, args=(c,)) for c in connections]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-            elapsed = time.perf_counter() - start
-            for client in connections:
-                client.close()
-            print(f"  {clients} client{'s' if clients > 1 else ' '}: "
-                  f"{each * clients / elapsed:8,.0f} round trips/s")
+                start = time.perf_counter()
+                threads = [threading.Thread(target=work, args=(c,)) for c in connections]
+                for thread in threads:
+                    thread.start()
+                for thread in threads:
+                    thread.join()
+                elapsed = time.perf_counter() - start
+                for client in connections:
+                    client.close()
+                print(f"  {name:18} {clients} client{'s' if clients > 1 else ' '}: "
+                      f"{each * clients / elapsed:8,.0f} round trips/s")
 
 
 def main():
@@ -397,23 +425,33 @@ def main():
     parser.add_argument("--skip-engine", action="store_true", help="skip the engine scaling")
     parser.add_argument("--skip-alloc", action="store_true",
                         help="skip the control socket's allocation rate")
+    parser.add_argument("--baseline", metavar="REV",
+                        help="also measure encidfs at this git revision, in the same run")
     args = parser.parse_args()
 
-    targets = {}
-    if not args.skip_fuse:
-        targets["encidfs"] = encidfs_target
-    if not args.skip_kernel:
-        targets["kernel"] = kernel_target
-    if not args.skip_fuse:
-        targets["bare 0 s"] = bare_target("0")
-        targets["bare 1 s"] = bare_target("1")
-    if targets:
-        print_fuse_table(measure_interleaved(targets, args.iterations), args.iterations)
-    if not args.skip_alloc:
-        try:
-            allocation_rate(args.iterations)
-        except (Skip, OSError) as e:
-            print(f"allocations: skipped, {e}")
+    with contextlib.ExitStack() as stack:
+        baseline = f"@{args.baseline[:7]}" if args.baseline else "baseline"
+        sources = {"encidfs": (ROOT, False)}
+        if args.baseline:
+            sources[baseline] = (stack.enter_context(checkout(args.baseline)), False)
+        sources["--state"] = (ROOT, True)
+        targets = {}
+        if not args.skip_fuse:
+            targets.update({name: encidfs_target(source, state)
+                            for name, (source, state) in sources.items()})
+        if not args.skip_kernel:
+            targets["kernel"] = kernel_target
+        if not args.skip_fuse:
+            targets["bare 0 s"] = bare_target("0")
+            targets["bare 1 s"] = bare_target("1")
+        if targets:
+            print_fuse_table(measure_interleaved(targets, args.iterations), args.iterations,
+                             baseline)
+        if not args.skip_alloc:
+            try:
+                allocation_rate(args.iterations, sources)
+            except (Skip, OSError) as e:
+                print(f"allocations: skipped, {e}")
     if not args.skip_engine:
         engine_scaling(args.iterations)
 
