@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from . import commands as client_commands
 from . import config as configuration
+from . import supervisor
 from .state.store import StateError
 
 FSTYPE = "fuse.encidfs"
@@ -61,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="stay in the foreground and log to stderr")
     mount.add_argument("--debug", action="store_true", help="log debug messages")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    mount.add_argument("--supervise", action="store_true", help=argparse.SUPPRESS)
 
     umount = commands.add_parser("umount", help="unmount and stop the daemon")
     umount.add_argument("mountpoint")
@@ -92,6 +94,8 @@ def _mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
     _check_fuse()
+    if args.supervise:
+        return _supervise(args)
     if args.foreground or args.ready_fd is not None:
         return _serve(mountpoint, config, args)
     return _start_daemon(mountpoint, args)
@@ -145,11 +149,7 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
 
     def ready() -> None:
         if ready_fd is not None:
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
-            # The parent stops reading our stderr once we are up: errors before this reach it.
-            with open(os.devnull, "wb") as devnull:
-                os.dup2(devnull.fileno(), sys.stderr.fileno())
+            _tell_ready(ready_fd)
 
     try:
         daemon.run(mountpoint, config, ready)
@@ -158,6 +158,21 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
     except StateError as error:
         raise CliError(str(error)) from None
     return 0
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """The supervisor (see supervisor.py), between `encidfs mount` and the daemon."""
+    _setup_logging(False, args.debug)
+    daemon_argv = [sys.executable, "-m", "encidfs", *_forwarded(args)]
+    return supervisor.supervise(daemon_argv, lambda: _tell_ready(args.ready_fd))
+
+
+def _tell_ready(ready_fd: int) -> None:
+    os.write(ready_fd, b"ready\n")
+    os.close(ready_fd)
+    # The parent stops reading our stderr once we are up: errors before this reach it.
+    with open(os.devnull, "wb") as devnull:
+        os.dup2(devnull.fileno(), sys.stderr.fileno())
 
 
 def _setup_logging(foreground: bool, debug: bool) -> None:
@@ -172,9 +187,11 @@ def _setup_logging(foreground: bool, debug: bool) -> None:
 
 
 def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
-    """Run the daemon in its own session and return once the file system answers (as mount(8))."""
+    """Run the daemon under its supervisor, in their own session, and return once the file
+    system answers (as mount(8))."""
     read_end, write_end = os.pipe()
-    argv = [sys.executable, "-m", "encidfs", *_forwarded(args), "--ready-fd", str(write_end)]
+    argv = [sys.executable, "-m", "encidfs", *_forwarded(args), "--supervise",
+            "--ready-fd", str(write_end)]
     process = subprocess.Popen(argv, pass_fds=[write_end], start_new_session=True,
                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE)
@@ -192,7 +209,8 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
         process.stderr.close()
     _wait_until(lambda: _mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,
                 f"{mountpoint} did not appear")
-    print(f"encidfs mounted on {mountpoint} (daemon pid {process.pid})")
+    daemon = int(os.getxattr(mountpoint, "user.encidfs.pid"))
+    print(f"encidfs mounted on {mountpoint} (daemon pid {daemon}, supervisor pid {process.pid})")
     return 0
 
 
@@ -234,13 +252,28 @@ def _umount(target: str) -> int:
         pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
     except OSError:
         pid = None  # a daemon that no longer answers: unmounting is all there is to do
+    waited = [pid, _supervisor_of(pid)] if pid is not None else []
     command = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise CliError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
-    if pid is not None:
-        _wait_until(lambda: not _alive(pid), UMOUNT_TIMEOUT, f"daemon {pid} did not stop")
+    for process in waited:
+        if process is not None:
+            _wait_until(lambda: not _alive(process), UMOUNT_TIMEOUT,
+                        f"encidfs process {process} did not stop")
     return 0
+
+
+def _supervisor_of(pid: int) -> int | None:
+    """The supervisor that runs the daemon `pid`, if one does: the daemon's parent."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        with open(f"/proc/{parent}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, ValueError, IndexError):
+        return None
+    return parent if b"encidfs" in argv and b"--supervise" in argv else None
 
 
 # -- helpers ----------------------------------------------------------------------------------

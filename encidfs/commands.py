@@ -6,6 +6,7 @@ import argparse
 import errno
 import os
 import sys
+import time
 
 from .control.client import DEFAULT_TIMEOUT, Client, ControlError
 
@@ -108,6 +109,12 @@ def _status(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         status = client.status()
     print(f"mount: {status['mountpoint']}   process tracking: {status['tracking']}")
+    restarts = status.get("restarts", [])
+    if restarts:
+        last = restarts[-1]
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
+        print(f"daemon restarted {len(restarts)} time{'s' if len(restarts) > 1 else ''}; "
+              f"last at {when}: it {last['reason']}")
     for cg in status["cgroups"]:
         usage = "  ".join(
             f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"

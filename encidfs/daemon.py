@@ -21,6 +21,7 @@ from .files.table import FileTable
 from .state.changes import Changes, Record
 from .state.restore import restore
 from .state.store import StateStore, runtime_state_path
+from .supervisor import restarts, supervisor_pid
 from .fuse.adapter import CgroupOperations, mount_options
 from .procs import ProcessTracker
 
@@ -70,7 +71,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
     tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
                              use_connector=config.proc_connector,
-                             exempt=frozenset({os.getpid()}),
+                             exempt=frozenset({os.getpid(), supervisor_pid() or 0}),
                              pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections))
     table = FileTable(hierarchy, tracker, changes)
     changes.table = table
@@ -78,7 +79,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
     table.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(table, CACHE_TIMEOUT)
-    service = ControlService(mountpoint, hierarchy, tracker, changes, operations.flush_changes)
+    service = ControlService(mountpoint, hierarchy, tracker, changes, operations.flush_changes,
+                             restarts())
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
     runtime = config.state is None
     store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),

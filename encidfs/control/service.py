@@ -31,12 +31,14 @@ class Peer:
 
 class ControlService:
     def __init__(self, mountpoint: str, hierarchy: Hierarchy, tracker: ProcessTracker,
-                 changes: Changes, changed: Callable[[], None]) -> None:
+                 changes: Changes, changed: Callable[[], None],
+                 restarts: list[dict] | None = None) -> None:
         self.mountpoint = mountpoint
         self.hierarchy = hierarchy
         self.encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
         self.tracker = tracker
         self.changes = changes  # allocations and frees are journalled before they happen
+        self.restarts = restarts or []  # the supervisor's: when the daemon died, and how
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
@@ -120,8 +122,9 @@ class ControlService:
                 charges.setdefault(key, []).append(id_)
             holders += [{"pid": pid, "type": t, "cgroup": path, "ids": held}
                         for (t, path), held in charges.items()]
-        return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode, "cgroups": sorted(cgroups, key=lambda c: c["path"]),
-                "holders": holders}
+        return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode,
+                "restarts": self.restarts,
+                "cgroups": sorted(cgroups, key=lambda c: c["path"]), "holders": holders}
 
     def _owner(self, peer: Peer) -> bool:
         """Root, or the user who mounted (the daemon runs as the mount's owner)."""

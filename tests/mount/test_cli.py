@@ -140,7 +140,7 @@ def test_mount_returns_once_mounted_and_umount_stops_the_daemon(mountpoint):
     assert mounted_fstype(mountpoint) == FSTYPE
     assert read(mountpoint / "cgroup.controllers") == "encids\n"
     pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
-    assert f"(daemon pid {pid})" in result.stdout
+    assert f"(daemon pid {pid}, supervisor pid " in result.stdout
     assert not gone(pid)
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"encidfs" in f.read()

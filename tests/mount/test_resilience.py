@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
+import mmap
 import os
 import signal
 import socket
@@ -18,6 +20,7 @@ import pytest
 from mountutil import DEADLINE, keyed, outcome, read, wait_until, write
 
 from encidfs.client import Client, ControlError
+from encidfs.state.store import runtime_state_path
 
 
 def used(mnt: Path, type_name: str = "sev") -> int:
@@ -409,3 +412,104 @@ def test_a_late_free_never_frees_an_id_handed_out_again(daemon, procs):
 
 def _alive(pid: int) -> bool:
     return proc_state(pid) not in ("Z", "X")
+
+
+# -- the supervisor -------------------------------------------------------------------------------
+
+ENCIDFS = [sys.executable, "-m", "encidfs"]
+
+
+@pytest.fixture
+def supervised(tmp_path):
+    """`encidfs mount` as a user runs it (a supervisor and its daemon, in the background);
+    unmounted and stopped afterwards whatever happened."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+
+    def mount(*args: str) -> int:
+        result = subprocess.run([*ENCIDFS, "mount", str(mnt), *args], capture_output=True,
+                                text=True, timeout=DEADLINE, stdin=subprocess.DEVNULL)
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout.rsplit("supervisor pid ", 1)[1].rstrip(")\n"))
+
+    yield mnt, mount
+    subprocess.run([*ENCIDFS, "umount", str(mnt)], capture_output=True, timeout=DEADLINE)
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def daemon_of(mnt: Path) -> int:
+    return int(os.getxattr(mnt, "user.encidfs.pid"))
+
+
+def answers(mnt: Path) -> bool:
+    try:
+        return read(mnt / "cgroup.subtree_control") is not None
+    except OSError:
+        return False
+
+
+def test_the_supervisor_mounts_again_within_a_second_with_everything(supervised):
+    mnt, mount = supervised
+    supervisor = mount()
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    write(mnt / "a/encids.sev.max", "3")
+    with Client.connect(mount=str(mnt)) as client:
+        held = client.allocate("sev", 2)
+    first = daemon_of(mnt)
+    os.kill(first, signal.SIGKILL)
+    died = time.monotonic()
+    wait_until(lambda: answers(mnt) and daemon_of(mnt) != first, "the mount to answer again")
+    back = time.monotonic() - died
+    assert back < 1.0, f"the mount answered again after {back:.2f} s"
+    assert read(mnt / "a/encids.sev.max") == "3\n"
+    with Client.connect(mount=str(mnt)) as client:
+        status = client.status()
+    assert [(h["pid"], h["ids"]) for h in status["holders"]] == [(os.getpid(), list(held))]
+    assert [r["reason"] for r in status["restarts"]] == ["was killed by SIGKILL"]
+    shown = subprocess.run([*ENCIDFS, "status", "--mount", str(mnt)], capture_output=True,
+                           text=True, timeout=DEADLINE).stdout
+    assert "daemon restarted 1 time" in shown and "killed by SIGKILL" in shown
+    assert proc_state(supervisor) != "Z"
+
+
+def test_sigterm_to_the_supervisor_stops_everything_cleanly(supervised):
+    mnt, mount = supervised
+    supervisor = mount()
+    daemon = daemon_of(mnt)
+    os.kill(supervisor, signal.SIGHUP)  # ignored
+    (mnt / "a").mkdir()
+    os.kill(supervisor, signal.SIGTERM)
+    wait_until(lambda: not os.path.exists(f"/proc/{supervisor}") or proc_state(supervisor) == "Z",
+               "the supervisor to exit")
+    assert not os.path.exists(f"/proc/{daemon}") or proc_state(daemon) == "Z"
+    assert not answers(mnt) and not list(mnt.iterdir())
+    assert not os.path.exists(runtime_state_path(str(mnt)))  # a runtime state ends with it
+
+
+def test_the_daemon_never_freezes_or_kills_its_supervisor(supervised, procs):
+    mnt, mount = supervised
+    supervisor = mount()
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    write(mnt / "a/cgroup.procs", str(supervisor))
+    write(mnt / "a/cgroup.freeze", "1")
+    wait_until(lambda: keyed(read(mnt / "a/cgroup.events"))["frozen"] == 1, "a to freeze")
+    assert proc_state(supervisor) != "T"
+    write(mnt / "a/cgroup.kill", "1")
+    assert proc_state(supervisor) not in ("Z", "X")
+
+
+def test_mmap_shared_is_refused_as_on_kernfs(daemon):
+    # kernfs has no mmap for cgroup files: ENODEV.  FUSE refuses MAP_SHARED of a direct-I/O
+    # file the same way; MAP_PRIVATE it maps without asking the daemon (see the README).
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    fd = os.open(daemon.mountpoint / "cgroup.procs", os.O_RDONLY)
+    try:
+        mapped = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert mapped == ctypes.c_void_p(-1).value and ctypes.get_errno() == errno.ENODEV
+    finally:
+        os.close(fd)

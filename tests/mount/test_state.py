@@ -41,24 +41,38 @@ def stateful(tmp_path):
     def mount(*args: str) -> subprocess.CompletedProcess[str]:
         result = encidfs("mount", str(mnt), "--state", str(state), *args, check=False)
         if result.returncode == 0:
+            daemons.append(supervisor_pid(result))
             daemons.append(daemon_pid(mnt))
         return result
 
     yield mnt, state, mount
+    stop_all(mnt, daemons)
+
+
+def supervisor_pid(result: subprocess.CompletedProcess[str]) -> int:
+    return int(result.stdout.rsplit("supervisor pid ", 1)[1].rstrip(")\n"))
+
+
+def stop_all(mnt: Path, pids: list[int]) -> None:
+    """Supervisors first (they would mount again), then daemons, then the mount."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     if mounted_fstype(mnt) == FSTYPE:
         subprocess.run(["umount", "-l", str(mnt)], check=False)
-    for pid in daemons:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def kill_daemon(mnt: Path) -> None:
+    """kill -9 the daemon and its supervisor (which would mount again at once, see
+    test_resilience): what is left is the dead mount and the state file."""
     pid = daemon_pid(mnt)
-    os.kill(pid, signal.SIGKILL)
-    wait_until(lambda: not os.path.exists(f"/proc/{pid}") or
-               open(f"/proc/{pid}/stat").read().split(") ")[1][0] == "Z", "the daemon to die")
+    with open(f"/proc/{pid}/stat") as f:
+        supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+    for process in (supervisor, pid):
+        os.kill(process, signal.SIGKILL)
+        wait_until(lambda: not os.path.exists(f"/proc/{process}") or
+                   open(f"/proc/{process}/stat").read().split(") ")[1][0] == "Z",
+                   f"process {process} to die")
 
 
 def snapshot(mnt: Path) -> dict[str, object]:
