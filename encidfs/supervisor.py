@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 RESTARTS_ENV = "ENCIDFS_RESTARTS"
 SUPERVISOR_ENV = "ENCIDFS_SUPERVISOR"
-QUICK = 10.0  # seconds: a daemon that dies sooner than this after starting died quickly
-MAX_BACKOFF = 5.0  # seconds between starts of a daemon that keeps dying quickly
+QUICK = 1.0  # seconds: a daemon that dies before it answers, or this soon after, died quickly
+MAX_BACKOFF = 5.0  # seconds between starts of a daemon that keeps dying quickly (a crash loop)
 _STRAY_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
                   signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGXFSZ)
 
@@ -63,8 +63,8 @@ def supervise(daemon_argv: list[str], ready: Callable[[], None]) -> int:
     quick_deaths = 0
     first = True
     while True:
-        started = time.monotonic()
         child, got_ready = _start(daemon_argv, history)
+        answering = time.monotonic()
         if got_ready and first:
             ready()
             first = False
@@ -76,9 +76,10 @@ def supervise(daemon_argv: list[str], ready: Callable[[], None]) -> int:
         reason = _describe(status)
         history.append({"time": time.time(), "reason": reason})
         log.warning("the daemon %s: mounting again (restart %d)", reason, len(history))
-        quick_deaths = quick_deaths + 1 if time.monotonic() - started < QUICK else 0
-        if quick_deaths > 1:
-            time.sleep(min(MAX_BACKOFF, 0.1 * 2 ** quick_deaths))
+        quick = not got_ready or time.monotonic() - answering < QUICK
+        quick_deaths = quick_deaths + 1 if quick else 0
+        if quick_deaths > 2:
+            time.sleep(min(MAX_BACKOFF, 0.05 * 2 ** quick_deaths))
 
 
 def _start(daemon_argv: list[str], history: list[dict]) -> tuple[subprocess.Popen, bool]:
