@@ -93,11 +93,11 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
-            for pid in restored:
+            for pid in restored:  # the processes as they were, even if their PID is reused
                 if pid in hierarchy.members:
-                    tracker.joined(pid)
+                    tracker.joined(pid, changes.starts[pid])
                 else:
-                    tracker.watch(pid)
+                    tracker.watch(pid, changes.starts[pid])
             tracker.apply_freezer(hierarchy.members)
             nursery.start_soon(journal.flush_facts)
             await nursery.start(serve_control, control, service, max_connections,

@@ -77,8 +77,8 @@ class ControlService:
         if cg.is_root and not self._owner(peer):
             raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
                                     "owner charges the root, others' processes are placed first")
-        ids = self.changes.run("allocate", holder, self.tracker.start_time(holder), type_name,
-                               count)
+        ids = self.changes.run("allocate", holder, self.tracker.start_time_now(holder),
+                               type_name, count)
         return {"type": type_name, "ids": ids, "holder": holder, "cgroup": cg.path}
 
     def _free(self, request: dict, peer: Peer) -> dict:

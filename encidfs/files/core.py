@@ -19,7 +19,7 @@ class Changes(Protocol):
 class Processes(Protocol):
     """What the core files need from process tracking."""
 
-    def start_time(self, pid: int) -> int | None: ...
+    def start_time_now(self, pid: int) -> int | None: ...
 
     def thread_group(self, pid: int) -> int:
         """The TGID of a PID or TID; ESRCH if there is none, EINVAL if it cannot be moved."""
@@ -102,7 +102,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
         processes.sync()
         check_migration(hierarchy.cgroup_of(tgid), cg, caller)
-        changes.run("attach", tgid, processes.start_time(tgid), cg.id)
+        changes.run("attach", tgid, processes.start_time_now(tgid), cg.id)
         if not cg.is_root:
             processes.joined(tgid)
         processes.apply_freezer([tgid])

@@ -203,25 +203,29 @@ class ProcessTracker:
 
     # -- what the engine cares about -------------------------------------------------------
 
-    def joined(self, pid: int) -> None:
-        """pid became a member of a cgroup other than the root."""
+    def joined(self, pid: int, start: int | None = None) -> None:
+        """pid became a member of a cgroup other than the root (see watch for `start`)."""
         children = self._children(pid) if self._connector is None else None
         self._joined[pid] = (_boot_ticks(), children)
-        self.watch(pid)
+        self.watch(pid, start)
 
-    def watch(self, pid: int) -> bool:
+    def watch(self, pid: int, start: int | None = None) -> bool:
         """Call on_exit(pid) when this process exits, at once if it has exited already (a
-        zombie too); return whether it lives."""
-        start = self.start_time_now(pid)
-        known = self._watched.get(pid)
-        if start is not None and start == known:
+        zombie too); return whether it lives.  With `start`, the process is the one that
+        started then (one restored from the journal): another one with its PID means it
+        has exited."""
+        expected = self._watched.get(pid, start)
+        now = self.start_time_now(pid)
+        if pid in self._watched and now == expected:
             return True
-        if known is not None:
-            self._exited(pid)  # the PID was reused before its exit was seen: the old one is gone
-        if start is None:
+        if expected is not None and now != expected:
+            self._exited(pid)  # the process known by this PID is gone (the PID may be reused)
+            if start is not None or now is None:
+                return False
+        elif now is None:
             self._exited(pid)
             return False
-        self._watched[pid] = start
+        self._watched[pid] = start = now
         try:
             pidfd = os.pidfd_open(pid) if self._pidfds < self._pidfd_budget else None
         except ProcessLookupError:

@@ -271,9 +271,16 @@ class Chaos:
             self.homes[holder] = now
         # Killed holders' IDs go once their exits are seen.
         with Client.connect(mount=str(mnt)) as client:
-            status = wait_until(lambda: (lambda s: s if not set(ids_of(s)) & self.killed
-                                         else None)(client.status()),
-                                "the killed holders' IDs to be freed")
+            try:
+                status = wait_until(lambda: (lambda s: s if not set(ids_of(s)) & self.killed
+                                             else None)(client.status()),
+                                    "the killed holders' IDs to be freed")
+            except AssertionError:
+                status = client.status()
+                left = {pid: ids for pid, ids in ids_of(status).items() if pid in self.killed}
+                raise AssertionError(f"killed holders still hold IDs: {left}; "
+                                     f"{[(p, os.path.exists(f'/proc/{p}')) for p in left]}; "
+                                     f"status {json.dumps(status)[:3000]}") from None
         held = ids_of(status)
         for holder, ids in self.held.items():
             now = set(held.get(holder, []))
