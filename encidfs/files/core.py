@@ -34,6 +34,9 @@ class Processes(Protocol):
     def joined(self, pid: int) -> None:
         """pid now belongs to a cgroup other than the root: follow its forks and its exit."""
 
+    def watch(self, pid: int) -> bool:
+        """Follow pid's exit, settling first the exit of the one it was; whether it lives."""
+
     def kill(self, pids: Iterable[int]) -> None: ...
 
     def apply_freezer(self, pids: Iterable[int]) -> None:
@@ -101,6 +104,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
         processes.sync()
+        # The process the engine knows by this PID may have exited since (its PID reused):
+        # its exit comes first.  One that is exiting itself moves nowhere, as in the kernel.
+        if not processes.watch(tgid):
+            return
         check_migration(hierarchy.cgroup_of(tgid), cg, caller)
         changes.run("attach", tgid, processes.start_time_now(tgid), cg.id)
         if not cg.is_root:

@@ -115,6 +115,8 @@ class Chaos:
         self.held: dict[int, object] = {}  # live holder -> set of IDs, or UNKNOWN
         self.killed: set[int] = set()  # holders killed: their IDs must go
         self.processes: list[subprocess.Popen] = []
+        self.starts: dict[int, int] = {}
+        self.killed_at: dict[int, float] = {}
 
     def start(self, name: str, work: Callable[[random.Random], None]) -> None:
         rng = random.Random(f"{SEED}-{name}")
@@ -229,7 +231,10 @@ class Chaos:
 
     def spawn(self) -> int:
         process = subprocess.Popen(["sleep", "600"])
+        with open(f"/proc/{process.pid}/stat") as f:
+            self.starts[process.pid] = int(f.read().rsplit(")", 1)[1].split()[19])
         self.processes.append(process)
+        self.killed.discard(process.pid)  # a PID of a holder killed before: alive again
         home = HOMES[len(self.processes) % 2]
         done = self.attempt("place", lambda: write(self.mnt / home / "cgroup.procs",
                                                    str(process.pid)))
@@ -241,6 +246,7 @@ class Chaos:
         os.kill(pid, signal.SIGKILL)
         next(p for p in self.processes if p.pid == pid).wait()
         self.killed.add(pid)
+        self.killed_at[pid] = time.time()
         del self.homes[pid], self.held[pid]
 
     # -- the checks ---------------------------------------------------------------------------
@@ -278,9 +284,15 @@ class Chaos:
             except AssertionError:
                 status = client.status()
                 left = {pid: ids for pid, ids in ids_of(status).items() if pid in self.killed}
-                raise AssertionError(f"killed holders still hold IDs: {left}; "
-                                     f"{[(p, os.path.exists(f'/proc/{p}')) for p in left]}; "
-                                     f"status {json.dumps(status)[:3000]}") from None
+                now = {}
+                for pid in left:
+                    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                        now[pid] = f.read()[:200]
+                raise AssertionError(f"killed holders still hold IDs: {left}; started "
+                                     f"{[self.starts.get(p) for p in left]}; now {now}; "
+                                     f"killed at {[self.killed_at.get(p) for p in left]}; "
+                                     f"restarts {[r['time'] for r in status['restarts']]}"
+                                     ) from None
         held = ids_of(status)
         for holder, ids in self.held.items():
             now = set(held.get(holder, []))
