@@ -187,10 +187,6 @@ class EncidsController(Controller):
         """The csses that charges pin, one entry a charge."""
         return [charge.css for charge in {id(c): c for _, c in self._allocated.values()}.values()]
 
-    def allocations(self) -> dict[int, tuple[int, Charge]]:
-        """ID -> (holder PID, its charge)."""
-        return self._allocated
-
     def holder_of(self, id_: int) -> int | None:
         entry = self._allocated.get(id_)
         return entry[0] if entry else None

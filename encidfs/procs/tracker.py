@@ -188,13 +188,9 @@ class ProcessTracker:
             await trio.sleep(delay)
             delay = min(delay * 2, 0.05)
 
-    def start_time(self, pid: int) -> int | None:
-        """When the process started (ticks since boot), or None if there is none."""
-        known = self._watched.get(pid)
-        return known if known is not None else self.start_time_now(pid)
-
     def start_time_now(self, pid: int) -> int | None:
-        """As /proc says now: None for no process, or one that has exited (a zombie)."""
+        """When the process started (ticks since boot), as /proc says now: None for no
+        process, or one that has exited (a zombie)."""
         try:
             fields = _stat_fields(self._proc, pid)
         except (FileNotFoundError, ProcessLookupError):

@@ -109,7 +109,7 @@ class Changes:
 
     def set_max(self, cgroup: int, controller: str, type_name: str, value: int,
                 commit: Commit = no_journal) -> None:
-        encids = self._controller(controller)
+        encids = self.controller(controller)
         encids.set_max(self._cgroup(cgroup), encids.type_index(type_name), value, commit)
 
     # -- node attributes ------------------------------------------------------------------------
@@ -135,12 +135,12 @@ class Changes:
 
     def allocate(self, holder: int, start: int, type_name: str, count: int,
                  commit: Commit = no_journal) -> list[int]:
-        ids = self._controller("encids").allocate(holder, type_name, count, commit)
+        ids = self.controller("encids").allocate(holder, type_name, count, commit)
         self._started(holder, start)
         return ids
 
     def free(self, ids: list[int], commit: Commit = no_journal) -> None:
-        encids = self._controller("encids")
+        encids = self.controller("encids")
         holders = {encids.holder_of(id_) for id_ in ids}
         encids.free(ids, commit)
         for holder in holders:
@@ -152,20 +152,20 @@ class Changes:
 
     def exit(self, pid: int) -> None:
         self.hierarchy.exit(pid)
-        self._controller("encids").release_holder(pid)  # like a VM's fd closing with it
+        self.controller("encids").release_holder(pid)  # like a VM's fd closing with it
         self.starts.pop(pid, None)
 
     def _started(self, pid: int | None, start: int | None) -> None:
         """Keep the start time of a member or holder; forget a PID that is neither."""
         if pid is None:
             return
-        if pid in self.hierarchy.members or pid in self._controller("encids").holdings():
+        if pid in self.hierarchy.members or pid in self.controller("encids").holdings():
             if start is not None:
                 self.starts[pid] = start
         else:
             self.starts.pop(pid, None)
 
-    def _controller(self, name: str) -> EncidsController:
+    def controller(self, name: str) -> EncidsController:
         controller = self.hierarchy.controller(name)
         if controller is None:
             raise LookupError(f"no controller {name!r}")

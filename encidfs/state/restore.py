@@ -43,7 +43,7 @@ def restore(store: StateStore, changes: Changes,
         failed = changes.replay(records)
         if failed:
             log.warning("%d of %d journal records could not be replayed", failed, len(records))
-    encids = changes._controller("encids")
+    encids = changes.controller("encids")
     processes = sorted(set(h.members) | set(encids.holdings()))
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:

@@ -50,7 +50,7 @@ def restore(db: sqlite3.Connection, changes: Changes,
             "SELECT id, type, holder, start, path, dying FROM allocations ORDER BY id"):
         if start_time(holder) == start:
             held[(holder, start, type_name, path, dying)].append(id_)
-    encids = changes._controller("encids")
+    encids = changes.controller("encids")
     stand_ins: dict[str, Cgroup] = {}
     for (holder, start, type_name, path, dying), ids in held.items():
         cg = cgroups.get(path) if not dying else None
