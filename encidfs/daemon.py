@@ -137,7 +137,10 @@ class _FlushedSoon:
         while True:
             await self._staged.wait()
             self._staged = trio.Event()
-            self.store.flush()
+            try:
+                self.store.flush()
+            except Exception:  # a bug: the facts wait for the next write, the daemon goes on
+                log.exception("flushing the journal failed")
 
 
 def _process_event(handler: Callable[..., None]) -> Callable[..., None]:

@@ -39,6 +39,15 @@ def _stat_fields(proc: str, pid: int) -> list[str]:
     return data[data.rindex(b")") + 2:].decode().split()
 
 
+def _logged(step: Callable[[], None]) -> None:
+    """A step of a task that runs for the daemon's lifetime: a failure (a bug, or a resource
+    that ran out) is logged, and the task goes on."""
+    try:
+        step()
+    except Exception:
+        log.exception("process tracking: %s failed", step.__name__)
+
+
 def _boot_ticks() -> int:
     """Now, in the unit of /proc/PID/stat start times."""
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * _TICKS)
@@ -83,12 +92,12 @@ class ProcessTracker:
                 await trio.sleep_forever()
             while True:
                 await trio.lowlevel.wait_readable(self._connector)
-                self.sync()
+                _logged(self.sync)
 
     async def _poll_exits(self) -> None:
         while True:
             await trio.sleep(POLL_INTERVAL)
-            self._check_polled()
+            _logged(self._check_polled)
 
     # -- keeping the engine up to date ---------------------------------------------------------
 
