@@ -211,11 +211,8 @@ def test_a_thousand_idle_connections_of_one_user_starve_nobody_else(mount_encidf
         # Forks go on being followed: every member needs a pidfd.
         write(mnt / "cgroup.subtree_control", "+encids")
         (mnt / "a").mkdir()
-        with forking_shell(50) as forks:
-            write(mnt / "a/cgroup.procs", str(forks.pid))
-            forks.stdin.write("go\n")
-            forks.stdin.flush()
-            wait_until(lambda: len(read(mnt / "a/cgroup.procs").split()) == 51, "50 forks")
+        with forked_members(mnt / "a", 50):
+            pass
     finally:
         hog.kill()
         hog.wait(timeout=DEADLINE)
@@ -223,14 +220,19 @@ def test_a_thousand_idle_connections_of_one_user_starve_nobody_else(mount_encidf
 
 
 @contextlib.contextmanager
-def forking_shell(count: int) -> Iterator[subprocess.Popen]:
-    """A shell that, once told on stdin, starts `count` sleeps; all of them end with the
-    block."""
+def forked_members(cgroup: Path, count: int) -> Iterator[None]:
+    """A shell moved into `cgroup` starts `count` sleeps there (its forks: members too); all
+    of them end with the block."""
     shell = subprocess.Popen(
         ["sh", "-c", f"read line; for i in $(seq {count}); do sleep 600 & pids=\"$pids $!\"; "
                      "done; read line; kill $pids"], stdin=subprocess.PIPE, text=True)
     try:
-        yield shell
+        write(cgroup / "cgroup.procs", str(shell.pid))
+        shell.stdin.write("go\n")
+        shell.stdin.flush()
+        wait_until(lambda: len(read(cgroup / "cgroup.procs").split()) == count + 1,
+                   f"{count} forks in {cgroup.name}")
+        yield
     finally:
         shell.stdin.close()
         shell.wait(timeout=DEADLINE)
@@ -241,11 +243,7 @@ def test_processes_past_the_pidfd_budget_are_still_followed(mount_encidfs):
     mnt = mount_encidfs(nofile=(400, 400))
     write(mnt / "cgroup.subtree_control", "+encids")
     (mnt / "a").mkdir()
-    with forking_shell(450) as forks:
-        write(mnt / "a/cgroup.procs", str(forks.pid))
-        forks.stdin.write("go\n")
-        forks.stdin.flush()
-        wait_until(lambda: len(read(mnt / "a/cgroup.procs").split()) == 451, "450 forks in a")
+    with forked_members(mnt / "a", 450):
         with Client.connect(mount=str(mnt)) as client:
             holders = [int(pid) for pid in read(mnt / "a/cgroup.procs").split()][-60:]
             for pid in holders:
