@@ -51,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
                             f"mkdir beyond is EAGAIN (default {configuration.DEFAULT_MAX_CGROUPS})")
     mount.add_argument("--control", metavar="PATH",
                        help="the control socket (default: derived from the mountpoint)")
+    mount.add_argument("--controllers", metavar="NAMES",
+                       help="the controllers offered, comma-separated (default encids,misc)")
     mount.add_argument("--control-mode", metavar="MODE",
                        help="the control socket's mode, in octal (default 0600: the owner only)")
     mount.add_argument("--control-group", metavar="GROUP",
@@ -89,7 +91,7 @@ def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
                                 options, args.control, args.state, args.max_cgroups,
-                                args.control_mode, args.control_group)
+                                args.control_mode, args.control_group, args.controllers)
     config.proc_connector = args.tracking == "auto"
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
@@ -226,6 +228,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--config", args.config]
     if args.control:
         argv += ["--control", args.control]
+    if args.controllers:
+        argv += ["--controllers", args.controllers]
     if args.control_mode:
         argv += ["--control-mode", args.control_mode]
     if args.control_group:

@@ -115,13 +115,18 @@ def _status(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
         print(f"daemon restarted {len(restarts)} time{'s' if len(restarts) > 1 else ''}; "
               f"last at {when}: it {last['reason']}")
+    print(f"controllers: {' '.join(status.get('controllers', []))}")
     for cg in status["cgroups"]:
-        usage = "  ".join(
-            f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"
-            + (f" refused {r['events']}" if r["events"] else "")
-            for name, r in cg.get("encids", {}).items())
         procs = f"{len(cg['procs'])} procs" if cg["procs"] else ""
-        print(f"{cg['path']:<30} {procs:<10} {usage}".rstrip())
+        lines = [
+            f"{controller}: " + "  ".join(
+                f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"
+                + (f" refused {r['events']}" if r["events"] else "")
+                for name, r in cg[controller].items())
+            for controller in status.get("controllers", []) if controller in cg]
+        print(f"{cg['path']:<30} {procs:<10} {lines[0] if lines else ''}".rstrip())
+        for line in lines[1:]:
+            print(f"{'':41} {line}")
     if status["holders"]:
         print("holders:")
     for holder in status["holders"]:

@@ -9,6 +9,7 @@ import tomllib
 from dataclasses import dataclass, field
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
+CONTROLLER_NAMES = ("encids", "misc")  # what encidfs offers, and by default in this order
 # About 1.4 KiB of daemon memory each: 100,000 cgroups, with every other bound at its limit
 # (xattrs, connections, replies), keep the daemon well under 1 GiB.
 DEFAULT_MAX_CGROUPS = 100_000
@@ -30,6 +31,7 @@ class Config:
     max_cgroups: int = DEFAULT_MAX_CGROUPS  # below the root, live and dying (mkdir: EAGAIN)
     control_mode: int = 0o600  # the control socket's: by default the mount's owner alone
     control_group: int | None = None  # the control socket's group (a GID), if not the owner's
+    controllers: list[str] = field(default_factory=lambda: list(CONTROLLER_NAMES))
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""
@@ -70,7 +72,8 @@ def _check_count(name: str, value: object) -> int:
 def load(path: str | None, capacities: list[str], asids: int | None,
          min_sev_asid: int | None, fuse_options: list[str], control: str | None = None,
          state: str | None = None, max_cgroups: int | None = None,
-         control_mode: str | None = None, control_group: str | None = None) -> Config:
+         control_mode: str | None = None, control_group: str | None = None,
+         controllers: str | None = None) -> Config:
     """The file first, then the command line over it."""
     config = Config()
     if path is not None:
@@ -91,7 +94,18 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.control_mode = _parse_mode(control_mode)
     if control_group is not None:
         config.control_group = _parse_group(control_group)
+    if controllers is not None:
+        config.controllers = _check_controllers(controllers.split(","))
     return config
+
+
+def _check_controllers(names: object) -> list[str]:
+    """Names from CONTROLLER_NAMES, each once; offered in the order given."""
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
+            or len(set(names)) != len(names) or not set(names) <= set(CONTROLLER_NAMES):
+        raise ConfigError(f"controllers must be some of {', '.join(CONTROLLER_NAMES)}, each "
+                          f"once, got {names!r}")
+    return list(names)
 
 
 def _parse_mode(text: object) -> int:
@@ -128,7 +142,8 @@ def _load_file(config: Config, path: str) -> None:
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
-                           "state", "max_cgroups", "control_mode", "control_group"}
+                           "state", "max_cgroups", "control_mode", "control_group",
+                           "controllers"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -161,3 +176,5 @@ def _load_file(config: Config, path: str) -> None:
         config.control_mode = _parse_mode(data["control_mode"])
     if "control_group" in data:
         config.control_group = _parse_group(data["control_group"])
+    if "controllers" in data:
+        config.controllers = _check_controllers(data["controllers"])

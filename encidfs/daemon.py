@@ -16,8 +16,10 @@ from .config import Config
 from .control.protocol import CONTROL_XATTR, default_control_path
 from .control.server import serve_control
 from .control.service import ControlService
-from .engine import new_hierarchy
-from .files.table import FileTable
+from .controllers import CONTROLLERS
+from .engine import Hierarchy, new_engine
+from .engine.cgroup import Event
+from .files.kernfs import Kernfs
 from .state.changes import Changes, Record
 from .state.restore import restore
 from .state.store import StateStore, runtime_state_path
@@ -47,8 +49,17 @@ def raise_fd_limit() -> int:
 
 async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
     """Mount, call ready(), and serve until unmounted or told to stop by SIGTERM/SIGINT."""
-    hierarchy = new_hierarchy(config.capacities, config.first_ids, config.max_cgroups)
-    changes = Changes(hierarchy)
+    offered = [CONTROLLERS[name] for name in config.controllers]
+    engine = new_engine(config.capacities, config.first_ids,
+                        tuple(controller for controller, _ in offered), config.max_cgroups)
+    hierarchy = engine.hierarchy
+    changes = Changes(engine)
+    bus = ChangeBus(hierarchy)
+
+    def changed() -> None:
+        """After a change from elsewhere than a FUSE request (which delivers its own)."""
+        bus.deliver()
+        operations.invalidate_soon()
 
     @_process_event
     def on_fork(parent: int, child: int, start: int | None) -> None:
@@ -57,7 +68,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     @_process_event
     def on_exit(pid: int) -> None:
         changes.fact("exit", pid)
-        operations.flush_changes()
+        changed()
 
     def frozen(pid: int) -> bool:
         return hierarchy.effective_freeze(hierarchy.cgroup_of(pid))
@@ -65,7 +76,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     @_process_event
     def on_stopped(pid: int, stopped: bool) -> None:
         hierarchy.set_stopped(pid, stopped)
-        operations.flush_changes()
+        changed()
 
     fd_limit = raise_fd_limit()
     max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
@@ -73,14 +84,14 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                              use_connector=config.proc_connector,
                              exempt=frozenset({os.getpid(), supervisor_pid() or 0}),
                              pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections))
-    table = FileTable(hierarchy, tracker, changes)
-    changes.table = table
+    kernfs = Kernfs(hierarchy, tracker, changes, [files for _, files in offered])
+    changes.kernfs = kernfs
     control = config.control or default_control_path(mountpoint)
-    table.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
-    table.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
-    operations = CgroupOperations(table, CACHE_TIMEOUT)
-    service = ControlService(mountpoint, hierarchy, tracker, changes, operations.flush_changes,
-                             restarts())
+    kernfs.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
+    kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
+    operations = CgroupOperations(kernfs, CACHE_TIMEOUT, bus)
+    bus.consumers.append(operations.consume)  # kernfs: invalidation and poll
+    service = ControlService(mountpoint, engine, tracker, changes, changed, restarts())
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
     runtime = config.state is None
     store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
@@ -105,7 +116,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             log.info("process tracking: %s; control socket %s; %d descriptors",
                      tracker.mode, control, fd_limit)
             await nursery.start(_stop_on_signal)
-            log.info("mounted on %s with %s", mountpoint, config.capacities)
+            log.info("mounted on %s with %s; controllers %s", mountpoint, config.capacities,
+                     " ".join(config.controllers))
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
             await pyfuse3.main()
@@ -116,6 +128,24 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         if clean:
             store.close(remove=runtime)  # a runtime state ends with its mount
         log.info("unmounted %s", mountpoint)
+
+
+class ChangeBus:
+    """The engine's changes, handed once per request or event, as one batch, to each of its
+    consumers (today the FUSE adapter, for kernfs's invalidation and poll)."""
+
+    def __init__(self, hierarchy: Hierarchy) -> None:
+        self.hierarchy = hierarchy
+        self.consumers: list[Callable[[list[Event]], None]] = []
+
+    def pending(self) -> bool:
+        return bool(self.hierarchy.changes)
+
+    def deliver(self) -> None:
+        batch = self.hierarchy.drain_changes()
+        if batch:
+            for consume in self.consumers:
+                consume(batch)
 
 
 class _FlushedSoon:

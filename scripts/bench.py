@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the engine, without installing the package
 
 from encidfs.client import Client  # noqa: E402
-from encidfs.engine import new_hierarchy  # noqa: E402
+from encidfs.engine import new_engine  # noqa: E402
 
 ENCIDS = 1  # subtree_control mask of the encids controller (the hierarchy's only one)
 OPERATIONS = ("read", "write", "procs", "mkdir+rmdir")
@@ -304,7 +304,7 @@ def build(size):
     Returns the hierarchy and the first chain's cgroup at depth DEPTH - 1, whose leaves are at
     depth DEPTH.
     """
-    h = new_hierarchy({"sev": 509, "sev_es": 99})
+    h = new_engine({"sev": 509, "sev_es": 99}).hierarchy
     h.write_subtree_control(h.root, ENCIDS, 0)
     count = 0
     deep = None

@@ -12,7 +12,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..engine import U64_MAX, ChargeRefused, EncidsController, Hierarchy, fail
+from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs import ProcessTracker
 from ..state.changes import Changes
 from .protocol import error_reply
@@ -30,12 +30,13 @@ class Peer:
 
 
 class ControlService:
-    def __init__(self, mountpoint: str, hierarchy: Hierarchy, tracker: ProcessTracker,
+    def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessTracker,
                  changes: Changes, changed: Callable[[], None],
                  restarts: list[dict] | None = None) -> None:
         self.mountpoint = mountpoint
-        self.hierarchy = hierarchy
-        self.encids: EncidsController = hierarchy.controller("encids")  # type: ignore[assignment]
+        self.hierarchy = engine.hierarchy
+        self.allocator = engine.allocator
+        self.types = engine.types
         self.tracker = tracker
         self.changes = changes  # allocations and frees are journalled before they happen
         self.restarts = restarts or []  # the supervisor's: when the daemon died, and how
@@ -51,7 +52,8 @@ class ControlService:
         try:
             return {"ok": True, **op(request, peer)}
         except ChargeRefused as refusal:
-            return error_reply(errno.EBUSY, refusal.strerror, refusal.path)
+            return {**error_reply(errno.EBUSY, refusal.strerror, refusal.path),
+                    "controller": refusal.controller}
         except OSError as error:
             return error_reply(error.errno or errno.EIO, error.strerror or str(error))
         except Exception:  # a bug: this request fails, the daemon goes on
@@ -91,7 +93,7 @@ class ControlService:
         if holder != peer.pid and not self._owner(peer):
             raise fail(errno.EPERM, "only the holder or the mount's owner frees its IDs")
         # A stale request (its holder gone, the IDs handed out again) names the wrong holder.
-        foreign = [i for i in ids if self.encids.holder_of(i) != holder]
+        foreign = [i for i in ids if self.allocator.holder_of(i) != holder]
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {holder}: {foreign}")
         self.changes.run("free", ids)
@@ -99,32 +101,37 @@ class ControlService:
 
     def _status(self, request: dict, peer: Peer) -> dict:
         self.tracker.sync()
+        types = self.types
         cgroups = []
         for cg in self.hierarchy.subtree(self.hierarchy.root):
             entry: dict = {"path": cg.path, "procs": sorted(cg.procs or ()),
                            "populated": cg.populated}
-            css = cg.css[self.encids.ssid]
-            if css is not None:
-                entry["encids"] = {
-                    name: {"max": _limit(css.max[t]),  # type: ignore[attr-defined]
-                           "current": css.usage[t],  # type: ignore[attr-defined]
-                           "events": css.events[t],  # type: ignore[attr-defined]
-                           "capacity": self.encids.capacity[t]}
-                    for t, name in enumerate(self.encids.types)}
+            for controller in self.allocator.controllers:
+                css = cg.css[controller.ssid]
+                if css is not None:
+                    entry[controller.name] = {
+                        name: {"max": _limit(css.max[t]), "current": css.usage[t],  # type: ignore[attr-defined]
+                               "peak": css.peak[t], "events": css.events[t],  # type: ignore[attr-defined]
+                               "events_local": css.events_local[t],  # type: ignore[attr-defined]
+                               "capacity": types.capacity[t]}
+                        for t, name in enumerate(types.names)}
             cgroups.append(entry)
-        holders = []
-        for pid, ids in sorted(self.encids.holdings().items()):
-            charges = {}
+        holders: dict[tuple, list[int]] = {}
+        for pid, ids in sorted(self.allocator.holdings().items()):
             for id_ in sorted(ids):
-                charge = self.encids.charge_of(id_)
-                assert charge is not None
-                key = (self.encids.types[charge.type], charge.cgroup.path)
-                charges.setdefault(key, []).append(id_)
-            holders += [{"pid": pid, "type": t, "cgroup": path, "ids": held}
-                        for (t, path), held in charges.items()]
+                allocation = self.allocator.allocation_of(id_)
+                assert allocation is not None
+                charged = tuple((controller.name, charge.cgroup.path) for controller, charge
+                                in zip(self.allocator.controllers, allocation.charges))
+                key = (pid, types.names[allocation.type], allocation.origin.path, charged)
+                holders.setdefault(key, []).append(id_)
         return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode,
                 "restarts": self.restarts,
-                "cgroups": sorted(cgroups, key=lambda c: c["path"]), "holders": holders}
+                "controllers": [c.name for c in self.allocator.controllers],
+                "cgroups": sorted(cgroups, key=lambda c: c["path"]),
+                "holders": [{"pid": pid, "type": t, "cgroup": origin, "charged": dict(charged),
+                             "ids": ids}
+                            for (pid, t, origin, charged), ids in holders.items()]}
 
     def _owner(self, peer: Peer) -> bool:
         """Root, or the user who mounted (the daemon runs as the mount's owner)."""

@@ -1,16 +1,36 @@
-"""The accounting engine: the cgroup tree, the core rules and the controllers. No I/O."""
+"""The accounting engine: the cgroup tree, the core rules, the controllers and the allocator.
+No I/O."""
 
-from .cgroup import INT_MAX, Cgroup, Change, Hierarchy
-from .encids import U64_MAX, Charge, EncidsController
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .allocator import Allocation, Allocator
+from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy
+from .encids import EncidsController
 from .errors import ChargeRefused, fail
+from .misc import MiscController
+from .resource import U64_MAX, Charge, ResourceController, Types
 
 __all__ = [
-    "INT_MAX", "U64_MAX", "Cgroup", "Change", "Charge", "ChargeRefused", "EncidsController",
-    "Hierarchy", "fail", "new_hierarchy",
+    "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
+    "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "MiscController",
+    "ResourceController", "Types", "fail", "new_engine",
 ]
 
 
-def new_hierarchy(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
-                  max_cgroups: int = INT_MAX) -> Hierarchy:
-    """A hierarchy with the encids controller for the given types."""
-    return Hierarchy([EncidsController(capacities, first_ids)], max_cgroups)
+@dataclass
+class Engine:
+    hierarchy: Hierarchy
+    types: Types
+    allocator: Allocator
+
+
+def new_engine(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
+               controllers: tuple[type[ResourceController], ...] = (EncidsController,),
+               max_cgroups: int = INT_MAX) -> Engine:
+    """A hierarchy with these controllers (in this order) for the given resource types, and the
+    allocator that charges them."""
+    types = Types(capacities, first_ids)
+    hierarchy = Hierarchy([controller(types) for controller in controllers], max_cgroups)
+    return Engine(hierarchy, types, Allocator(hierarchy, types))

@@ -29,10 +29,16 @@ def no_journal() -> None:
 
 
 class Change(Enum):
+    """What the engine tells the layers above, as (Change, cgroup) on its change bus; besides
+    these, (file key, cgroup) notifies the file that a file table row declares with that key
+    (the kernel's cgroup_file_notify())."""
+
     FILES = "files"  # the set of interface files of a cgroup changed
-    EVENTS = "events"  # cgroup.events content changed (populated, frozen)
-    CONTROLLER_EVENTS = "controller-events"  # a controller's events file changed
     REMOVED = "removed"  # the cgroup was removed (it may still be dying)
+
+
+EVENTS_FILE = "cgroup.events"  # the key of cgroup.events: populated or frozen changed
+Event = tuple["Change | str", "Cgroup"]
 
 
 class Cgroup:
@@ -99,7 +105,7 @@ class Hierarchy:
         self.by_id: dict[int, Cgroup] = {}
         self.members: dict[int, Cgroup] = {}  # PID -> cgroup, for PIDs outside the root
         self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
-        self.changes: list[tuple[Change, Cgroup]] = []
+        self.changes: list[Event] = []  # the change bus, drained by the daemon
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
@@ -127,7 +133,7 @@ class Hierarchy:
                 return css
         raise AssertionError("the root has every controller's css")
 
-    def drain_changes(self) -> list[tuple[Change, Cgroup]]:
+    def drain_changes(self) -> list[Event]:
         changes, self.changes = self.changes, []
         return changes
 
@@ -232,7 +238,7 @@ class Hierarchy:
         commit()
         before = {node: self.frozen(node) for node in self.subtree(cg)}
         cg.freeze = freeze
-        self.changes.extend((Change.EVENTS, node) for node, was in before.items()
+        self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
                             if self.frozen(node) != was)
 
     def effective_freeze(self, cg: Cgroup) -> bool:
@@ -256,7 +262,7 @@ class Hierarchy:
         chains = {node for cg in cgroups if self.effective_freeze(cg) for node in cg.ancestors()}
         before = {node: self.frozen(node) for node in chains}
         yield
-        self.changes.extend((Change.EVENTS, node) for node, was in before.items()
+        self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
                             if self.frozen(node) != was)
 
     # -- processes ------------------------------------------------------------------------------
@@ -336,7 +342,7 @@ class Hierarchy:
             return  # populated through its children all along
         node = cg
         while True:
-            self.changes.append((Change.EVENTS, node))
+            self.changes.append((EVENTS_FILE, node))
             parent = node.parent
             if parent is None:
                 return

@@ -8,6 +8,7 @@ only when the last pin goes.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -27,6 +28,13 @@ class Css:
         # Online csses below this one: the kernel's css->nr_descendants (cgroup.stat nr_subsys_*).
         self.nr_descendants = 0
 
+    def ancestors(self) -> Iterator[Css]:
+        """This css and its parents up to the root's."""
+        css: Css | None = self
+        while css is not None:
+            yield css
+            css = css.parent
+
 
 class Controller:
     """What the hierarchy needs from a controller; one module per controller subclasses it."""
@@ -38,20 +46,10 @@ class Controller:
     def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> Css:
         return Css(self.ssid, cgroup, parent)
 
-    # A controller's own state, for snapshots: its css fields, and the charges that pin csses.
+    # A controller's own state in a css, for snapshots.
 
     def dump_css(self, css: Css) -> dict:
         return {}
 
     def load_css(self, css: Css, data: dict) -> None:
         pass
-
-    def dump_charges(self, css_index: dict[Css, int]) -> list[list]:
-        return []
-
-    def load_charges(self, charges: list[list], csses: list[Css]) -> None:
-        pass
-
-    def pins(self) -> list[Css]:
-        """The csses its charges pin, one entry a pin."""
-        return []

@@ -10,9 +10,10 @@ def fail(code: int, detail: str = "") -> OSError:
 
 
 class ChargeRefused(OSError):
-    """A charge went over a limit or the capacity; `path` names the cgroup whose limit refused."""
+    """A charge went over a limit or the capacity: `controller` refused it at `path`."""
 
-    def __init__(self, resource: str, path: str) -> None:
-        super().__init__(errno.EBUSY, f"refused by the limit of {path}")
+    def __init__(self, controller: str, resource: str, path: str) -> None:
+        super().__init__(errno.EBUSY, f"refused by the {controller} limit of {path}")
+        self.controller = controller
         self.resource = resource
         self.path = path

@@ -1,20 +1,22 @@
 """The engine's state as plain data, and back: what a durable journal checkpoints.
 
 `dump` writes every cgroup still in memory (live, and dying ones that charges pin), every css
-(online, and offline ones still pinned) with its controller's own state, the members, and each
-controller's charges.  `load` rebuilds exactly that into a fresh hierarchy and counts the pins,
+(online, and offline ones still pinned) with its controller's own state, the members, and the
+allocations.  `load` rebuilds exactly that into a fresh engine and counts the pins,
 descendants, dying and populated counters from it, children before parents: one pass, however
-deep the tree.
+deep the tree.  A controller the snapshot does not know starts afresh at the root, its books
+holding what is held; one the engine no longer has is left out.
 """
 
 from __future__ import annotations
 
+from .allocator import Allocator
 from .cgroup import Cgroup, Hierarchy
 from .css import Css
 
 
-def dump(h: Hierarchy) -> dict:
-    csses = _csses(h)
+def dump(h: Hierarchy, allocator: Allocator) -> dict:
+    csses = _csses(h, allocator)
     css_index = {css: index for index, css in enumerate(csses)}
     cgroups = _cgroups(h, csses)
     return {
@@ -26,12 +28,12 @@ def dump(h: Hierarchy) -> dict:
                    None if css.parent is None else css_index[css.parent], css.online,
                    h.controllers[css.ssid].dump_css(css)] for css in csses],
         "members": sorted([pid, cg.id] for pid, cg in h.members.items()),
-        "charges": {c.name: c.dump_charges(css_index) for c in h.controllers},
+        "allocations": allocator.dump(css_index),
     }
 
 
-def load(h: Hierarchy, data: dict) -> None:
-    """Into `h`, a hierarchy just made (its root alone), with the same controllers."""
+def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
+    """Into `h` and `allocator`, an engine just made (its root alone)."""
     root = h.root
     cgroups: dict[int, Cgroup] = {}
     for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze \
@@ -52,41 +54,45 @@ def load(h: Hierarchy, data: dict) -> None:
         cg.max_depth, cg.max_descendants, cg.freeze = max_depth, max_descendants, freeze
         cgroups[cgid] = cg
     h._next_id = data["next_id"]
-    for ssid in range(len(h.controllers)):
-        root.css[ssid] = None
-    csses: list[Css] = []
-    for name, cgid, parent_index, online, state in data["csses"]:
+    fresh_roots = {ssid: css for ssid, css in enumerate(root.css)}  # made with the engine
+    root.css = [None] * len(h.controllers)
+    csses: dict[int, Css] = {}  # by index in the snapshot
+    for index, (name, cgid, parent_index, online, state) in enumerate(data["csses"]):
         controller = h.controller(name)
-        assert controller is not None, f"no controller {name}"
+        if controller is None:
+            continue  # a controller this daemon does not offer: its books are left out
         css = controller.css_alloc(cgroups[cgid], None if parent_index is None
                                    else csses[parent_index])
         css.online = online
         controller.load_css(css, state)
         if online:
             css.cgroup.css[css.ssid] = css
-        csses.append(css)
+        csses[index] = css
+    for ssid, css in fresh_roots.items():
+        if root.css[ssid] is None:  # a controller the snapshot's daemon did not offer
+            root.css[ssid] = css
+            csses[-1 - ssid] = css
     for pid, cgid in data["members"]:
         cg = cgroups[cgid]
         h.members[pid] = cg
         if cg.procs is None:
             cg.procs = set()
         cg.procs.add(pid)
-    for controller in h.controllers:
-        controller.load_charges(data["charges"].get(controller.name, []), csses)
-    _recount(h, list(cgroups.values()), csses)
+    allocator.load(data.get("allocations", []), cgroups, csses)
+    _recount(h, allocator, list(cgroups.values()), list(csses.values()))
 
 
-def _csses(h: Hierarchy) -> list[Css]:
+def _csses(h: Hierarchy, allocator: Allocator) -> list[Css]:
     """Online csses of live cgroups and every css a charge pins, with their ancestors; parents
     before children."""
     found: set[Css] = set()
     for cg in h.subtree(h.root):
         found.update(css for css in cg.css if css is not None)
-    for controller in h.controllers:
-        for css in controller.pins():
-            while css is not None and css not in found:
-                found.add(css)
-                css = css.parent  # type: ignore[assignment]
+    for pinned in allocator.pins():
+        for css in pinned.ancestors():
+            if css in found:
+                break
+            found.add(css)
     return sorted(found, key=lambda css: (css.cgroup.level, css.cgroup.id, css.ssid,
                                           not css.online))
 
@@ -95,10 +101,10 @@ def _cgroups(h: Hierarchy, csses: list[Css]) -> list[Cgroup]:
     """Live cgroups and the dying ones the csses keep, with their ancestors; parents first."""
     found = set(h.subtree(h.root))
     for css in csses:
-        cg: Cgroup | None = css.cgroup
-        while cg is not None and cg not in found:
+        for cg in css.cgroup.ancestors():
+            if cg in found:
+                break
             found.add(cg)
-            cg = cg.parent
     return sorted(found, key=lambda cg: (cg.level, cg.id))
 
 
@@ -106,18 +112,20 @@ def _mask(h: Hierarchy, names: list[str]) -> int:
     return sum(1 << c.ssid for c in h.controllers if c.name in names)
 
 
-def _recount(h: Hierarchy, cgroups: list[Cgroup], csses: list[Css]) -> None:
+def _recount(h: Hierarchy, allocator: Allocator, cgroups: list[Cgroup],
+             csses: list[Css]) -> None:
     """Every count that follows from the structure, as the operations would have left it."""
     for cg in cgroups:
         cg.refs = 0 if cg.dying else 1
     for css in csses:
         css.refs = 1 if css.online else 0
+        css.nr_descendants = 0
         css.cgroup.refs += 1
+    for css in csses:
         if css.parent is not None:
             css.parent.refs += 1
-    for controller in h.controllers:
-        for css in controller.pins():
-            css.refs += 1
+    for css in allocator.pins():
+        css.refs += 1
     own_dying = {cg: [0] * len(h.controllers) for cg in cgroups}
     for css in csses:
         if not css.online:

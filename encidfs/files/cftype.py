@@ -48,6 +48,9 @@ class CfType:
     write: Write | None = None  # gets the written text up to its first NUL, unstripped
     placement: Placement = Placement.EVERYWHERE
     controller: Controller | None = None  # present only where that controller has a css
+    # The key the engine notifies this file by (the kernel's .file_offset to a cgroup_file):
+    # poll(2) wakes once the file's content changed.
+    notify: str | None = None
 
     @property
     def mode(self) -> int:

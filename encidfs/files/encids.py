@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..engine import U64_MAX, Cgroup, EncidsController
+from ..engine.encids import events_file
 from .cftype import Caller, CfType, Placement
 from .core import Changes
 from .parse import kstrtoull, strstrip
@@ -14,7 +15,8 @@ def _limit(value: int) -> str:
 
 def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]:
     files: list[CfType] = []
-    for t, type_name in enumerate(controller.types):
+    types = controller.types
+    for t, type_name in enumerate(types.names):
         prefix = f"{controller.name}.{type_name}"
 
         def show_max(cg: Cgroup, t: int = t) -> str:
@@ -23,7 +25,7 @@ def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]
         def write_max(cg: Cgroup, text: bytes, caller: Caller, t: int = t) -> None:
             text = strstrip(text)
             value = U64_MAX if text == b"max" else kstrtoull(text, 0)
-            changes.run("set_max", cg.id, controller.name, controller.types[t], value)
+            changes.run("set_max", cg.id, controller.name, types.names[t], value)
 
         def show_current(cg: Cgroup, t: int = t) -> str:
             return f"{controller.css_of(cg).usage[t]}\n"
@@ -32,12 +34,14 @@ def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]
             return f"max {controller.css_of(cg).events[t]}\n"
 
         def show_stat(cg: Cgroup, t: int = t) -> str:
-            return f"total {controller.capacity[t]}\nused {controller.used(t)}\n"
+            return f"total {types.capacity[t]}\nused {controller.used(t)}\n"
 
+        not_on_root, only_on_root = Placement.NOT_ON_ROOT, Placement.ONLY_ON_ROOT
         files += [
-            CfType(f"{prefix}.max", show_max, write_max, Placement.NOT_ON_ROOT, controller),
-            CfType(f"{prefix}.current", show_current, None, Placement.NOT_ON_ROOT, controller),
-            CfType(f"{prefix}.events", show_events, None, Placement.NOT_ON_ROOT, controller),
-            CfType(f"{prefix}.stat", show_stat, None, Placement.ONLY_ON_ROOT, controller),
+            CfType(f"{prefix}.max", show_max, write_max, not_on_root, controller),
+            CfType(f"{prefix}.current", show_current, None, not_on_root, controller),
+            CfType(f"{prefix}.events", show_events, None, not_on_root, controller,
+                   notify=events_file(type_name)),
+            CfType(f"{prefix}.stat", show_stat, None, only_on_root, controller),
         ]
     return files

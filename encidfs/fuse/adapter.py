@@ -12,17 +12,24 @@ import functools
 import logging
 import select
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pyfuse3
 import trio
 
 from ..files.cftype import Caller
-from ..files.table import FileTable, Node, OpenFile
+from ..engine.cgroup import Event
+from ..files.kernfs import Kernfs, Node, OpenFile
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Bus(Protocol):
+    def pending(self) -> bool: ...
+
+    def deliver(self) -> None: ...
 
 
 def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
@@ -36,8 +43,9 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
             try:
                 return await method(self, *args)
             finally:
-                if self.table.changed:
-                    await self.apply_changes()
+                if self.bus.pending():
+                    self.bus.deliver()
+                    await self.invalidate()
         except OSError as error:
             raise pyfuse3.FUSEError(error.errno or errno.EIO) from None
         except pyfuse3.FUSEError:
@@ -68,52 +76,53 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 
 class CgroupOperations(pyfuse3.Operations):
-    def __init__(self, table: FileTable, cache_timeout: float) -> None:
+    def __init__(self, kernfs: Kernfs, cache_timeout: float, bus: Bus) -> None:
+        """`bus` is the engine's change bus: after each request it is delivered to its
+        consumers, of which consume() is one."""
         super().__init__()
-        self.table = table
+        self.kernfs = kernfs
         self.cache_timeout = cache_timeout
+        self.bus = bus
         self._open_files: dict[int, OpenFile] = {}
         self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
         # inode -> open file -> the handle to wake its poller with (one per open file)
         self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
+        self._stale: list[tuple[int, bytes]] = []  # directory entries to invalidate
         self._next_fh = 1
 
-    async def apply_changes(self) -> None:
+    def consume(self, batch: list[Event]) -> None:
+        """A batch from the change bus: wake the pollers of the files it notifies, and keep the
+        directory entries it makes stale for invalidate() or invalidate_soon()."""
+        stale, notified = self.kernfs.consume(batch)
+        for inode in notified:
+            for handle in self._pollers.pop(inode, {}).values():
+                handle.notify()
+        self._stale += stale
+
+    async def invalidate(self) -> None:
         """After a request: files that vanished are gone from the kernel's cache before the reply.
 
         Invalidation blocks until the kernel is done with the entry, so it runs in a thread
         while this loop goes on serving other requests."""
-        stale = self._drain()
+        stale, self._stale = self._stale, []
         if stale:
             await trio.to_thread.run_sync(_invalidate, stale)
 
-    def flush_changes(self) -> None:
+    def invalidate_soon(self) -> None:
         """After a change from elsewhere (process events, the control socket)."""
-        try:
-            stale = self._drain()
-        except Exception:
-            log.exception("applying changes failed")  # e.g. the state file: logged, not fatal
-            return
+        stale, self._stale = self._stale, []
         for dir_inode, name in stale:
             pyfuse3.invalidate_entry_async(dir_inode, name, ignore_enoent=True)
 
-    def _drain(self) -> list[tuple[int, bytes]]:
-        """Wake the pollers of notified files; return the stale directory entries."""
-        stale, notified = self.table.drain()
-        for inode in notified:
-            for handle in self._pollers.pop(inode, {}).values():
-                handle.notify()
-        return stale
-
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
-        attr = self.table.attr(node)
+        attr = self.kernfs.attr(node)
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
         entry.entry_timeout = self.cache_timeout
         entry.attr_timeout = self.cache_timeout
         entry.st_mode = attr.mode
-        entry.st_nlink = self.table.nlink(node)
+        entry.st_nlink = self.kernfs.nlink(node)
         entry.st_uid = attr.uid
         entry.st_gid = attr.gid
         entry.st_size = 0
@@ -133,18 +142,18 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
-        return self._entry(self.table.lookup(parent_inode, name))
+        return self._entry(self.kernfs.lookup(parent_inode, name))
 
     @translated
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext):
-        return self._entry(self.table.node(inode))
+        return self._entry(self.kernfs.node(inode))
 
     @translated
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes,
                       fields: pyfuse3.SetattrFields, fh: int | None, ctx: pyfuse3.RequestContext):
-        node = self.table.node(inode)
+        node = self.kernfs.node(inode)
         # A size change (O_TRUNC, truncate) is accepted and means nothing, as on kernfs.
-        self.table.setattr(
+        self.kernfs.setattr(
             node,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
@@ -162,26 +171,26 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
-        return self.table.getxattr(self.table.node(inode), name)
+        return self.kernfs.getxattr(self.kernfs.node(inode), name)
 
     @translated
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext):
-        return self.table.listxattr(self.table.node(inode))
+        return self.kernfs.listxattr(self.kernfs.node(inode))
 
     @translated
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):
-        self.table.setxattr(self.table.node(inode), name, value)
+        self.kernfs.setxattr(self.kernfs.node(inode), name, value)
 
     @translated
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
-        self.table.removexattr(self.table.node(inode), name)
+        self.kernfs.removexattr(self.kernfs.node(inode), name)
 
     # -- directories --------------------------------------------------------------------------
 
     @translated
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext):
         fh = self._new_fh()
-        self._open_dirs[fh] = self.table.entries(inode)
+        self._open_dirs[fh] = self.kernfs.entries(inode)
         return fh
 
     @translated
@@ -202,11 +211,11 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
-        return self._entry(self.table.mkdir(parent_inode, name, mode, _caller(ctx)))
+        return self._entry(self.kernfs.mkdir(parent_inode, name, mode, _caller(ctx)))
 
     @translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
-        self.table.rmdir(parent_inode, name)
+        self.kernfs.rmdir(parent_inode, name)
 
     # cgroupfs has no way to make or change names other than mkdir/rmdir; these are its errnos.
 
@@ -238,7 +247,7 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
-        open_file = self.table.open(self.table.node(inode), _caller(ctx))
+        open_file = self.kernfs.open(self.kernfs.node(inode), _caller(ctx))
         fh = self._new_fh()
         self._open_files[fh] = open_file
         # Contents are generated per read and the size is 0: the page cache must stay out.

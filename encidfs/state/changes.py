@@ -15,9 +15,9 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
-from ..engine import ChargeRefused, EncidsController, Hierarchy
+from ..engine import ChargeRefused, Engine, ResourceController
 from ..engine.cgroup import Cgroup, Commit, no_journal
-from ..files.table import FileTable
+from ..files.kernfs import Kernfs
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,11 @@ class Changes:
     NAMES = frozenset({"mkdir", "rmdir", "subtree_control", "set", "set_max", "setattr",
                        "setxattr", "removexattr", "attach", "allocate", "free", "fork", "exit"})
 
-    def __init__(self, hierarchy: Hierarchy) -> None:
-        self.hierarchy = hierarchy
-        self.table: FileTable  # set once the file table (which needs this object) is made
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.hierarchy = engine.hierarchy
+        self.allocator = engine.allocator
+        self.kernfs: Kernfs  # set once the file table (which needs this object) is made
         self.journal: Journal | None = None
         # When each member and holder started (ticks since boot): a restore drops the ones
         # whose PID has another process by then.
@@ -84,7 +86,7 @@ class Changes:
 
     def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int,
               commit: Commit = no_journal) -> Cgroup:
-        return self.table.apply_mkdir(self._cgroup(parent), name, mode, uid, gid, commit)
+        return self.kernfs.apply_mkdir(self._cgroup(parent), name, mode, uid, gid, commit)
 
     def rmdir(self, cgroup: int, commit: Commit = no_journal) -> None:
         self.hierarchy.rmdir(self._cgroup(cgroup), commit)
@@ -95,10 +97,10 @@ class Changes:
         enable_mask, disable_mask = (sum(1 << c.ssid for c in h.controllers if c.name in names)
                                      for names in (enable, disable))
         # The kernel meets a name taken by a directory only when it makes the files.
-        self.table.check_file_collisions(cg, h.vet_subtree_control(cg, enable_mask,
+        self.kernfs.check_file_collisions(cg, h.vet_subtree_control(cg, enable_mask,
                                                                    disable_mask)[0])
         h.write_subtree_control(cg, enable_mask, disable_mask, commit)
-        self.table.controller_files_made(cg, uid, gid)
+        self.kernfs.controller_files_made(cg, uid, gid)
 
     def set(self, cgroup: int, key: str, value: int, commit: Commit = no_journal) -> None:
         """cgroup.max.depth, cgroup.max.descendants, cgroup.freeze."""
@@ -109,22 +111,23 @@ class Changes:
 
     def set_max(self, cgroup: int, controller: str, type_name: str, value: int,
                 commit: Commit = no_journal) -> None:
-        encids = self.controller(controller)
-        encids.set_max(self._cgroup(cgroup), encids.type_index(type_name), value, commit)
+        """encids.<type>.max, misc.max."""
+        self.controller(controller).set_max(self._cgroup(cgroup),
+                                            self.engine.types.index(type_name), value, commit)
 
     # -- node attributes ------------------------------------------------------------------------
 
     def setattr(self, cgroup: int, file: str, mode: int | None, uid: int | None,
                 gid: int | None, commit: Commit = no_journal) -> None:
-        self.table.apply_setattr(self._cgroup(cgroup), file, mode, uid, gid, commit)
+        self.kernfs.apply_setattr(self._cgroup(cgroup), file, mode, uid, gid, commit)
 
     def setxattr(self, cgroup: int, file: str, name: str, value: str,
                  commit: Commit = no_journal) -> None:
-        self.table.apply_setxattr(self._cgroup(cgroup), file, name, value, commit)
+        self.kernfs.apply_setxattr(self._cgroup(cgroup), file, name, value, commit)
 
     def removexattr(self, cgroup: int, file: str, name: str,
                     commit: Commit = no_journal) -> None:
-        self.table.apply_removexattr(self._cgroup(cgroup), file, name, commit)
+        self.kernfs.apply_removexattr(self._cgroup(cgroup), file, name, commit)
 
     # -- processes and IDs ----------------------------------------------------------------------
 
@@ -135,14 +138,13 @@ class Changes:
 
     def allocate(self, holder: int, start: int, type_name: str, count: int,
                  commit: Commit = no_journal) -> list[int]:
-        ids = self.controller("encids").allocate(holder, type_name, count, commit)
+        ids = self.allocator.allocate(holder, type_name, count, commit)
         self._started(holder, start)
         return ids
 
     def free(self, ids: list[int], commit: Commit = no_journal) -> None:
-        encids = self.controller("encids")
-        holders = {encids.holder_of(id_) for id_ in ids}
-        encids.free(ids, commit)
+        holders = {self.allocator.holder_of(id_) for id_ in ids}
+        self.allocator.free(ids, commit)
         for holder in holders:
             self._started(holder, None)
 
@@ -152,21 +154,21 @@ class Changes:
 
     def exit(self, pid: int) -> None:
         self.hierarchy.exit(pid)
-        self.controller("encids").release_holder(pid)  # like a VM's fd closing with it
+        self.allocator.release_holder(pid)  # like a VM's fd closing with it
         self.starts.pop(pid, None)
 
     def _started(self, pid: int | None, start: int | None) -> None:
         """Keep the start time of a member or holder; forget a PID that is neither."""
         if pid is None:
             return
-        if pid in self.hierarchy.members or pid in self.controller("encids").holdings():
+        if pid in self.hierarchy.members or pid in self.allocator.holdings():
             if start is not None:
                 self.starts[pid] = start
         else:
             self.starts.pop(pid, None)
 
-    def controller(self, name: str) -> EncidsController:
+    def controller(self, name: str) -> ResourceController:
         controller = self.hierarchy.controller(name)
-        if controller is None:
+        if not isinstance(controller, ResourceController):
             raise LookupError(f"no controller {name!r}")
-        return controller  # type: ignore[return-value]
+        return controller

@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def snapshot(changes: Changes) -> dict:
-    return {"engine": engine_snapshot.dump(changes.hierarchy), "nodes": changes.table.dump(),
+    return {"engine": engine_snapshot.dump(changes.hierarchy, changes.allocator),
+            "nodes": changes.kernfs.dump(),
             "starts": {str(pid): start for pid, start in changes.starts.items()}}
 
 
@@ -32,23 +33,22 @@ def restore(store: StateStore, changes: Changes,
     store.snapshot = lambda: snapshot(changes)
     store.size = lambda: size(changes)
     data, records, old = store.open()
-    h, table = changes.hierarchy, changes.table
+    h, table = changes.hierarchy, changes.kernfs
     if old is not None:
         v1.restore(old, changes, start_time_now)
     else:
         if data is not None:
-            engine_snapshot.load(h, data["engine"])
+            engine_snapshot.load(h, changes.allocator, _upgrade(data["engine"]))
             table.load(data["nodes"])
             changes.starts = {int(pid): start for pid, start in data["starts"].items()}
         failed = changes.replay(records)
         if failed:
             log.warning("%d of %d journal records could not be replayed", failed, len(records))
-    encids = changes.controller("encids")
-    processes = sorted(set(h.members) | set(encids.holdings()))
+    processes = sorted(set(h.members) | set(changes.allocator.holdings()))
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:
         changes.exit(pid)
-    table.drain()  # nothing is mounted yet: no cache to invalidate, nobody polls
+    table.consume(h.drain_changes())  # nothing is mounted yet: no cache, nobody polls
     if old is not None:
         store.upgrade(old)
         log.info("%s: upgraded from state format 1", store.path)
@@ -62,3 +62,15 @@ def restore(store: StateStore, changes: Changes,
     log.info("restored %d cgroups and %d processes from %s (%d gone since)", len(h.by_id),
              len(processes) - len(gone), store.path, len(gone))
     return [pid for pid in processes if pid not in gone]
+
+
+def _upgrade(engine: dict) -> dict:
+    """A snapshot of the first journalled release (schema 2) had only encids, whose charges
+    it kept per controller: as allocations, they are charged to every controller now."""
+    if "allocations" in engine or "charges" not in engine:
+        return engine
+    origin = {index: css[1] for index, css in enumerate(engine["csses"])}
+    engine = dict(engine)
+    engine["allocations"] = [[type_name, holder, origin[css], ids, {"encids": css}]
+                             for css, type_name, holder, ids in engine.pop("charges")["encids"]]
+    return engine

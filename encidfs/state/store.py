@@ -32,7 +32,7 @@ from .changes import Record
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 2: encids only, charges per controller; 3: allocations across controllers
 _SCHEMA = """
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE snapshot (id INTEGER PRIMARY KEY CHECK (id = 1), data TEXT NOT NULL);
@@ -127,6 +127,8 @@ class StateStore:
             else:
                 self._db = db
                 self._set_pragmas()
+                # An older snapshot is read as it is (restore.py upgrades it); the first
+                # checkpoint writes it, and the schema, anew.
                 snapshot, records = self._read()
                 self._log_rows = len(records)
                 self._remember_identity()
@@ -155,9 +157,9 @@ class StateStore:
         problem = None
         if meta.get("application") != "encidfs":
             problem = f"{self.path} is not an encidfs state file; it is left as it is"
-        elif meta.get("schema") not in ("1", str(SCHEMA_VERSION)):
+        elif meta.get("schema") not in ("1", "2", str(SCHEMA_VERSION)):
             problem = (f"{self.path} has state format {meta.get('schema')}, this encidfs reads "
-                       f"1 and {SCHEMA_VERSION}; it is left as it is")
+                       f"1 to {SCHEMA_VERSION}; it is left as it is")
         elif json.loads(meta.get("layout", "null")) != self.layout:
             problem = (f"{self.path} was made for other resource types or capacities "
                        f"({meta.get('layout')}); mount with those, or use another file")
@@ -292,6 +294,7 @@ class StateStore:
             db.execute("DELETE FROM log")
             db.execute("INSERT OR REPLACE INTO snapshot VALUES (1, ?)",
                        (json.dumps(self.snapshot()),))
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
         db.executemany("INSERT INTO log (record) VALUES (?)",
                        [(json.dumps(record),) for record in records])
         db.execute("COMMIT")

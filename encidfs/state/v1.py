@@ -50,13 +50,12 @@ def restore(db: sqlite3.Connection, changes: Changes,
             "SELECT id, type, holder, start, path, dying FROM allocations ORDER BY id"):
         if start_time(holder) == start:
             held[(holder, start, type_name, path, dying)].append(id_)
-    encids = changes.controller("encids")
     stand_ins: dict[str, Cgroup] = {}
     for (holder, start, type_name, path, dying), ids in held.items():
         cg = cgroups.get(path) if not dying else None
-        if type_name in encids.types:
-            encids.adopt(holder, type_name, ids, cg or _stand_in(changes, cgroups, stand_ins,
-                                                                 path))
+        if type_name in changes.engine.types.names:
+            changes.allocator.adopt(holder, type_name, ids,
+                                    cg or _stand_in(changes, cgroups, stand_ins, path))
             changes.starts[holder] = start
     for cg in sorted(stand_ins.values(), key=lambda cg: -cg.level):
         changes.rmdir(cg.id)  # dying again, until its charges go

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from encidfs.engine import Change, ChargeRefused, new_hierarchy
+from encidfs.engine import EVENTS_FILE, Change, ChargeRefused, new_engine
 
 ENCIDS = 1  # subtree_control mask of encids, the hierarchy's only controller
 
@@ -14,6 +14,10 @@ ENCIDS = 1  # subtree_control mask of encids, the hierarchy's only controller
 @pytest.fixture
 def h():
     return new_hierarchy({"sev": 8})
+
+
+def new_hierarchy(capacities):
+    return new_engine(capacities).hierarchy
 
 
 def raises_errno(code):
@@ -31,7 +35,7 @@ def chain(h, parent, *names):
 
 
 def events_logged(h):
-    return Counter(cg.path for change, cg in h.drain_changes() if change is Change.EVENTS)
+    return Counter(cg.path for change, cg in h.drain_changes() if change == EVENTS_FILE)
 
 
 def populated_map(h):

@@ -13,7 +13,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from encidfs.engine import INT_MAX, U64_MAX, Change, ChargeRefused, new_hierarchy
+from encidfs.engine import INT_MAX, U64_MAX, ChargeRefused, new_engine
 
 ENCIDS = 1
 CAPACITIES = {"sev": 12, "sev_es": 4, "tdx": 0}
@@ -78,7 +78,7 @@ class EngineMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.h = new_hierarchy(CAPACITIES)
+        self.h = new_engine(CAPACITIES).hierarchy
         self.encids = self.h.controller("encids")
         self.paths = {"/"}  # live cgroups
         self.enabled = set()  # paths whose subtree_control enables encids
@@ -292,7 +292,7 @@ class EngineMachine(RuleBasedStateMachine):
                 expected[t] += key in counted
                 assert list(events) == expected
             assert Counter(self.h.drain_changes()) == Counter(
-                (Change.CONTROLLER_EVENTS, level.cgroup) for level in css_chain(refusing))
+                (f"encids.{type_name}.events", level.cgroup) for level in css_chain(refusing))
             return
         assert refusing is None, f"charge accepted over the limit of {refusing.cgroup.path}"
         assert charge.css is css

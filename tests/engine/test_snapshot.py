@@ -8,18 +8,21 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from encidfs.engine import new_hierarchy
+from encidfs.engine import EncidsController, MiscController, new_engine
 from encidfs.engine import snapshot
 
 ENCIDS = 1
 CAPACITIES = {"sev": 8, "sev_es": 3}
+BOTH = (EncidsController, MiscController)
+ENCIDS, MISC = 1, 2  # subtree_control masks
 NAMES = ("a", "b", "c")
 PIDS = range(1, 7)
 
 
-def fingerprint(h):
+def fingerprint(engine):
     """Everything a snapshot must give back, with the counters, in dump order."""
-    csses = snapshot._csses(h)
+    h, allocator = engine.hierarchy, engine.allocator
+    csses = snapshot._csses(h, allocator)
     cgroups = snapshot._cgroups(h, csses)
     index = {css: i for i, css in enumerate(csses)}
     return (
@@ -27,23 +30,24 @@ def fingerprint(h):
           cg.nr_descendants, cg.nr_dying_descendants, tuple(cg.nr_dying_subsys),
           cg.nr_populated_children, cg.populated, sorted(cg.children), sorted(cg.procs or ()),
           [index.get(css) for css in cg.css]) for cg in cgroups],
-        [(css.cgroup.id, index.get(css.parent), css.online, css.refs, css.nr_descendants,
-          tuple(css.usage), tuple(css.max), tuple(css.events)) for css in csses],
+        [(css.ssid, css.cgroup.id, index.get(css.parent), css.online, css.refs,
+          css.nr_descendants, tuple(css.usage), tuple(css.max), tuple(css.peak),
+          tuple(css.events), tuple(css.events_local)) for css in csses],
         sorted(h.by_id), {pid: cg.id for pid, cg in h.members.items()},
-        {pid: sorted(ids) for pid, ids in h.controller("encids").holdings().items()},
+        {pid: sorted(ids) for pid, ids in allocator.holdings().items()},
     )
 
 
-def free_ids(h):
-    encids = h.controller("encids")
-    return {t: [i for i in space.ids if encids.holder_of(i) is None]
-            for t, space in zip(encids.types, encids.spaces)}
+def free_ids(engine):
+    allocator = engine.allocator
+    return [[i for i in space.ids if allocator.holder_of(i) is None]
+            for space in allocator.spaces]
 
 
-def round_trip(h):
-    data = snapshot.dump(h)
-    copy = new_hierarchy(CAPACITIES)
-    snapshot.load(copy, data)
+def round_trip(engine, controllers=BOTH):
+    data = snapshot.dump(engine.hierarchy, engine.allocator)
+    copy = new_engine(CAPACITIES, controllers=controllers)
+    snapshot.load(copy.hierarchy, copy.allocator, data)
     return data, copy
 
 
@@ -53,8 +57,9 @@ class SnapshotMachine(RuleBasedStateMachine):
 
     def __init__(self):
         super().__init__()
-        self.h = new_hierarchy(CAPACITIES)
-        self.encids = self.h.controller("encids")
+        self.engine = new_engine(CAPACITIES, controllers=BOTH)
+        self.h = self.engine.hierarchy
+        self.allocator = self.engine.allocator
 
     def cgroup(self, data):
         live = sorted(self.h.by_id.values(), key=lambda cg: cg.id)
@@ -75,14 +80,15 @@ class SnapshotMachine(RuleBasedStateMachine):
     def rmdir(self, data):
         self.attempt(lambda: self.h.rmdir(self.cgroup(data)))
 
-    @rule(data=st.data(), enable=st.booleans())
-    def subtree_control(self, data, enable):
-        mask = (ENCIDS, 0) if enable else (0, ENCIDS)
-        self.attempt(lambda: self.h.write_subtree_control(self.cgroup(data), *mask))
+    @rule(data=st.data(), enable=st.booleans(), mask=st.sampled_from([ENCIDS, MISC]))
+    def subtree_control(self, data, enable, mask):
+        masks = (mask, 0) if enable else (0, mask)
+        self.attempt(lambda: self.h.write_subtree_control(self.cgroup(data), *masks))
 
-    @rule(data=st.data(), t=st.sampled_from([0, 1]), value=st.integers(0, 9))
-    def set_max(self, data, t, value):
-        self.attempt(lambda: self.encids.set_max(self.cgroup(data), t, value))
+    @rule(data=st.data(), controller=st.sampled_from([0, 1]), t=st.sampled_from([0, 1]),
+          value=st.integers(0, 9))
+    def set_max(self, data, controller, t, value):
+        self.attempt(lambda: self.h.controllers[controller].set_max(self.cgroup(data), t, value))
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS), freeze=st.booleans())
     def settings(self, data, pid, freeze):
@@ -97,27 +103,27 @@ class SnapshotMachine(RuleBasedStateMachine):
     @rule(pid=st.sampled_from(PIDS))
     def exit(self, pid):
         self.h.exit(pid)
-        self.encids.release_holder(pid)
+        self.allocator.release_holder(pid)
 
     @rule(pid=st.sampled_from(PIDS), type_name=st.sampled_from(list(CAPACITIES)),
           count=st.integers(1, 3))
     def allocate(self, pid, type_name, count):
-        self.attempt(lambda: self.encids.allocate(pid, type_name, count))
+        self.attempt(lambda: self.allocator.allocate(pid, type_name, count))
 
     @rule(data=st.data())
     def free(self, data):
-        held = sorted(i for ids in self.encids.holdings().values() for i in ids)
+        held = sorted(i for ids in self.allocator.holdings().values() for i in ids)
         if held:
-            self.encids.free(data.draw(st.lists(st.sampled_from(held), min_size=1,
-                                                unique=True)))
+            self.allocator.free(data.draw(st.lists(st.sampled_from(held), min_size=1,
+                                                   unique=True)))
 
     @invariant()
     def a_snapshot_gives_back_the_same_engine(self):
         self.h.drain_changes()
-        data, copy = round_trip(self.h)
-        assert snapshot.dump(copy) == data
-        assert fingerprint(copy) == fingerprint(self.h)
-        assert free_ids(copy) == free_ids(self.h)
+        data, copy = round_trip(self.engine)
+        assert snapshot.dump(copy.hierarchy, copy.allocator) == data
+        assert fingerprint(copy) == fingerprint(self.engine)
+        assert free_ids(copy) == free_ids(self.engine)
 
 
 TestSnapshot = SnapshotMachine.TestCase
@@ -126,32 +132,51 @@ TestSnapshot.settings = settings(max_examples=150, stateful_step_count=40, deadl
 
 
 def test_a_loaded_engine_goes_on_as_the_original_would():
-    h = new_hierarchy(CAPACITIES)
-    encids = h.controller("encids")
-    h.write_subtree_control(h.root, ENCIDS, 0)
+    engine = new_engine(CAPACITIES, controllers=BOTH)
+    h, allocator = engine.hierarchy, engine.allocator
+    h.write_subtree_control(h.root, ENCIDS | MISC, 0)
     a = h.mkdir(h.root, "a")
     h.write_subtree_control(a, ENCIDS, 0)
     b = h.mkdir(a, "b")
     h.attach(7, b)
-    encids.allocate(7, "sev", 3)
+    allocator.allocate(7, "sev", 3)
     h.attach(7, h.root)
     h.rmdir(b)  # dying, pinned by the charge
-    encids.free([2])
-    _, copy = round_trip(h)
-    copied = copy.controller("encids")
-    assert copied.allocate(9, "sev", 2) == encids.allocate(9, "sev", 2) == [2, 4]
-    copied.release_holder(7)
-    encids.release_holder(7)
-    assert fingerprint(copy) == fingerprint(h)
-    assert copy.root.nr_dying_descendants == 0 and "b" not in copy.by_id[a.id].children
+    allocator.free([2])
+    _, copy = round_trip(engine)
+    assert copy.allocator.allocate(9, "sev", 2) == allocator.allocate(9, "sev", 2) == [2, 4]
+    copy.allocator.release_holder(7)
+    allocator.release_holder(7)
+    assert fingerprint(copy) == fingerprint(engine)
+    assert copy.hierarchy.root.nr_dying_descendants == 0
+    assert "b" not in copy.hierarchy.by_id[a.id].children
+
+
+def test_a_controller_the_snapshot_lacks_starts_with_what_is_held():
+    # A snapshot of a daemon that offered encids alone, loaded where misc is offered too.
+    engine = new_engine(CAPACITIES)
+    h, allocator = engine.hierarchy, engine.allocator
+    h.write_subtree_control(h.root, ENCIDS, 0)
+    a = h.mkdir(h.root, "a")
+    h.attach(7, a)
+    allocator.allocate(7, "sev", 3)
+    _, copy = round_trip(engine, BOTH)
+    misc = copy.hierarchy.controller("misc")
+    assert misc.css_of(copy.hierarchy.root).usage == [3, 0]
+    assert copy.hierarchy.controller("encids").css_of(copy.hierarchy.by_id[a.id]).usage == [3, 0]
+    copy.allocator.release_holder(7)
+    assert misc.css_of(copy.hierarchy.root).usage == [0, 0]
+    # And back: a controller no longer offered is left out.
+    _, back = round_trip(copy, (EncidsController,))
+    assert [c.name for c in back.hierarchy.controllers] == ["encids"]
 
 
 @pytest.mark.parametrize("depth", [10_000])
 def test_a_deep_chain_loads_in_one_pass(depth):
-    h = new_hierarchy(CAPACITIES)
-    cg = h.root
+    engine = new_engine(CAPACITIES)
+    cg = engine.hierarchy.root
     for _ in range(depth):
-        cg = h.mkdir(cg, "c")
-    _, copy = round_trip(h)
-    assert copy.root.nr_descendants == depth
-    assert max(cg.level for cg in copy.by_id.values()) == depth
+        cg = engine.hierarchy.mkdir(cg, "c")
+    _, copy = round_trip(engine)
+    assert copy.hierarchy.root.nr_descendants == depth
+    assert max(cg.level for cg in copy.hierarchy.by_id.values()) == depth

@@ -274,7 +274,7 @@ def test_encidfs_run_refused_by_a_limit_prints_one_line(cgroup, mnt, procs):
                      "echo", "must not run")
     assert result.returncode == 1
     assert result.stdout == ""
-    assert result.stderr == "encidfs: sev: EBUSY: refused by the limit of /a\n"
+    assert result.stderr == "encidfs: sev: EBUSY: refused by the encids limit of /a\n"
     assert current(a) == 1 and used(mnt) == 1
     assert refusals(a) == "max 1\n"
     wait_until(lambda: pids(a) == [holder.pid], "the refused runner to leave /a")
@@ -555,7 +555,7 @@ def test_shell_sequence_of_the_issue(cgroup, mnt, procs, tmp_path):
             encidfs run --type sev -- sleep 100
         """, check=False, env=env)
         assert refused_run.returncode == 1
-        assert refused_run.stderr == "encidfs: sev: EBUSY: refused by the limit of /a\n"
+        assert refused_run.stderr == "encidfs: sev: EBUSY: refused by the encids limit of /a\n"
         assert current(a) == 1
         assert read(a / "encids.sev.events") == "max 1\n"
 

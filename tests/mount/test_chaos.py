@@ -3,7 +3,7 @@
 For ENCIDFS_CHAOS_SECONDS seconds (default 60), on `encidfs mount` as a user runs it (with its
 supervisor and its default runtime journal) and a small capacity (sev=16, sev_es=4):
 
-- a limits worker writes encids.<T>.max of four cgroups;
+- a limits worker writes encids.<T>.max and misc.max of four cgroups;
 - a tree worker makes and removes cgroups;
 - holder workers move their `sleep` holders between two cgroups, allocate and free IDs for them
   through the control socket, kill them and start new ones;
@@ -13,8 +13,8 @@ supervisor and its default runtime journal) and a small capacity (sev=16, sev_es
 Every change a worker saw acknowledged is written down; one whose request failed (the daemon
 died under it) is unknown until the next check.  After each kill, once the mount answers again,
 the workers pause and the mount is checked: every acknowledged change is there, no ID is held
-twice, every cgroup's encids.<T>.current equals the IDs its subtree's live holders hold, and
-encids.<T>.stat's used is the sum.  What was unknown is then read back, and the run goes on.
+twice, in each controller every cgroup's current equals the IDs its subtree's live holders
+hold, and encids.<T>.stat's used is the sum.  What was unknown is then read back, and the run goes on.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ SEED = os.environ.get("ENCIDFS_CHAOS_SEED") or os.urandom(4).hex()
 CAPACITY = {"sev": 16, "sev_es": 4}
 NOBODY = 65534
 LIMITED = [f"l{n}" for n in range(4)]
+CONTROLLERS = ("encids", "misc")
 TREE_NAMES = [f"n{n}" for n in range(8)]
 HOMES = ("m0", "m1")  # where holders live
 HOLDER_WORKERS, HOLDERS_EACH = 2, 2
@@ -59,6 +60,22 @@ while true; do
     rmdir x/y x 2>/dev/null
 done
 """
+
+
+def limit_file(mnt: Path, key: tuple[str, str, str], value: str) -> tuple[Path, str]:
+    """Where and what to write to set a limit: (cgroup, controller, type)."""
+    cgroup, controller, type_name = key
+    if controller == "misc":
+        return mnt / cgroup / "misc.max", f"{type_name} {value}"
+    return mnt / cgroup / f"encids.{type_name}.max", value
+
+
+def read_limit(mnt: Path, key: tuple[str, str, str]) -> str:
+    cgroup, controller, type_name = key
+    if controller == "misc":
+        return dict(line.split() for line in read(mnt / cgroup / "misc.max").splitlines())[
+            type_name]
+    return read(mnt / cgroup / f"encids.{type_name}.max").strip()
 
 
 def ids_of(status: dict) -> dict[int, list[int]]:
@@ -146,10 +163,9 @@ class Chaos:
     # -- the workers --------------------------------------------------------------------------
 
     def limits_worker(self, rng: random.Random) -> None:
-        key = (rng.choice(LIMITED), rng.choice(list(CAPACITY)))
+        key = (rng.choice(LIMITED), rng.choice(CONTROLLERS), rng.choice(list(CAPACITY)))
         value = rng.choice(["max", *map(str, range(0, 12))])
-        done = self.attempt("limit", lambda: write(self.mnt / key[0] / f"encids.{key[1]}.max",
-                                                   value))
+        done = self.attempt("limit", lambda: write(*limit_file(self.mnt, key, value)))
         self.limits[key] = value if done is not UNKNOWN else UNKNOWN
 
     def tree_worker(self, rng: random.Random) -> None:
@@ -254,11 +270,11 @@ class Chaos:
     def check(self) -> None:
         """With the workers paused: what was acknowledged is there, and the books balance."""
         mnt, problems = self.mnt, []
-        for (cgroup, type_name), value in self.limits.items():
-            now = read(mnt / cgroup / f"encids.{type_name}.max").strip()
+        for key, value in self.limits.items():
+            now = read_limit(mnt, key)
             if value is not UNKNOWN and now != value:
-                problems.append(f"{cgroup} encids.{type_name}.max is {now}, acknowledged {value}")
-            self.limits[(cgroup, type_name)] = now
+                problems.append(f"{key} limit is {now}, acknowledged {value}")
+            self.limits[key] = now
         for name, exists in self.tree.items():
             now = (mnt / "t" / name).is_dir()
             if exists is not UNKNOWN and now != exists:
@@ -308,19 +324,22 @@ class Chaos:
         assert not problems, f"after a restart (seed {SEED}):\n" + "\n".join(problems)
 
     def books(self, status: dict) -> list[str]:
-        """current of every cgroup = the IDs charged in its subtree; stat used = all of them."""
+        """In each controller, current of every cgroup = the IDs its subtree's holders were
+        charged from; encids.<T>.stat used = all of them."""
         problems = []
-        charged: Counter = Counter()
+        charged: Counter = Counter()  # by the cgroup each holder was in when charged
         for entry in status["holders"]:
             charged[(entry["cgroup"], entry["type"])] += len(entry["ids"])
         for cg in status["cgroups"]:
-            for type_name, figures in cg.get("encids", {}).items():
-                below = sum(n for (path, t), n in charged.items() if t == type_name
-                            and (path == cg["path"] or path.startswith(cg["path"].rstrip("/")
-                                                                       + "/")))
-                if figures["current"] != below:
-                    problems.append(f"{cg['path']}: {type_name} current {figures['current']}, "
-                                    f"its subtree's holders hold {below}")
+            for controller in status["controllers"]:
+                for type_name, figures in cg.get(controller, {}).items():
+                    below = sum(n for (path, t), n in charged.items() if t == type_name
+                                and (path == cg["path"]
+                                     or path.startswith(cg["path"].rstrip("/") + "/")))
+                    if figures["current"] != below:
+                        problems.append(f"{cg['path']}: {controller} {type_name} current "
+                                        f"{figures['current']}, its subtree's holders hold "
+                                        f"{below}")
         for type_name in CAPACITY:
             used = keyed(read(self.mnt / f"encids.{type_name}.stat"))["used"]
             total = sum(n for (_, t), n in charged.items() if t == type_name)
@@ -363,12 +382,13 @@ def chaos_mount() -> Iterator[Path]:
 def test_kill_9_under_mixed_load_loses_nothing_acknowledged(chaos_mount):
     mnt = chaos_mount
     chaos = Chaos(mnt)
-    write(mnt / "cgroup.subtree_control", "+encids")
+    write(mnt / "cgroup.subtree_control", "+encids +misc")
     for name in (*LIMITED, *HOMES, "t", "d"):
         (mnt / name).mkdir()
     for name in LIMITED:
-        for type_name in CAPACITY:
-            chaos.limits[(name, type_name)] = "max"
+        for controller in CONTROLLERS:
+            for type_name in CAPACITY:
+                chaos.limits[(name, controller, type_name)] = "max"
     for path in (mnt / "d", *(mnt / "d" / f for f in ("cgroup.procs", "cgroup.subtree_control",
                                                        "cgroup.threads"))):
         os.chown(path, NOBODY, NOBODY)

@@ -122,7 +122,7 @@ def test_mount_over_a_mounted_instance_is_refused(mnt):
     result = encidfs("mount", str(mnt))
     assert result.returncode == 1
     assert result.stderr.startswith("encidfs: ") and result.stderr.count("\n") == 1
-    assert read(mnt / "cgroup.controllers") == "encids\n"  # still the first instance
+    assert read(mnt / "cgroup.controllers") == "encids misc\n"  # still the first instance
 
 
 def test_umount_of_something_else_is_refused(tmp_path):
@@ -138,7 +138,7 @@ def test_mount_returns_once_mounted_and_umount_stops_the_daemon(mountpoint):
     assert result.returncode == 0, result.stderr
     # No waiting: the command returns only once the file system answers.
     assert mounted_fstype(mountpoint) == FSTYPE
-    assert read(mountpoint / "cgroup.controllers") == "encids\n"
+    assert read(mountpoint / "cgroup.controllers") == "encids misc\n"
     pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
     assert f"(daemon pid {pid}, supervisor pid " in result.stdout
     assert not gone(pid)

@@ -22,9 +22,13 @@ ROOT_FILES = {
     "cgroup.stat": 0o444,
     "encids.sev.stat": 0o444,
     "encids.sev_es.stat": 0o444,
+    "misc.capacity": 0o444,
+    "misc.current": 0o444,
+    "misc.peak": 0o444,
 }
 CHILD_CORE_FILES = {
-    **{name: mode for name, mode in ROOT_FILES.items() if not name.startswith("encids.")},
+    **{name: mode for name, mode in ROOT_FILES.items()
+       if not name.startswith(("encids.", "misc."))},
     "cgroup.events": 0o444,
     "cgroup.type": 0o644,
     "cgroup.freeze": 0o644,
@@ -213,15 +217,17 @@ def test_chown_of_a_cgroup_leaves_its_files_to_their_owner(cg):
 # -- formats --------------------------------------------------------------------------------
 
 def test_root_formats(mnt):
-    assert read(mnt / "cgroup.controllers") == "encids\n"
+    assert read(mnt / "cgroup.controllers") == "encids misc\n"
     assert read(mnt / "cgroup.subtree_control") == ""
     assert read(mnt / "cgroup.max.depth") == "max\n"
     assert read(mnt / "cgroup.max.descendants") == "max\n"
     assert read(mnt / "cgroup.stat") == (
-        "nr_descendants 0\nnr_subsys_encids 1\nnr_dying_descendants 0\n"
-        "nr_dying_subsys_encids 0\n")
+        "nr_descendants 0\nnr_subsys_encids 1\nnr_subsys_misc 1\nnr_dying_descendants 0\n"
+        "nr_dying_subsys_encids 0\nnr_dying_subsys_misc 0\n")
     assert read(mnt / "encids.sev.stat") == "total 509\nused 0\n"
     assert read(mnt / "encids.sev_es.stat") == "total 99\nused 0\n"
+    assert read(mnt / "misc.capacity") == "sev 509\nsev_es 99\n"
+    assert read(mnt / "misc.current") == read(mnt / "misc.peak") == "sev 0\nsev_es 0\n"
 
 
 def test_child_formats(cg):
@@ -235,8 +241,8 @@ def test_child_formats(cg):
     assert read(cg / "cgroup.procs") == ""
     assert read(cg / "cgroup.threads") == ""
     assert read(cg / "cgroup.stat") == (
-        "nr_descendants 0\nnr_subsys_encids 1\nnr_dying_descendants 0\n"
-        "nr_dying_subsys_encids 0\n")
+        "nr_descendants 0\nnr_subsys_encids 1\nnr_subsys_misc 0\nnr_dying_descendants 0\n"
+        "nr_dying_subsys_encids 0\nnr_dying_subsys_misc 0\n")
     for t in ("sev", "sev_es"):
         assert read(cg / f"encids.{t}.max") == "max\n"
         assert read(cg / f"encids.{t}.current") == "0\n"

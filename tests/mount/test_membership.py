@@ -289,10 +289,12 @@ def test_status_shows_the_tree_and_the_proc_connector(mnt, procs):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"mount: {mnt}   process tracking: proc connector"
-    root = next(line.split() for line in lines if line.startswith("/ "))
-    assert root[:3] == ["/", "sev", "1/509"]
+    assert lines[1] == "controllers: encids misc"
+    root = lines.index(next(line for line in lines if line.startswith("/ ")))
+    assert lines[root].split()[:4] == ["/", "encids:", "sev", "1/509"]
+    assert lines[root + 1].split()[:3] == ["misc:", "sev", "1/509"]
     child = next(line.split() for line in lines if line.startswith("/a "))
-    assert child[:7] == ["/a", "1", "procs", "sev", "1/1", "refused", "1"]
+    assert child[:8] == ["/a", "1", "procs", "encids:", "sev", "1/1", "refused", "1"]
 
 
 def test_run_with_cgroup_moves_itself_there_first(mnt, procs):

@@ -895,13 +895,14 @@ class Stress:
                     out.append(f"ID {i} is held twice")
                 seen.add(i)
                 grant = view.grants.get(i)
+                charged = entry["charged"]["encids"]
                 if (grant is not None and grant.holder.pid == entry["pid"]
-                        and grant.type == entry["type"] and grant.chain[0][0] == entry["cgroup"]):
+                        and grant.type == entry["type"] and grant.chain[0][0] == charged):
                     chain = grant.chain
                 else:  # an allocation whose reply is on its way: charged to the css of now
-                    chain = view.chain(entry["cgroup"])
-                    if chain[0][0] != entry["cgroup"]:
-                        out.append(f"ID {i} charged to {entry['cgroup']}, which has no css")
+                    chain = view.chain(charged)
+                    if chain[0][0] != charged:
+                        out.append(f"ID {i} charged to {charged}, which has no css")
                 for key in chain:
                     usage[(key, entry["type"])] += 1
         for entry in status["cgroups"]:
@@ -1013,7 +1014,7 @@ class Stress:
                 for i in entry["ids"]:
                     if i in daemon:
                         out.append(f"ID {i} is held twice")
-                    daemon[i] = (entry["pid"], entry["type"], entry["cgroup"])
+                    daemon[i] = (entry["pid"], entry["type"], entry["charged"]["encids"])
             client_side = {i: (g.holder.pid, g.type, g.chain[0][0]) for i, g in grants.items()}
             if daemon != client_side:
                 out.append("holdings (ID: pid, type, cgroup) only the daemon has: "
@@ -1142,7 +1143,9 @@ class Stress:
 def test_concurrent_shell_level_operations_keep_the_accounting_exact(mount_encidfs, procs,
                                                                      tmp_path):
     started = time.monotonic()
-    mnt = mount_encidfs(*(arg for t, n in CAPACITY.items() for arg in ("--capacity", f"{t}={n}")))
+    # The model keeps one controller's books: the mount offers that one.
+    mnt = mount_encidfs("--controllers", "encids",
+                        *(arg for t, n in CAPACITY.items() for arg in ("--capacity", f"{t}={n}")))
     stress = Stress(mnt, procs, tmp_path)
     stress.setup()
     shells = [ShellExec(procs) for _ in range(4)]  # one per thread that uses one

@@ -80,8 +80,9 @@ def test_root_nr_subsys_encids_is_one_plus_children_it_enables_encids_for(mnt):
     assert stat_of(mnt)["nr_subsys_encids"] == 1
     write(mnt / "cgroup.subtree_control", "+encids")
     (mnt / "b").mkdir()
-    assert stat_of(mnt) == {"nr_descendants": 2, "nr_subsys_encids": 3,
-                            "nr_dying_descendants": 0, "nr_dying_subsys_encids": 0}
+    assert stat_of(mnt) == {"nr_descendants": 2, "nr_subsys_encids": 3, "nr_subsys_misc": 1,
+                            "nr_dying_descendants": 0, "nr_dying_subsys_encids": 0,
+                            "nr_dying_subsys_misc": 0}
 
 
 # -- cgroup.max.depth and cgroup.max.descendants --------------------------------------------

@@ -1,4 +1,4 @@
-"""The file table: cgroups as directories, cftype rows as files, and their node attributes.
+"""kernfs: cgroups as directories, cftype rows as files, and their node attributes.
 
 It plays kernfs's part: it names nodes, keeps their modes, owners and times, decides which files
 a cgroup shows, and runs a file's show/write handler the way kernfs and seq_file do.  Node
@@ -11,14 +11,18 @@ import errno
 import os
 import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..engine import Cgroup, Change, Hierarchy, fail
-from ..engine.cgroup import Commit
-from .cftype import Caller, CfType, Placement
+from ..engine.cgroup import Commit, Event
+from .cftype import Caller, CfType
 from .core import Changes, Processes, core_files
-from .encids import encids_files
 from .parse import written_text
+
+FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
+
+FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
 
 ROOT_INODE = 1
 _STRIDE = 256  # inode numbers per cgroup: its directory, then one per file row
@@ -47,16 +51,18 @@ class Node:
     cftype: CfType | None  # None for the cgroup's directory
 
 
-class FileTable:
-    def __init__(self, hierarchy: Hierarchy, processes: Processes, changes: Changes) -> None:
-        """Every change a request makes goes through `changes`, which makes it durable first
-        and then applies it here (the apply_* methods) or in the engine."""
+class Kernfs:
+    def __init__(self, hierarchy: Hierarchy, processes: Processes, changes: Changes,
+                 file_tables: list[FileTableMaker]) -> None:
+        """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`.  Every
+        change a request makes goes through `changes`, which makes it durable first and then
+        applies it here (the apply_* methods) or in the engine."""
         self.hierarchy = hierarchy
         self.changes = changes
         self._controller_names: dict[int, set[str]] = {}
         controller_rows: list[CfType] = []
-        for controller in hierarchy.controllers:
-            rows = encids_files(controller, changes)  # type: ignore[arg-type]
+        for controller, make in zip(hierarchy.controllers, file_tables):
+            rows = make(controller, changes)
             self._controller_names[controller.ssid] = {cft.name for cft in rows}
             controller_rows += rows
         self.cftypes = core_files(hierarchy, processes, changes, self._may_write)
@@ -64,12 +70,11 @@ class FileTable:
         assert len(self.cftypes) <= _STRIDE - _FILE_BASE
         self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
         self._controller_rows = [row for row, cft in enumerate(self.cftypes) if cft.controller]
-        # Files whose readers are told of changes (kernfs_notify): cgroup.events and the
-        # controllers' events files.
-        self._events_row = self._row_by_name["cgroup.events"]
-        self._controller_events_rows = [
-            row for row in self._controller_rows if self.cftypes[row].name.endswith(".events")
-            and self.cftypes[row].placement is Placement.NOT_ON_ROOT]
+        # The files the engine notifies by key (kernfs_notify), by that key.
+        self._rows_by_notify: dict[str, list[int]] = {}
+        for row, cft in enumerate(self.cftypes):
+            if cft.notify is not None:
+                self._rows_by_notify.setdefault(cft.notify, []).append(row)
         self._notified: dict[int, int] = {}  # inode -> how many times it was notified
         now = time.time_ns()
         self._dir_attrs = {hierarchy.root.id: NodeAttr(stat.S_IFDIR | 0o555, 0, 0, now, now)}
@@ -279,17 +284,12 @@ class FileTable:
 
     # -- what changed -------------------------------------------------------------------------
 
-    @property
-    def changed(self) -> bool:
-        """Whether drain() has anything to report (cheap: asked after every request)."""
-        return bool(self.hierarchy.changes)
-
-    def drain(self) -> tuple[list[tuple[int, bytes]], list[int]]:
-        """What the engine changed since the last call: directory entries the kernel may have
+    def consume(self, batch: list[Event]) -> tuple[list[tuple[int, bytes]], list[int]]:
+        """A batch of the engine's changes, as nodes: directory entries the kernel may have
         cached that no longer stand, as (dir, name), and the files to notify pollers of."""
         stale: list[tuple[int, bytes]] = []
         notified: list[int] = []
-        for change, cg in self.hierarchy.drain_changes():
+        for change, cg in batch:
             if change is Change.FILES:
                 stale += [(self.dir_inode(cg), self.cftypes[row].name.encode())
                           for row in self._controller_rows]
@@ -299,10 +299,8 @@ class FileTable:
                 self._forget(self.dir_inode(cg))
                 del self._dir_attrs[cg.id], self._file_defaults[cg.id]
                 # The kernel dropped the directory's entry itself: rmdir came through it.
-            elif change in (Change.EVENTS, Change.CONTROLLER_EVENTS):
-                rows = ([self._events_row] if change is Change.EVENTS
-                        else self._controller_events_rows)
-                for row in rows:
+            else:  # a file key: cgroup_file_notify()
+                for row in self._rows_by_notify.get(change, ()):  # type: ignore[arg-type]
                     inode = self.file_inode(cg, row)
                     self._notified[inode] = self._notified.get(inode, 0) + 1
                     notified.append(inode)
@@ -384,7 +382,7 @@ class OpenFile:
 
     __slots__ = ("table", "node", "caller", "_css", "_text", "_seen")
 
-    def __init__(self, table: FileTable, node: Node, caller: Caller) -> None:
+    def __init__(self, table: Kernfs, node: Node, caller: Caller) -> None:
         self.table = table
         self.node = node
         self.caller = caller
