@@ -484,6 +484,71 @@ def test_a_state_file_of_the_first_release_is_upgraded_in_place(stateful, sleeps
     assert read(mnt / "a/encids.sev.max") == "5\n" and pids(mnt / "a/b") == [holder.pid]
 
 
+def test_a_state_file_of_the_release_before_misc_is_upgraded_with_one_set_of_books(
+        stateful, sleeps):
+    """tests/data/state-v2.sql was written by the release before misc (schema 2, encids alone):
+    a snapshot with a holder of three IDs in /a/b (pid 17902) and one of an ID charged to the
+    removed /d (pid 17903), and a record after it (a/b's sev limit set to 4)."""
+    mnt, state, mount = stateful
+    holder = sleeps()
+    with open(f"/proc/{holder.pid}/stat") as f:
+        start = int(f.read().rsplit(")", 1)[1].split()[19])
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        db.executescript((DATA / "state-v2.sql").read_text())
+        data = json.loads(db.execute("SELECT data FROM snapshot").fetchone()[0])
+        # The fixture's holder becomes a live process of this test; the other is gone.
+        data["starts"] = {str(holder.pid): start, "17903": data["starts"]["17903"]}
+        engine = data["engine"]
+        engine["members"] = [[holder.pid if pid == 17902 else pid, cg]
+                             for pid, cg in engine["members"]]
+        engine["charges"]["encids"] = [[css, t, holder.pid if pid == 17902 else pid, ids]
+                                       for css, t, pid, ids in engine["charges"]["encids"]]
+        with db:
+            db.execute("UPDATE snapshot SET data = ?", (json.dumps(data),))
+    assert mount().returncode == 0
+    assert read(mnt / "cgroup.controllers") == "encids misc\n"
+    assert read(mnt / "a/encids.sev.max") == "5\n"
+    assert read(mnt / "a/b/encids.sev.max") == "4\n"  # the record after the snapshot
+    assert read(mnt / "a/b/encids.sev_es.max") == "7\n"
+    assert pids(mnt / "a/b") == [holder.pid]
+    assert read(mnt / "a/b/encids.sev.current") == "2\n"
+    assert "nr_dying_descendants 0" in read(mnt / "cgroup.stat")  # its holder is gone
+    # misc's books start with what is held: at its root, as nothing enables it below.
+    assert read(mnt / "misc.current") == "sev 2\nsev_es 1\n"
+    assert read(mnt / "encids.sev.stat") == "total 509\nused 2\n"
+    with Client.connect(mount=str(mnt)) as client:
+        client.free([1], pid=holder.pid)
+    assert read(mnt / "misc.current") == "sev 1\nsev_es 1\n"
+    assert encidfs("umount", str(mnt)).returncode == 0
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        assert dict(db.execute("SELECT key, value FROM meta"))["schema"] == "3"
+    assert mount().returncode == 0
+    assert read(mnt / "misc.current") == "sev 1\nsev_es 1\n"
+
+
+def test_misc_limits_subtree_control_and_peaks_survive_a_restart(stateful, sleeps):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    write(mnt / "cgroup.subtree_control", "+misc")
+    (mnt / "a").mkdir()
+    write(mnt / "a/misc.max", "sev 3")
+    holder = sleeps()
+    write(mnt / "a/cgroup.procs", str(holder.pid))
+    with Client.connect(mount=str(mnt)) as client:
+        client.free(client.allocate("sev", 3, pid=holder.pid), pid=holder.pid)
+        with pytest.raises(OSError):
+            client.allocate("sev", 4, pid=holder.pid)
+    before = snapshot(mnt)
+    assert before["a/misc.peak"] == "sev 3\nsev_es 0\n"
+    assert before["a/misc.events"] == "sev.max 1\nsev_es.max 0\n"
+    kill_daemon(mnt)
+    assert mount().returncode == 0
+    assert snapshot(mnt) == before
+    assert encidfs("umount", str(mnt)).returncode == 0
+    assert mount().returncode == 0
+    assert snapshot(mnt) == before
+
+
 # -- without --state: a runtime file ------------------------------------------------------------
 
 def test_without_state_a_crash_loses_nothing_and_umount_forgets(tmp_path):

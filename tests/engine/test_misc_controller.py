@@ -1,0 +1,147 @@
+"""The misc controller's rules (kernel/cgroup/misc.c) beside encids, and the allocator that
+charges both, all or nothing."""
+
+import errno
+from collections import Counter
+
+import pytest
+
+from encidfs.engine import ChargeRefused, EncidsController, MiscController, new_engine
+
+ENCIDS, MISC = 1, 2  # subtree_control masks
+SEV = 0
+
+
+@pytest.fixture
+def engine():
+    return new_engine({"sev": 10, "sev_es": 4, "tdx": 0},
+                      controllers=(EncidsController, MiscController))
+
+
+@pytest.fixture
+def tree(engine):
+    """/a/b and /a/c, with both controllers enabled from the root down to a."""
+    h = engine.hierarchy
+    h.write_subtree_control(h.root, ENCIDS | MISC, 0)
+    a = h.mkdir(h.root, "a")
+    h.write_subtree_control(a, ENCIDS | MISC, 0)
+    return a, h.mkdir(a, "b"), h.mkdir(a, "c")
+
+
+def misc(engine, cg):
+    return engine.hierarchy.controller("misc").css_of(cg)
+
+
+def encids(engine, cg):
+    return engine.hierarchy.controller("encids").css_of(cg)
+
+
+def test_a_refusal_counts_locally_where_it_is_and_in_events_up_to_below_the_root(engine, tree):
+    h, controller = engine.hierarchy, engine.hierarchy.controller("misc")
+    a, b, _ = tree
+    controller.set_max(a, SEV, 1)
+    controller.try_charge(b, "sev", 1)
+    h.drain_changes()
+    with pytest.raises(ChargeRefused) as refused:
+        controller.try_charge(b, "sev", 1)
+    assert (refused.value.controller, refused.value.path) == ("misc", "/a")
+    assert [misc(engine, cg).events_local[SEV] for cg in (h.root, a, b)] == [0, 1, 0]
+    assert [misc(engine, cg).events[SEV] for cg in (h.root, a, b)] == [0, 1, 0]
+    assert Counter(h.drain_changes()) == Counter([("misc.events.local", a), ("misc.events", a)])
+    # Refused by b's own limit: b counts both, and a its hierarchical events.
+    controller.set_max(b, SEV, 1)
+    with pytest.raises(ChargeRefused):
+        controller.try_charge(b, "sev", 1)
+    assert [misc(engine, cg).events_local[SEV] for cg in (a, b)] == [1, 1]
+    assert [misc(engine, cg).events[SEV] for cg in (a, b)] == [2, 1]
+    assert misc(engine, h.root).events[SEV] == 0
+
+
+def test_the_capacity_refuses_at_the_first_level_it_binds(engine, tree):
+    h, controller = engine.hierarchy, engine.hierarchy.controller("misc")
+    a, b, c = tree
+    x = h.mkdir(h.root, "x")
+    controller.try_charge(c, "sev", 9)
+    with pytest.raises(ChargeRefused) as refused:
+        controller.try_charge(b, "sev", 2)  # b would hold 2, a 11: over the capacity there
+    assert refused.value.path == "/a"
+    with pytest.raises(ChargeRefused) as refused:
+        controller.try_charge(x, "sev", 2)  # only the root adds a's charges to x's
+    assert refused.value.path == "/"
+    assert misc(engine, h.root).events_local[SEV] == 1  # no misc.events above the root
+    assert [misc(engine, cg).events[SEV] for cg in (h.root, a, x)] == [0, 1, 0]
+
+
+def test_a_refused_charge_still_raises_the_peak_below_the_refusing_level(engine, tree):
+    controller = engine.hierarchy.controller("misc")
+    a, b, c = tree
+    controller.set_max(a, SEV, 3)
+    controller.try_charge(b, "sev", 1)
+    controller.try_charge(c, "sev", 2)
+    assert [misc(engine, cg).peak[SEV] for cg in (a, b, c)] == [3, 1, 2]
+    with pytest.raises(ChargeRefused):
+        controller.try_charge(b, "sev", 2)  # b would hold 3 (passes), a 5 (refused)
+    assert [misc(engine, cg).usage[SEV] for cg in (a, b, c)] == [3, 1, 2]
+    assert [misc(engine, cg).peak[SEV] for cg in (a, b, c)] == [3, 3, 2]
+    assert misc(engine, engine.hierarchy.root).peak[SEV] == 3
+
+
+def test_peaks_stay_when_usage_falls(engine, tree):
+    controller = engine.hierarchy.controller("misc")
+    _, b, _ = tree
+    charge = controller.try_charge(b, "sev", 4)
+    controller.uncharge(charge)
+    assert misc(engine, b).usage[SEV] == 0 and misc(engine, b).peak[SEV] == 4
+
+
+@pytest.mark.parametrize("refusing", ["encids", "misc"])
+def test_an_allocation_refused_by_one_controller_is_charged_in_none(engine, tree, refusing):
+    h, allocator = engine.hierarchy, engine.allocator
+    a, b, _ = tree
+    h.attach(7, b)
+    allocator.allocate(7, "sev", 1)
+    h.controller(refusing).set_max(a, SEV, 1)
+
+    def books():
+        return {(cg.path, name): (css.usage[:], css.peak[:], css.events[:], css.events_local[:])
+                for cg in (h.root, a, b) for name, css in (("encids", encids(engine, cg)),
+                                                           ("misc", misc(engine, cg)))}
+
+    before = books()
+    with pytest.raises(ChargeRefused) as refused:
+        allocator.allocate(7, "sev", 1)
+    assert (refused.value.controller, refused.value.path) == (refusing, "/a")
+    after = books()
+    changed = {key for key in before if before[key] != after[key]}
+    # The refusing controller counted it at a (and, encids, at the root) and raised b's
+    # watermark (b passed first); the other controller did nothing at all.
+    expected = {("/a", refusing), ("/a/b", refusing)}
+    expected |= {("/", "encids")} if refusing == "encids" else set()
+    assert changed == expected
+    assert allocator.holdings() == {7: {1}}
+    assert all(css.usage[SEV] == 1 for cg in (h.root, a, b)
+               for css in (encids(engine, cg), misc(engine, cg)))
+
+
+def test_both_controllers_keep_the_same_books(engine, tree):
+    h, allocator = engine.hierarchy, engine.allocator
+    a, b, c = tree
+    h.attach(7, b)
+    h.attach(8, c)
+    allocator.allocate(7, "sev", 3)
+    allocator.allocate(8, "sev_es", 2)
+    allocator.free([2])
+    for cg in (h.root, a, b, c):
+        assert encids(engine, cg).usage == misc(engine, cg).usage
+    allocator.release_holder(7)
+    allocator.release_holder(8)
+    assert encids(engine, h.root).usage == misc(engine, h.root).usage == [0, 0, 0]
+
+
+def test_a_type_without_capacity_is_einval_in_the_allocator(engine, tree):
+    _, b, _ = tree
+    engine.hierarchy.attach(7, b)
+    with pytest.raises(OSError) as refused:
+        engine.allocator.allocate(7, "tdx", 1)
+    assert refused.value.errno == errno.EINVAL
+    assert misc(engine, b).events_local == [0, 0, 0]
