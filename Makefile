@@ -25,7 +25,8 @@ umount:
 test: install
 	$(PYTHON) -m pytest -q
 
-# The release before the durable journal (issue #7): its in-memory figures are the baseline.
-BASELINE ?= b913589
+# Baselines measured beside today's: the release before the durable journal (issue #7, in
+# memory) and the one before misc (issue #8).
+BASELINES ?= b913589 48fb314
 bench: install
-	$(PYTHON) scripts/bench.py --baseline $(BASELINE)
+	$(PYTHON) scripts/bench.py $(addprefix --baseline ,$(BASELINES))

@@ -1,10 +1,11 @@
 """Benchmark: encidfs against the kernel's cgroupfs and a bare pyfuse3 file system, and the
 engine's scaling with the number of cgroups.  A measurement, not a test: it prints figures.
 
-    python scripts/bench.py [--iterations N] [--baseline REV] [--skip-kernel] [--skip-fuse]
+    python scripts/bench.py [--iterations N] [--baseline REV ...] [--skip-kernel] [--skip-fuse]
                             [--skip-engine] [--skip-alloc]
 
---baseline REV measures encidfs as it was at git revision REV beside today's, in the same run.
+--baseline REV (repeatable) measures encidfs as it was at git revision REV beside today's, in
+the same run.
 """
 
 import argparse
@@ -262,22 +263,21 @@ def ratio(a, b, width, digits):
     return f"{a / b:{width - 1}.{digits}f}x" if a is not None and b else f"{'-':>{width}}"
 
 
-def print_fuse_table(results, iterations, baseline):
-    columns = ("encidfs", baseline, "--state", "kernel", "bare 0 s", "bare 1 s")
+def print_fuse_table(results, iterations, baselines):
+    columns = ("encidfs", *baselines, "--state", "kernel", "bare 0 s", "bare 1 s")
     print(f"\nfile operations, microseconds over {iterations} iterations (encidfs: its default "
-          f"runtime journal; {baseline}: the baseline revision; --state: a durable state file; "
+          "runtime journal; @REV: encidfs at that revision; --state: a durable state file; "
           "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s)")
+    ratios = [*baselines, "bare 1 s", "kernel"]
     print(f"{'':14}" + "".join(f"{name[:16]:>18}" for name in columns)
-          + f"{'encidfs/':>11}{'encidfs/':>11}{'encidfs/':>10}")
+          + "".join(f"{'encidfs/':>11}" for _ in ratios))
     print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
-          + f"{'baseline':>11}{'bare 1 s':>11}{'kernel':>10}")
+          + "".join(f"{name[:10]:>11}" for name in ratios))
     for op in OPERATIONS:
         figures = [results.get(name, {}).get(op, (None, None)) for name in columns]
         medians = {name: median for name, (median, _) in zip(columns, figures)}
         print(f"{op:14}" + "".join(cell(m, 10) + cell(p) for m, p in figures)
-              + ratio(medians["encidfs"], medians[baseline], 11, 2)
-              + ratio(medians["encidfs"], medians["bare 1 s"], 11, 2)
-              + ratio(medians["encidfs"], medians["kernel"], 10, 1))
+              + "".join(ratio(medians["encidfs"], medians[name], 11, 2) for name in ratios))
     print(REFERENCE)
     print(TARGETS)
 
@@ -425,15 +425,16 @@ def main():
     parser.add_argument("--skip-engine", action="store_true", help="skip the engine scaling")
     parser.add_argument("--skip-alloc", action="store_true",
                         help="skip the control socket's allocation rate")
-    parser.add_argument("--baseline", metavar="REV",
-                        help="also measure encidfs at this git revision, in the same run")
+    parser.add_argument("--baseline", metavar="REV", action="append", default=[],
+                        help="also measure encidfs at this git revision, in the same run "
+                             "(repeatable)")
     args = parser.parse_args()
 
     with contextlib.ExitStack() as stack:
-        baseline = f"@{args.baseline[:7]}" if args.baseline else "baseline"
+        baselines = [f"@{rev[:7]}" for rev in args.baseline]
         sources = {"encidfs": (ROOT, False)}
-        if args.baseline:
-            sources[baseline] = (stack.enter_context(checkout(args.baseline)), False)
+        for name, rev in zip(baselines, args.baseline):
+            sources[name] = (stack.enter_context(checkout(rev)), False)
         sources["--state"] = (ROOT, True)
         targets = {}
         if not args.skip_fuse:
@@ -446,7 +447,7 @@ def main():
             targets["bare 1 s"] = bare_target("1")
         if targets:
             print_fuse_table(measure_interleaved(targets, args.iterations), args.iterations,
-                             baseline)
+                             baselines)
         if not args.skip_alloc:
             try:
                 allocation_rate(args.iterations, sources)

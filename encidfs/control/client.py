@@ -20,11 +20,14 @@ DEFAULT_TIMEOUT = 5.0  # seconds a request may take before the client gives up o
 
 
 class ControlError(OSError):
-    """A refused request: errno, message, and for limits the cgroup whose limit refused."""
+    """A refused request: errno, message, and for limits the controller and the cgroup whose
+    limit refused."""
 
-    def __init__(self, code: int, message: str, cgroup: str | None = None) -> None:
+    def __init__(self, code: int, message: str, cgroup: str | None = None,
+                 controller: str | None = None) -> None:
         super().__init__(code, message)
         self.cgroup = cgroup
+        self.controller = controller
 
 
 class Allocation(list):
@@ -103,7 +106,8 @@ class Client:
         reply = decode(line)
         if not reply.get("ok"):
             code = getattr(errno, str(reply.get("errno")), errno.EIO)
-            raise ControlError(code, str(reply.get("error")), reply.get("cgroup"))
+            raise ControlError(code, str(reply.get("error")), reply.get("cgroup"),
+                               reply.get("controller"))
         return reply
 
     def allocate(self, type_name: str, count: int = 1, pid: int | None = None) -> Allocation:

@@ -128,7 +128,7 @@ def test_encids_and_misc_agree_and_each_refuses_alone(mnt, misc_cg, procs):
         with pytest.raises(ControlError) as refused:
             client.allocate("sev", pid=holder.pid)
         assert (refused.value.errno, refused.value.cgroup) == (errno.EBUSY, "/a")
-        assert "misc limit" in refused.value.strerror
+        assert refused.value.controller == "misc" and "misc limit" in refused.value.strerror
         assert flat(misc_cg / "misc.events") == {"sev.max": 1, "sev_es.max": 0}
         assert read(misc_cg / "encids.sev.events") == "max 0\n"  # encids counted nothing
         assert read(misc_cg / "encids.sev.current") == "2\n"
