@@ -8,8 +8,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from .controllers import CONTROLLERS
+
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
-CONTROLLER_NAMES = ("encids", "misc")  # what encidfs offers, and by default in this order
+CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in this order
 # About 1.4 KiB of daemon memory each: 100,000 cgroups, with every other bound at its limit
 # (xattrs, connections, replies), keep the daemon well under 1 GiB.
 DEFAULT_MAX_CGROUPS = 100_000

@@ -4,7 +4,9 @@ adding its line here."""
 
 from __future__ import annotations
 
-from .engine import EncidsController, MiscController, ResourceController
+from .engine.encids import EncidsController
+from .engine.misc import MiscController
+from .engine.resource import ResourceController
 from .files.encids import encids_files
 from .files.kernfs import FileTableMaker
 from .files.misc import misc_files

@@ -9,6 +9,8 @@ import os
 import select
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -230,3 +232,34 @@ def test_the_containerd_managers_calls_work_with_misc(mnt):
         assert procs == []
         os.rmdir(group)
         assert not group.exists()
+
+
+@pytest.mark.parametrize("offered", ["misc", "misc,encids", "encids"])
+def test_the_controllers_offered_are_chosen_at_mount(mount_encidfs, offered):
+    mnt = mount_encidfs("--controllers", offered)
+    names = offered.split(",")
+    assert read(mnt / "cgroup.controllers") == " ".join(names) + "\n"
+    files = os.listdir(mnt)
+    assert ("misc.capacity" in files) == ("misc" in names)
+    assert ("encids.sev.stat" in files) == ("encids" in names)
+    assert outcome(lambda: write(mnt / "cgroup.subtree_control",
+                                 "+encids" if "encids" not in names else "+misc"
+                                 if "misc" not in names else "+bogus")) == "EINVAL"
+
+
+def test_the_controllers_key_of_the_configuration_file(mount_encidfs, tmp_path):
+    config = tmp_path / "encidfs.toml"
+    config.write_text('controllers = ["misc"]\n')
+    mnt = mount_encidfs("--config", str(config))
+    assert read(mnt / "cgroup.controllers") == "misc\n"
+
+
+@pytest.mark.parametrize("bad", ["bogus", "misc,misc", ""])
+def test_unknown_or_repeated_controllers_are_refused_in_one_line(tmp_path, bad):
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([sys.executable, "-m", "encidfs", "mount", str(tmp_path / "mnt"),
+                             "--controllers", bad], capture_output=True, text=True,
+                            timeout=DEADLINE)
+    assert result.returncode == 1
+    assert result.stderr.startswith("encidfs: controllers must be some of encids, misc")
+    assert result.stderr.count("\n") == 1
