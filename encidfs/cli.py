@@ -10,6 +10,7 @@ import os
 import re
 import select
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from . import commands as client_commands
 from . import config as configuration
 from . import supervisor
+from .runtime import RuntimeDirError
 from .state.store import StateError
 
 FSTYPE = "fuse.encidfs"
@@ -95,7 +97,7 @@ def _mount(args: argparse.Namespace) -> int:
     config.proc_connector = args.tracking == "auto"
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
-    _check_fuse()
+    _check_fuse(config.fuse_options)
     if args.supervise:
         return _supervise(args)
     if args.foreground or args.ready_fd is not None:
@@ -134,13 +136,39 @@ def _clean_dead_mount(mountpoint: str) -> None:
         raise CliError(f"cannot clean up the dead mount on {mountpoint}: {result.stderr.strip()}")
 
 
-def _check_fuse() -> None:
+def fuse_problem(options: list[str] = ()) -> str | None:
+    """Why this user cannot mount FUSE here, in a line, or None."""
     if not os.path.exists("/dev/fuse"):
-        raise CliError("FUSE is not available: /dev/fuse is missing (modprobe fuse)")
-    if os.geteuid() != 0 and shutil.which("fusermount3") is None:
-        raise CliError("FUSE is not available: fusermount3 is not installed (package fuse3)")
-    if not os.access("/dev/fuse", os.R_OK | os.W_OK) and os.geteuid() == 0:
-        raise CliError("FUSE is not available: /dev/fuse cannot be opened")
+        return ("FUSE is not available: /dev/fuse is missing (modprobe fuse; in a container, "
+                "--device /dev/fuse --cap-add SYS_ADMIN)")
+    if os.geteuid() == 0:
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            return "FUSE is not available: /dev/fuse cannot be opened"
+        return None
+    if shutil.which("fusermount3") is None:
+        return "FUSE is not available: fusermount3 is not installed (package fuse3)"
+    if not os.access("/dev/fuse", os.R_OK | os.W_OK):  # fusermount3 opens it as the user
+        return (f"FUSE is not available to uid {os.geteuid()}: /dev/fuse is mode "
+                f"{stat.S_IMODE(os.stat('/dev/fuse').st_mode):04o} (it must be 0666, as on "
+                "most hosts; in a container, --device /dev/fuse --cap-add SYS_ADMIN)")
+    if "allow_other" in options and not _user_allow_other():
+        return ("-o allow_other needs 'user_allow_other' in /etc/fuse.conf (root may mount "
+                "with it regardless)")
+    return None
+
+
+def _user_allow_other() -> bool:
+    try:
+        with open("/etc/fuse.conf") as conf:
+            return any(line.split("#", 1)[0].strip() == "user_allow_other" for line in conf)
+    except OSError:
+        return False
+
+
+def _check_fuse(options: list[str]) -> None:
+    problem = fuse_problem(options)
+    if problem:
+        raise CliError(problem)
 
 
 def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespace) -> int:
@@ -157,7 +185,7 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
         daemon.run(mountpoint, config, ready)
     except RuntimeError as error:  # pyfuse3 reports a failed mount this way
         raise CliError(f"cannot mount {mountpoint}: {error}") from None
-    except StateError as error:
+    except (StateError, RuntimeDirError) as error:
         raise CliError(str(error)) from None
     return 0
 

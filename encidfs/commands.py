@@ -115,6 +115,8 @@ def _status(args: argparse.Namespace) -> int:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
         print(f"daemon restarted {len(restarts)} time{'s' if len(restarts) > 1 else ''}; "
               f"last at {when}: it {last['reason']}")
+    for limitation in status.get("limitations", []):
+        print(f"note: {limitation}")
     print(f"controllers: {' '.join(status.get('controllers', []))}")
     for cg in status["cgroups"]:
         procs = f"{len(cg['procs'])} procs" if cg["procs"] else ""

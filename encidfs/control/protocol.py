@@ -8,21 +8,17 @@ Requests: {"op": "allocate", "type": T, "count": N, "pid": P?}, {"op": "free", "
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
-import os
+
+from ..runtime import runtime_path
 
 MAX_LINE = 64 * 1024  # a longer request is refused and the connection closed
 CONTROL_XATTR = "user.encidfs.control"
 
 
 def default_control_path(mountpoint: str) -> str:
-    """Derived from the mountpoint, outside it: /run for root, the runtime dir for others."""
-    mountpoint = os.path.abspath(mountpoint)
-    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
-    name = os.path.basename(mountpoint)[:40] or "root"
-    return os.path.join(base, "encidfs-control", f"{name}-{digest}.sock")
+    """Derived from the mountpoint, outside it, in a runtime directory of the mount's owner."""
+    return runtime_path(mountpoint, "control", ".sock")
 
 
 def encode(message: dict) -> bytes:

@@ -51,7 +51,7 @@ async def serve_control(path: str, service: ControlService, max_connections: int
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve on a socket at `path` with the given mode and group: who can connect may ask,
     and what they may do is decided per request."""
-    os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)  # a --control of one's own
     if os.path.exists(path):
         os.unlink(path)  # left by a daemon that died; this mount is ours now
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

@@ -126,7 +126,7 @@ class ControlService:
                 key = (pid, types.names[allocation.type], allocation.origin.path, charged)
                 holders.setdefault(key, []).append(id_)
         return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode,
-                "restarts": self.restarts,
+                "limitations": self.tracker.limitations, "restarts": self.restarts,
                 "controllers": [c.name for c in self.allocator.controllers],
                 "cgroups": sorted(cgroups, key=lambda c: c["path"]),
                 "holders": [{"pid": pid, "type": t, "cgroup": origin, "charged": dict(charged),

@@ -37,6 +37,9 @@ class Processes(Protocol):
     def watch(self, pid: int) -> bool:
         """Follow pid's exit, settling first the exit of the one it was; whether it lives."""
 
+    def check_signalable(self, pid: int) -> None:
+        """EPERM for a process the daemon may not signal (a user's daemon, another's process)."""
+
     def kill(self, pids: Iterable[int]) -> None: ...
 
     def apply_freezer(self, pids: Iterable[int]) -> None:
@@ -103,6 +106,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
 
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
+        processes.check_signalable(tgid)
         processes.sync()
         # The process the engine knows by this PID may have exited since (its PID reused):
         # its exit comes first.  One that is exiting itself moves nowhere, as in the kernel.

@@ -77,9 +77,14 @@ class Kernfs:
                 self._rows_by_notify.setdefault(cft.notify, []).append(row)
         self._notified: dict[int, int] = {}  # inode -> how many times it was notified
         now = time.time_ns()
-        self._dir_attrs = {hierarchy.root.id: NodeAttr(stat.S_IFDIR | 0o555, 0, 0, now, now)}
+        # The root is the mount owner's, as a delegated subtree is its delegatee's: root's, 0555
+        # as on the kernel, for a mount made by root; the user's, 0755, for a user's own mount.
+        owner, group = os.geteuid(), os.getegid()
+        self._dir_attrs = {hierarchy.root.id: NodeAttr(
+            stat.S_IFDIR | (0o555 if owner == 0 else 0o755), owner, group, now, now)}
         # Files are nodes of their own: they keep the owner the directory was created with.
-        self._file_defaults = {hierarchy.root.id: NodeAttr(stat.S_IFREG, 0, 0, now, now)}
+        self._file_defaults = {hierarchy.root.id: NodeAttr(stat.S_IFREG, owner, group, now,
+                                                           now)}
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
         self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
         self._xattr_bytes = 0  # names and values in _xattrs

@@ -71,6 +71,10 @@ class ProcessTracker:
         self._exempt = exempt
         self._connector = open_connector() if use_connector else None
         self.mode = "proc connector" if self._connector else "/proc scan"
+        # What the daemon would do but cannot, for `status` to say once.
+        self.limitations = [] if self._connector or not use_connector else [
+            "the proc connector needs CAP_NET_ADMIN: forks are followed by scanning /proc, "
+            "which cannot place a child whose member parent exited before the scan"]
         self._watched: dict[int, int] = {}  # PID -> start time
         # Watched through a pidfd while the daemon's descriptors allow it; past that budget
         # (or on EMFILE), by looking at /proc on every sync() and every POLL_INTERVAL.
@@ -182,6 +186,8 @@ class ProcessTracker:
                     self._on_stopped(pid, False)
             except ProcessLookupError:
                 pass  # its exit is on its way
+            except PermissionError:  # a user's daemon, and a child that became setuid
+                log.warning("the freezer cannot signal process %d", pid)
 
     async def _wait_stopped(self, pid: int) -> None:
         """Report the process stopped once /proc says so (SIGSTOP takes effect asynchronously)."""
@@ -283,6 +289,17 @@ class ProcessTracker:
             raise fail(errno.EINVAL, "a kernel thread that cannot move")
         return tgid
 
+    def check_signalable(self, pid: int) -> None:
+        """A user's daemon acts only on processes it may signal, as kill(2) decides (EPERM)."""
+        if os.geteuid() == 0:
+            return
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            raise fail(errno.ESRCH) from None
+        except PermissionError:
+            raise fail(errno.EPERM, f"process {pid} is not yours to move") from None
+
     def owners(self, pid: int) -> tuple[int, int]:
         """A process's real and saved UIDs, those kill(2) compares (ESRCH if there is none)."""
         try:
@@ -319,3 +336,5 @@ class ProcessTracker:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+            except PermissionError:
+                log.warning("cgroup.kill cannot signal process %d", pid)

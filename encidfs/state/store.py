@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import json
 import logging
 import os
@@ -28,6 +27,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
+from ..runtime import runtime_path
 from .changes import Record
 
 log = logging.getLogger(__name__)
@@ -48,15 +48,8 @@ class StateError(Exception):
 
 
 def runtime_state_path(mountpoint: str) -> str:
-    """Where a mount without --state keeps its runtime file: beside its control socket's
-    directory, under /run for root and the runtime directory for others."""
-    mountpoint = os.path.abspath(mountpoint)
-    base = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "/tmp")
-    directory = os.path.join(base, "encidfs-state")
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    digest = hashlib.sha256(mountpoint.encode()).hexdigest()[:12]
-    name = os.path.basename(mountpoint)[:40] or "root"
-    return os.path.join(directory, f"{name}-{digest}.db")
+    """Where a mount without --state keeps its runtime file."""
+    return runtime_path(mountpoint, "state", ".db")
 
 
 def boot_id() -> str:

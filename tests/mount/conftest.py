@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import grp
 import itertools
 import os
+import pwd
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +34,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))  # mountutil, whatever pytest's import mode
 
-from mountutil import DEADLINE, FSTYPE, mounted_fstype, write  # noqa: E402
+from mountutil import DEADLINE, FSTYPE, NOBODY, User, mounted_fstype, write  # noqa: E402
 
 
 
@@ -265,3 +268,46 @@ def procs() -> Iterator[Processes]:
         yield processes
     finally:
         processes.cleanup()
+
+
+# -- users ------------------------------------------------------------------------------------
+
+USER_NAME = "encidfs-test"
+GROUP_NAME = "encidfs-test-g"
+
+
+def _run(*argv: str) -> bool:
+    return subprocess.run(argv, capture_output=True, timeout=DEADLINE).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def user() -> Iterator[User]:
+    """A system user made for the session (encidfs-test) and a group made for it, removed at
+    the end (an existing one is used as it is, and left); without useradd, nobody (65534) and an
+    unused GID."""
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv is needed to act as another user")
+    made_user = made_group = False
+    try:
+        entry = pwd.getpwnam(USER_NAME)  # left by a session still running or one that crashed
+    except KeyError:
+        made_user = (shutil.which("useradd") is not None
+                     and _run("useradd", "--system", "--no-create-home", USER_NAME))
+        entry = pwd.getpwnam(USER_NAME) if made_user else pwd.getpwuid(NOBODY)
+    try:
+        group = grp.getgrnam(GROUP_NAME).gr_gid
+    except KeyError:
+        made_group = (shutil.which("groupadd") is not None
+                      and _run("groupadd", "--system", GROUP_NAME))
+        if made_group:
+            group = grp.getgrnam(GROUP_NAME).gr_gid
+        else:  # the kernel needs no /etc/group entry for a supplementary group
+            used = {g.gr_gid for g in grp.getgrall()}
+            group = next(gid for gid in range(65000, 1000, -1) if gid not in used)
+    try:
+        yield User(entry.pw_uid, entry.pw_gid, group)
+    finally:
+        if made_user:
+            _run("userdel", USER_NAME)
+        if made_group:
+            _run("groupdel", GROUP_NAME)

@@ -12,6 +12,7 @@ import re
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -19,6 +20,22 @@ T = TypeVar("T")
 
 FSTYPE = "fuse.encidfs"
 DEADLINE = 10.0  # seconds: generous, only ever reached when something is broken
+NOBODY = 65534
+
+
+@dataclass(frozen=True)
+class User:
+    """A user the tests act as (the conftest's `user` fixture makes one)."""
+
+    uid: int
+    gid: int
+    group: int  # a supplementary group the user is not in unless an agent is started with it
+
+    def setpriv(self, groups: tuple[int, ...] = ()) -> list[str]:
+        """argv prefix that runs a command as the user (real, effective and saved IDs), with
+        exactly `groups` as supplementary groups."""
+        group_option = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", group_option]
 
 
 def mounted_fstype(mountpoint: Path | str) -> str | None:

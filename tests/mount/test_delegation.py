@@ -12,29 +12,22 @@ open(2) (the kernel's permission check against the modes, default_permissions) o
 from __future__ import annotations
 
 import errno
-import grp
 import json
 import os
-import pwd
 import select
-import shutil
 import socket
 import stat
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from mountutil import DEADLINE, keyed, pids, read, wait_until, write
+from mountutil import DEADLINE, User, keyed, pids, read, wait_until, write
 
 from encidfs.client import Client
 
-USER_NAME = "encidfs-test"
-GROUP_NAME = "encidfs-test-g"
-NOBODY = 65534
 
 # The user side: one JSON request a line on stdin, one JSON reply a line on stdout.  It needs
 # only the standard library, and an interpreter the user can execute (the venv's lives in
@@ -117,56 +110,6 @@ while line := sys.stdin.readline():
 
 
 # -- the test user ------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class User:
-    uid: int
-    gid: int
-    group: int  # a supplementary group the user is not in unless an agent is started with it
-
-    def setpriv(self, groups: tuple[int, ...] = ()) -> list[str]:
-        """argv prefix that runs a command as the user (real, effective and saved IDs), with
-        exactly `groups` as supplementary groups."""
-        group_option = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
-        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", group_option]
-
-
-def _run(*argv: str) -> bool:
-    return subprocess.run(argv, capture_output=True, timeout=DEADLINE).returncode == 0
-
-
-@pytest.fixture(scope="session")
-def user() -> Iterator[User]:
-    """A system user made for the session (encidfs-test) and a group made for it, removed at
-    the end (an existing one is used as it is, and left); without useradd, nobody (65534) and an
-    unused GID."""
-    if shutil.which("setpriv") is None:
-        pytest.skip("setpriv is needed to act as another user")
-    made_user = made_group = False
-    try:
-        entry = pwd.getpwnam(USER_NAME)  # left by a session still running or one that crashed
-    except KeyError:
-        made_user = (shutil.which("useradd") is not None
-                     and _run("useradd", "--system", "--no-create-home", USER_NAME))
-        entry = pwd.getpwnam(USER_NAME) if made_user else pwd.getpwuid(NOBODY)
-    try:
-        group = grp.getgrnam(GROUP_NAME).gr_gid
-    except KeyError:
-        made_group = (shutil.which("groupadd") is not None
-                      and _run("groupadd", "--system", GROUP_NAME))
-        if made_group:
-            group = grp.getgrnam(GROUP_NAME).gr_gid
-        else:  # the kernel needs no /etc/group entry for a supplementary group
-            used = {g.gr_gid for g in grp.getgrall()}
-            group = next(gid for gid in range(65000, 1000, -1) if gid not in used)
-    try:
-        yield User(entry.pw_uid, entry.pw_gid, group)
-    finally:
-        if made_user:
-            _run("userdel", USER_NAME)
-        if made_group:
-            _run("groupdel", GROUP_NAME)
-
 
 @pytest.fixture
 def traversable() -> Iterator:
