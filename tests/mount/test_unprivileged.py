@@ -1,0 +1,215 @@
+"""A user's own mount, for real: as the test user and as nobody, at the same time, in a private
+mount namespace where /dev/fuse is a 0666 node bound over the host's (which stays as it is).
+
+Each user runs USER_SCRIPT: it mounts encidfs itself (`encidfs mount`, as a user would), reports
+its socket, waits to be told to go on, and then makes cgroups, enables controllers, sets
+limits, moves its own processes, allocates, is refused by a limit, freezes and kills, and
+unmounts.  Meanwhile the other user tries the first one's socket and mount, and must be kept
+out of both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import sysconfig
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mountutil import DEADLINE, NOBODY, User
+
+import encidfs
+
+REPO = Path(encidfs.__file__).resolve().parent.parent
+SITE = sysconfig.get_paths()["purelib"]
+
+USER_SCRIPT = r"""
+import json, os, select, subprocess, sys, time
+from encidfs.client import Client, ControlError
+
+mnt = sys.argv[1]
+encidfs = [sys.executable, "-m", "encidfs"]
+out = {"uid": os.getuid()}
+
+def write(path, text):
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, text.encode())
+        return "OK"
+    except OSError as error:
+        return os.strerror(error.errno)
+    finally:
+        os.close(fd)
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def until(condition):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+mounted = subprocess.run([*encidfs, "mount", mnt], capture_output=True, text=True)
+out["mount"] = mounted.returncode, mounted.stderr.strip()
+out["socket"] = os.getxattr(mnt, "user.encidfs.control").decode()
+print(json.dumps(out), flush=True)
+sys.stdin.readline()  # the other user has had its go at this mount
+
+root = os.stat(mnt)
+out["root"] = [root.st_uid, oct(root.st_mode & 0o777), os.stat(mnt + "/cgroup.procs").st_uid]
+out["enable"] = write(mnt + "/cgroup.subtree_control", "+encids +misc")
+os.mkdir(mnt + "/a")
+out["limit"] = write(mnt + "/a/encids.sev.max", "2")
+sleeper = subprocess.Popen(["sleep", "600"])
+out["move"] = write(mnt + "/a/cgroup.procs", str(sleeper.pid))
+out["members"] = read(mnt + "/a/cgroup.procs").split()
+out["foreign move"] = write(mnt + "/a/cgroup.procs", "1")  # init: not ours to signal
+with Client.connect(mount=mnt) as client:
+    out["allocated"] = list(client.allocate("sev", pid=sleeper.pid))
+    try:
+        client.allocate("sev", 2, pid=sleeper.pid)
+        out["refused"] = None
+    except ControlError as error:
+        out["refused"] = [error.errno, error.cgroup, error.controller]
+    out["tracking"] = client.status()["tracking"]
+out["current"] = read(mnt + "/a/misc.current")
+out["freeze"] = write(mnt + "/a/cgroup.freeze", "1")
+until(lambda: "frozen 1" in read(mnt + "/a/cgroup.events"))
+out["thaw"] = write(mnt + "/a/cgroup.freeze", "0")
+out["kill"] = write(mnt + "/a/cgroup.kill", "1")
+out["killed"] = sleeper.wait(timeout=10)
+until(lambda: read(mnt + "/encids.sev.stat") == "total 509\nused 0\n")
+unmounted = subprocess.run([*encidfs, "umount", mnt], capture_output=True, text=True)
+out["umount"] = unmounted.returncode, unmounted.stderr.strip()
+out["gone"] = not os.listdir(mnt)
+print(json.dumps(out), flush=True)
+"""
+
+INTRUDER_SCRIPT = r"""
+import json, os, socket, sys
+out = {}
+try:
+    socket.socket(socket.AF_UNIX).connect(sys.argv[1])
+    out["socket"] = "connected"
+except OSError as error:
+    out["socket"] = os.strerror(error.errno)
+try:
+    os.listdir(sys.argv[2])
+    out["mount"] = "listed"
+except OSError as error:
+    out["mount"] = os.strerror(error.errno)
+print(json.dumps(out))
+"""
+
+
+@dataclass
+class Namespace:
+    """A mount namespace of its own, kept by a process, with a usable /dev/fuse."""
+
+    pid: int
+    base: Path  # a directory every user may traverse
+
+    def argv(self, user: User, script: str, *args: str) -> list[str]:
+        """Run a Python script as `user` inside the namespace, with encidfs importable."""
+        return ["nsenter", f"--target={self.pid}", "--mount", *user.setpriv(), "env", "-i",
+                "PATH=/usr/local/bin:/usr/bin:/bin", f"PYTHONPATH={REPO}:{SITE}",
+                user_python(), "-c", script, *args]
+
+
+def user_python() -> str:
+    """An interpreter any user can execute that runs our venv's packages: the system's, of
+    the same version (the venv's own may live under /root, 0700)."""
+    system = "/usr/bin/python3"
+    if os.path.exists(system):
+        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.strip()
+        if version == str(sys.version_info[:2]):
+            return system
+    return sys.executable
+
+
+@pytest.fixture(scope="module")
+def namespace() -> Iterator[Namespace]:
+    for tool in ("unshare", "nsenter", "setpriv"):
+        if shutil.which(tool) is None:
+            pytest.skip(f"{tool} (util-linux) is needed")
+    base = Path(tempfile.mkdtemp(prefix="encidfs-unprivileged-"))
+    base.chmod(0o755)
+    node = base / "fuse"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(10, 229))
+    node.chmod(0o666)
+    keeper = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$0" /dev/fuse && echo ready && exec sleep infinity', str(node)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert keeper.stdout.readline() == "ready\n"
+        yield Namespace(keeper.pid, base)
+    finally:
+        keeper.kill()
+        keeper.wait()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def user_mountpoint(namespace: Namespace, user: User) -> Path:
+    mnt = namespace.base / f"mnt-{user.uid}"
+    mnt.mkdir()
+    os.chown(mnt, user.uid, user.gid)
+    return mnt
+
+
+def test_two_users_each_mount_their_own_and_neither_reaches_the_other(namespace, user):
+    nobody = User(NOBODY, NOBODY, NOBODY)
+    if user.uid == NOBODY:
+        pytest.skip("needs a second user besides nobody (useradd)")
+    runs = {}
+    try:
+        for who in (user, nobody):
+            mnt = user_mountpoint(namespace, who)
+            runs[who.uid] = (mnt, subprocess.Popen(namespace.argv(who, USER_SCRIPT, str(mnt)),
+                                                   stdin=subprocess.PIPE,
+                                                   stdout=subprocess.PIPE, text=True))
+        ready = {uid: json.loads(process.stdout.readline()) for uid, (_, process)
+                 in runs.items()}
+        for uid, first in ready.items():
+            assert first["mount"] == [0, ""], first
+            assert first["socket"].startswith(f"/tmp/encidfs-{uid}/encidfs-control/")
+        # nobody tries the test user's socket and mount, while both are up.
+        intruder = subprocess.run(
+            namespace.argv(nobody, INTRUDER_SCRIPT, ready[user.uid]["socket"],
+                           str(runs[user.uid][0])),
+            capture_output=True, text=True, timeout=DEADLINE)
+        assert json.loads(intruder.stdout) == {"socket": "Permission denied",
+                                               "mount": "Permission denied"}, intruder.stderr
+        for _, process in runs.values():
+            process.stdin.write("go on\n")
+            process.stdin.flush()
+        results = {uid: json.loads(process.stdout.readline() or "{}") for uid, (_, process)
+                   in runs.items()}
+    finally:
+        for mnt, process in runs.values():
+            process.kill()
+            process.wait()
+            subprocess.run(["nsenter", f"--target={namespace.pid}", "--mount", "umount", "-l",
+                            str(mnt)], capture_output=True)
+    for uid, out in results.items():
+        assert out["uid"] == uid
+        assert out["root"] == [uid, "0o755", uid]  # the hierarchy is the user's
+        assert (out["enable"], out["limit"], out["move"]) == ("OK", "OK", "OK")
+        assert len(out["members"]) == 1
+        assert out["foreign move"] == "Operation not permitted"
+        assert out["allocated"] == [1]
+        assert out["refused"] == [16, "/a", "encids"]  # EBUSY by /a's limit of 2
+        assert out["current"] == "sev 1\nsev_es 0\n"
+        assert (out["freeze"], out["thaw"], out["kill"], out["killed"]) == ("OK", "OK", "OK", -9)
+        assert out["umount"] == [0, ""] and out["gone"]
