@@ -19,6 +19,7 @@ from collections.abc import Callable
 from . import commands as client_commands
 from . import config as configuration
 from . import supervisor
+from .namespace import NamespaceError, exec_with_cgroupfs
 from .runtime import RuntimeDirError
 from .state.store import StateError
 
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
 
     umount = commands.add_parser("umount", help="unmount and stop the daemon")
     umount.add_argument("mountpoint")
+
+    run_in = commands.add_parser("exec", help="run a command with the mount as /sys/fs/cgroup")
+    run_in.add_argument("--mount", metavar="MNT",
+                        help=f"the encidfs mountpoint (default {client_commands.DEFAULT_MOUNT})")
+    run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     client_commands.add_parsers(commands)
     return parser
 
@@ -81,8 +87,10 @@ def main(argv: list[str] | None = None) -> int:
             return _mount(args)
         if args.command == "umount":
             return _umount(args.mountpoint)
+        if args.command == "exec":
+            return _exec(args)
         return client_commands.run_command(args)
-    except (CliError, configuration.ConfigError) as error:
+    except (CliError, configuration.ConfigError, NamespaceError) as error:
         print(f"encidfs: {error}", file=sys.stderr)
         return 1
 
@@ -272,6 +280,19 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
     if args.debug:
         argv.append("--debug")
     return argv
+
+
+# -- exec -------------------------------------------------------------------------------------
+
+def _exec(args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mount or client_commands.DEFAULT_MOUNT)
+    argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+    if not argv:
+        raise CliError("exec needs a command after --")
+    if _mounted_fstype(mountpoint) != FSTYPE:
+        raise CliError(f"{mountpoint} is not an encidfs mount")
+    exec_with_cgroupfs(mountpoint, argv)
+    return 127  # not reached: the command took this process's place
 
 
 # -- umount -----------------------------------------------------------------------------------

@@ -1,41 +1,34 @@
-"""Fixtures that mount real encidfs instances (FUSE) and start the processes tests move around.
+"""Fixtures of the mount tests, on the encidfs pytest plugin's (encidfs/pytest_plugin.py): every
+instance is a daemon of its own on a fresh directory, unmounted in teardown whatever the test
+did, and a daemon that logged an error or did not exit cleanly fails the test.
 
-Every instance is a daemon of its own (`python -m encidfs mount MNT --foreground`) on a fresh
-directory, waited for in /proc/self/mountinfo and unmounted in teardown whatever the test did.
-Teardown also fails the test if the daemon logged a traceback (an internal error answered with
-EIO) or did not exit cleanly.
-
-- `mnt`: a fresh default instance per test (sev=509, sev_es=99); `daemon` gives its process.
-- `mount_encidfs(*args)`: a fresh instance with command-line options.
+- `daemon`: a fresh default instance per test (sev=509, sev_es=99; both controllers), as the
+  plugin's `Mount` (.path, .process, .log); `mnt` is its root.
+- `mount_encidfs(*args, nofile=None)`: a fresh instance with command-line options.
 - `cgroup(name)`: on `mnt`, enable encids at the root and make mnt/name.
 - `shared_mnt` / `cg`: one instance per module and a fresh cgroup of it per test, for the
   many tests that need no untouched root (a daemon start costs ~0.25 s of CPU).
 - `procs`: processes the test starts; killed and reaped in teardown.
+- `user`: a user to act as.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import grp
 import itertools
 import os
 import pwd
-import resource
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))  # mountutil, whatever pytest's import mode
+from mountutil import DEADLINE, NOBODY, User, write
 
-from mountutil import DEADLINE, FSTYPE, NOBODY, User, mounted_fstype, write  # noqa: E402
-
+from encidfs.pytest_plugin import Mount
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -44,161 +37,43 @@ def _root_and_fuse() -> None:
         pytest.skip("the mount tests need root and /dev/fuse")
 
 
-@dataclass
-class Daemon:
-    mountpoint: Path
-    process: subprocess.Popen
-    log: Path
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-def _spawn(mountpoint: Path, log: Path, extra_args: tuple[str, ...],
-           nofile: tuple[int, int] | None = None) -> Daemon:
-    """`nofile`: the daemon's (soft, hard) limit on descriptors, if not the inherited one."""
-    mountpoint.mkdir()
-    limit = None if nofile is None else (
-        lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
-    with open(log, "wb") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "encidfs", "mount", str(mountpoint), "--foreground",
-             *extra_args],
-            stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file, preexec_fn=limit)
-    return Daemon(mountpoint, process, log)
-
-
-def _wait_mounted(daemon: Daemon) -> Daemon:
-    """Poll mountinfo until the daemon's mount shows; fail fast if the daemon exits."""
-    deadline = time.monotonic() + DEADLINE
-    delay = 0.002
-    while mounted_fstype(daemon.mountpoint) != FSTYPE:
-        if daemon.process.poll() is not None:
-            pytest.fail(f"encidfs exited with {daemon.process.returncode} before mounting "
-                        f"{daemon.mountpoint}:\n{daemon.log_text()}", pytrace=False)
-        if time.monotonic() > deadline:
-            pytest.fail(f"{daemon.mountpoint} was not mounted within {DEADLINE} s:\n"
-                        f"{daemon.log_text()}", pytrace=False)
-        time.sleep(delay)
-        delay = min(delay * 2, 0.02)
-    return daemon
-
-
-class DaemonPool:
-    """Default instances started ahead of time: a daemon takes ~0.4 s to start (mostly
-    imports), which overlaps with the tests that run meanwhile.  Every test still gets an
-    instance of its own that nothing else has touched."""
-
-    AHEAD = 1
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.counter = itertools.count()
-        self.waiting: collections.deque[Daemon] = collections.deque()
-
-    def spawn(self, extra_args: tuple[str, ...] = (),
-              nofile: tuple[int, int] | None = None) -> Daemon:
-        n = next(self.counter)
-        return _spawn(self.base / f"mnt{n}", self.base / f"encidfs{n}.log", extra_args, nofile)
-
-    def take(self) -> Daemon:
-        """A default instance, maybe still starting (`_mounted` waits for it)."""
-        daemon = self.waiting.popleft() if self.waiting else self.spawn()
-        while len(self.waiting) < self.AHEAD:
-            self.waiting.append(self.spawn())  # the next test's, starting meanwhile
-        return daemon
-
-    def close(self) -> None:
-        while self.waiting:
-            _stop(self.waiting.popleft())
-
-
-@pytest.fixture(scope="session")
-def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonPool]:
-    daemons = DaemonPool(tmp_path_factory.mktemp("mounts"))
-    try:
-        yield daemons
-    finally:
-        daemons.close()
-
-
-def _stop(daemon: Daemon) -> list[str]:
-    """Unmount and reap the daemon, whatever state it is in; return what went wrong."""
-    problems = []
-    mountpoint = str(daemon.mountpoint)
-    # One still starting would mount after we looked: wait for its mount (or its end) first.
-    deadline = time.monotonic() + DEADLINE
-    while (daemon.process.poll() is None and mounted_fstype(mountpoint) != FSTYPE
-           and time.monotonic() < deadline):
-        time.sleep(0.01)
-    if mounted_fstype(mountpoint) == FSTYPE:
-        result = subprocess.run(["umount", mountpoint], capture_output=True, text=True)
-        if result.returncode != 0:
-            problems.append(f"umount failed: {result.stderr.strip()}")
-            subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-    try:
-        daemon.process.wait(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        problems.append("the daemon did not exit after umount; killed")
-        daemon.process.kill()
-        daemon.process.wait()
-    if mounted_fstype(mountpoint) == FSTYPE:  # a daemon killed while mounted leaves it dead
-        subprocess.run(["umount", "-l", mountpoint], capture_output=True)
-    if daemon.process.returncode != 0:
-        problems.append(f"the daemon exited with {daemon.process.returncode}")
-    if "Traceback" in daemon.log_text():
-        problems.append("the daemon logged an internal error")
-    return problems
-
-
-@contextlib.contextmanager
-def _mounted(daemon: Daemon) -> Iterator[Daemon]:
-    """Hand out a started daemon once mounted; unmount and check it afterwards (also when it
-    never mounted)."""
-    try:
-        yield _wait_mounted(daemon)
-    finally:
-        problems = _stop(daemon)
-        if problems:
-            pytest.fail("; ".join(problems) + f"\n--- daemon log ---\n{daemon.log_text()}",
-                        pytrace=False)
-
-
 @pytest.fixture
-def mount_encidfs(pool: DaemonPool) -> Iterator[Callable[..., Path]]:
+def mount_encidfs(encidfs_factory) -> Callable[..., Path]:
     """Factory: mount_encidfs(*extra_args, nofile=None) mounts a fresh instance and returns its
     root; `nofile` is the daemon's (soft, hard) limit on descriptors."""
-    with contextlib.ExitStack() as stack:
 
-        def mount(*extra_args: str, nofile: tuple[int, int] | None = None) -> Path:
-            fresh = extra_args or nofile is not None
-            daemon = pool.spawn(extra_args, nofile) if fresh else pool.take()
-            return stack.enter_context(_mounted(daemon)).mountpoint
+    def mount(*extra_args: str, nofile: tuple[int, int] | None = None) -> Path:
+        return encidfs_factory(options=extra_args, nofile=nofile).path
 
-        yield mount
+    return mount
 
 
 @pytest.fixture
-def daemon(pool: DaemonPool) -> Iterator[Daemon]:
+def daemon(encidfs_factory) -> Mount:
     """A fresh default instance, with its process and log."""
-    with _mounted(pool.take()) as running:
-        yield running
+    return encidfs_factory()
 
 
 @pytest.fixture
-def mnt(daemon: Daemon) -> Path:
+def mnt(daemon: Mount) -> Path:
     """The root of a fresh default instance (sev=509, sev_es=99)."""
-    return daemon.mountpoint
+    return daemon.path
 
 
 @pytest.fixture(scope="module")
-def shared_mnt(pool: DaemonPool) -> Iterator[Path]:
+def shared_mnt(_encidfs_pool) -> Iterator[Path]:
     """One instance for a whole module, with encids enabled at its root.  The module's tests
     work in cgroups of their own (see `cg`), so they cannot see each other's writes; that
     saves a daemon start (~0.25 s of CPU) per test."""
-    with _mounted(pool.take()) as running:
-        write(running.mountpoint / "cgroup.subtree_control", "+encids")
-        yield running.mountpoint
+    mount = _encidfs_pool.take().wait_mounted()
+    try:
+        write(mount.path / "cgroup.subtree_control", "+encids")
+        yield mount.path
+    finally:
+        problems = mount.stop()
+        if problems:
+            pytest.fail("; ".join(problems) + f"\n--- daemon log ---\n{mount.log}",
+                        pytrace=False)
 
 
 _cg_names = itertools.count()

@@ -10,6 +10,8 @@ import errno
 import os
 import re
 import subprocess
+import sys
+import sysconfig
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +23,20 @@ T = TypeVar("T")
 FSTYPE = "fuse.encidfs"
 DEADLINE = 10.0  # seconds: generous, only ever reached when something is broken
 NOBODY = 65534
+REPO = Path(__file__).resolve().parent.parent.parent  # the checkout: encidfs importable from it
+SITE = sysconfig.get_paths()["purelib"]  # where this interpreter has encidfs's dependencies
+
+
+def user_python() -> str:
+    """An interpreter any user can execute that runs our venv's packages (with REPO and SITE on
+    its path): the system's, of the same version (the venv's own may live under /root, 0700)."""
+    system = "/usr/bin/python3"
+    if os.path.exists(system):
+        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
+                                 capture_output=True, text=True).stdout.strip()
+        if version == str(sys.version_info[:2]):
+            return system
+    return sys.executable
 
 
 @dataclass(frozen=True)

@@ -162,4 +162,4 @@ def test_mount_command_passes_options_to_the_daemon(mountpoint):
 def test_sigterm_unmounts_and_exits_cleanly(daemon):
     daemon.process.send_signal(signal.SIGTERM)
     assert daemon.process.wait(timeout=DEADLINE) == 0
-    assert mounted_fstype(daemon.mountpoint) is None
+    assert mounted_fstype(daemon.path) is None

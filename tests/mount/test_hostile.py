@@ -1191,7 +1191,7 @@ def _run_action(action: object, connections: Connections, client: Client,
 
 
 def test_hostile_requests_on_the_control_socket(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     connections = Connections(control_path(mnt))
     # Held by this process, so that a random free (which names this process by default) can
     # hit them.
@@ -1231,7 +1231,7 @@ def test_hostile_requests_on_the_control_socket(daemon):
         client.free(sorted(holding.all()))
     assert charges(mnt) == {"sev": 0, "sev_es": 0}
     assert daemon.process.poll() is None
-    assert_no_traceback(daemon.log)
+    assert_no_traceback(daemon.log_path)
 
 
 def _within(seconds: float, action: Callable[[], object], what: str) -> object:
@@ -1269,7 +1269,7 @@ def _allocate_and_free(mnt: Path) -> list[int]:
     b" " * (MAX_LINE - 10),
 ], ids=["half-request", "no-newline", "almost-64KiB"])
 def test_a_stalled_client_does_not_block_others(daemon, stall):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     slow = Raw(control_path(mnt))
     try:
         slow.send(stall)
@@ -1290,11 +1290,11 @@ def test_a_stalled_client_does_not_block_others(daemon, stall):
     finally:
         slow.close()
     assert used(mnt) == 0
-    assert_no_traceback(daemon.log)
+    assert_no_traceback(daemon.log_path)
 
 
 def test_a_client_that_never_reads_its_replies_does_not_block_others(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     flood = Raw(control_path(mnt))
     flood.sock.setblocking(False)
     sent = 0
@@ -1313,11 +1313,11 @@ def test_a_client_that_never_reads_its_replies_does_not_block_others(daemon):
         flood.close()
     assert _within(5.0, lambda: _allocate_and_free(mnt), "allocate+free") == [1, 2]
     assert used(mnt) == 0
-    assert_no_traceback(daemon.log)
+    assert_no_traceback(daemon.log_path)
 
 
 def test_connections_closed_abruptly_mid_request_leave_nothing_charged(daemon, procs):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     path = control_path(mnt)
     holder = procs.sleep()
     with Client.connect(control=path) as client:
@@ -1355,4 +1355,4 @@ def test_connections_closed_abruptly_mid_request_leave_nothing_charged(daemon, p
     wait_until(lambda: used(mnt) == 0, "the holder's IDs to be freed when it exits")
     assert charges(mnt) == {"sev": 0, "sev_es": 0}
     assert daemon.process.poll() is None
-    assert_no_traceback(daemon.log)
+    assert_no_traceback(daemon.log_path)

@@ -164,7 +164,7 @@ def test_children_of_a_member_that_exits_at_once_stay_members(daemon, procs, orp
     the shell was a member, so the child belongs to /a even when the daemon learns of the
     shell's exit together with the fork (here forced by stopping the daemon meanwhile; under
     load it happens by itself)."""
-    a = daemon.mountpoint / "a"
+    a = daemon.path / "a"
     a.mkdir()
     lost = []
     for _ in range(8):

@@ -57,7 +57,7 @@ def write_at(dir_fd: int, name: str, data: str) -> None:
 def test_a_deep_dying_chain_is_released_and_its_id_returns(daemon, procs, release):
     # An unprivileged delegatee's chain: a charge at the bottom, the holder moved out, the
     # chain removed; the last uncharge releases every level (it once overflowed the stack).
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     depth = 600
     levels = deep_chain(mnt, depth)
     parents = [os.open(mnt, os.O_PATH | os.O_DIRECTORY)] + levels[:-1]
@@ -88,11 +88,11 @@ def test_a_deep_dying_chain_is_released_and_its_id_returns(daemon, procs, releas
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGUSR1, signal.SIGALRM])
 def test_stray_signals_do_not_stop_the_daemon(daemon, signum):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     # The mount shows before the daemon is ready (it then ignores without logging).
-    wait_until(lambda: "mounted on" in daemon.log_text(), "the daemon to be ready")
+    wait_until(lambda: "mounted on" in daemon.log, "the daemon to be ready")
     os.kill(daemon.process.pid, signum)
-    wait_until(lambda: f"{signal.Signals(signum).name}: ignored" in daemon.log_text(),
+    wait_until(lambda: f"{signal.Signals(signum).name}: ignored" in daemon.log,
                "the daemon to log the signal")
     write(mnt / "cgroup.subtree_control", "+encids")
     assert read(mnt / "cgroup.subtree_control") == "encids\n"
@@ -100,7 +100,7 @@ def test_stray_signals_do_not_stop_the_daemon(daemon, signum):
 
 
 def test_the_daemon_never_freezes_or_kills_itself(daemon, procs):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     write(mnt / "cgroup.subtree_control", "+encids")
     (mnt / "a").mkdir()
     other = procs.sleep()
@@ -118,7 +118,7 @@ def test_the_daemon_never_freezes_or_kills_itself(daemon, procs):
 
 
 def test_clients_give_up_on_a_stopped_daemon(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     path = os.getxattr(mnt, "user.encidfs.control").decode()
     os.kill(daemon.process.pid, signal.SIGSTOP)
     try:
@@ -255,7 +255,7 @@ def test_processes_past_the_pidfd_budget_are_still_followed(mount_encidfs):
 
 
 def test_a_client_that_never_reads_is_dropped(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     write(mnt / "cgroup.subtree_control", "+encids")
     for n in range(100):
         (mnt / f"cg{n}").mkdir()
@@ -276,7 +276,7 @@ def test_a_client_that_never_reads_is_dropped(daemon):
 
 
 def test_xattrs_are_bounded_per_node_and_in_all(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     node = mnt / "cgroup.procs"
     for n in range(128):
         os.setxattr(node, f"user.n{n}", b"x")
@@ -341,7 +341,7 @@ def boot_ticks() -> int:
 
 
 def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays_out(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     with Client.connect(mount=str(mnt)) as client:
         if client.status()["tracking"] != "proc connector":
             pytest.skip("needs the proc connector (CAP_NET_ADMIN)")
@@ -361,7 +361,7 @@ def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays
                            check=True, timeout=60)
         finally:
             os.kill(daemon.process.pid, signal.SIGCONT)
-        wait_until(lambda: "process events were lost" in daemon.log_text(),
+        wait_until(lambda: "process events were lost" in daemon.log,
                    "the daemon to notice the lost events")
         assert pids_of(mnt / "a") == [parent.pid]
         assert child in pids_of(mnt)
@@ -373,7 +373,7 @@ def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays
 # -- the control socket ---------------------------------------------------------------------------
 
 def test_a_zombie_or_an_exited_process_gets_no_ids(daemon):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     write(mnt / "cgroup.subtree_control", "+encids")
     (mnt / "a").mkdir()
     zombie = subprocess.Popen(["sh", "-c", "read line"], stdin=subprocess.PIPE)
@@ -393,7 +393,7 @@ def test_a_zombie_or_an_exited_process_gets_no_ids(daemon):
 
 
 def test_a_late_free_never_frees_an_id_handed_out_again(daemon, procs):
-    mnt = daemon.mountpoint
+    mnt = daemon.path
     first, second = procs.sleep(), procs.sleep()
     with Client.connect(mount=str(mnt)) as client:
         assert client.allocate("sev", pid=first.pid) == [1]
@@ -505,7 +505,7 @@ def test_mmap_shared_is_refused_as_on_kernfs(daemon):
     libc.mmap.restype = ctypes.c_void_p
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_long]
-    fd = os.open(daemon.mountpoint / "cgroup.procs", os.O_RDONLY)
+    fd = os.open(daemon.path / "cgroup.procs", os.O_RDONLY)
     try:
         mapped = libc.mmap(None, 4096, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
         assert mapped == ctypes.c_void_p(-1).value and ctypes.get_errno() == errno.ENODEV

@@ -15,8 +15,6 @@ import os
 import shutil
 import stat
 import subprocess
-import sys
-import sysconfig
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,12 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from mountutil import DEADLINE, NOBODY, User
+from mountutil import DEADLINE, NOBODY, REPO, SITE, User, user_python
 
-import encidfs
-
-REPO = Path(encidfs.__file__).resolve().parent.parent
-SITE = sysconfig.get_paths()["purelib"]
 
 USER_SCRIPT = r"""
 import json, os, select, subprocess, sys, time
@@ -126,18 +120,6 @@ class Namespace:
                 user_python(), "-c", script, *args]
 
 
-def user_python() -> str:
-    """An interpreter any user can execute that runs our venv's packages: the system's, of
-    the same version (the venv's own may live under /root, 0700)."""
-    system = "/usr/bin/python3"
-    if os.path.exists(system):
-        version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"],
-                                 capture_output=True, text=True).stdout.strip()
-        if version == str(sys.version_info[:2]):
-            return system
-    return sys.executable
-
-
 @pytest.fixture(scope="module")
 def namespace() -> Iterator[Namespace]:
     for tool in ("unshare", "nsenter", "setpriv"):
@@ -213,3 +195,15 @@ def test_two_users_each_mount_their_own_and_neither_reaches_the_other(namespace,
         assert out["current"] == "sev 1\nsev_es 0\n"
         assert (out["freeze"], out["thaw"], out["kill"], out["killed"]) == ("OK", "OK", "OK", -9)
         assert out["umount"] == [0, ""] and out["gone"]
+
+
+def test_the_example_project_passes_as_a_user_with_only_the_plugin(namespace, user):
+    """tests/example uses nothing but the installed plugin; as the test user it mounts, runs
+    holders, restarts and runs under `encidfs exec` (a user namespace) by itself."""
+    example = REPO / "tests" / "example"
+    done = subprocess.run(
+        [*namespace.argv(user, "import sys, pytest; sys.exit(pytest.main(sys.argv[1:]))",
+                         "-q", "-p", "no:cacheprovider", str(example))],
+        capture_output=True, text=True, timeout=120, cwd="/")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert " passed" in done.stdout.splitlines()[-1]
