@@ -31,16 +31,21 @@ def exec_with_cgroupfs(mount: str, argv: list[str]) -> None:
     if os.geteuid() != 0:
         if not _user_namespaces_allowed():
             raise NamespaceError("this kernel does not let users make user namespaces "
-                                 "(kernel.unprivileged_userns_clone or user.max_user_namespaces"
-                                 "); run encidfs exec as root")
+                                 "(kernel.unprivileged_userns_clone, user.max_user_namespaces "
+                                 "or kernel.apparmor_restrict_unprivileged_userns); run "
+                                 "encidfs exec as root")
         outer.insert(1, "--map-root-user")
         inner = ["unshare", f"--map-user={os.geteuid()}", f"--map-group={os.getegid()}", "--"]
     os.execvp(outer[0], [*outer, "sh", "-c", _BIND, mount, *inner, *argv])
 
 
 def _user_namespaces_allowed() -> bool:
+    # Ubuntu's AppArmor restriction lets the namespace be made but without the capability to
+    # mount in it.
     for path, allowed in (("/proc/sys/kernel/unprivileged_userns_clone", lambda v: v != "0"),
-                          ("/proc/sys/user/max_user_namespaces", lambda v: v != "0")):
+                          ("/proc/sys/user/max_user_namespaces", lambda v: v != "0"),
+                          ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns",
+                           lambda v: v == "0")):
         try:
             with open(path) as f:
                 if not allowed(f.read().strip()):

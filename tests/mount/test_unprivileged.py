@@ -207,3 +207,19 @@ def test_the_example_project_passes_as_a_user_with_only_the_plugin(namespace, us
         capture_output=True, text=True, timeout=120, cwd="/")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert " passed" in done.stdout.splitlines()[-1]
+
+
+def test_exec_as_a_user_where_user_namespaces_are_refused_says_so(daemon, user, tmp_path):
+    """The kernel's setting is seen through a private mount namespace in which
+    /proc/sys/user/max_user_namespaces reads 0."""
+    zero = tmp_path / "zero"
+    zero.write_text("0\n")
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+         'mount --bind "$0" /proc/sys/user/max_user_namespaces && exec "$@"', str(zero),
+         *user.setpriv(), "env", "-i", f"PYTHONPATH={REPO}:{SITE}", user_python(),
+         "-m", "encidfs", "exec", "--mount", str(daemon.path), "--", "true"],
+        capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 1
+    assert done.stderr.startswith("encidfs: this kernel does not let users make user namespaces")
+    assert done.stderr.count("\n") == 1
