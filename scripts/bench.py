@@ -13,6 +13,7 @@ import contextlib
 import os
 import statistics
 import subprocess
+import shutil
 import sys
 import tempfile
 import threading
@@ -141,8 +142,12 @@ def unmount(path):
 
 @contextlib.contextmanager
 def fuse_mount(argv, env=None):
-    """Run a daemon, argv(mountpoint), until its mount shows; unmount and reap it on the way out."""
-    mnt = os.path.realpath(tempfile.mkdtemp(prefix="encidfs-bench-"))
+    """Run a daemon, argv(mountpoint), until its mount shows; unmount and reap it on the way out.
+    The mountpoint is in a temporary directory of its own, removed with whatever the daemon put
+    beside it."""
+    work = os.path.realpath(tempfile.mkdtemp(prefix="encidfs-bench-"))
+    mnt = os.path.join(work, "mnt")
+    os.mkdir(mnt)
     with tempfile.TemporaryFile() as log:
         # Its own session: Ctrl-C reaches only us, and we unmount before it goes.
         proc = subprocess.Popen(argv(mnt), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
@@ -166,14 +171,15 @@ def fuse_mount(argv, env=None):
             proc.kill()  # still starting up, or kept alive (a no-op once it has exited)
             proc.wait()
             unmount(mnt)  # it mounted just before it was killed
-            os.rmdir(mnt)
+            os.rmdir(mnt)  # fails, leaving everything, if it is somehow still mounted
+            shutil.rmtree(work)
 
 
 def encidfs_argv(source, state=False):
-    """The daemon's command line, from the checkout `source`; with a durable state file in
-    the temporary directory beside the mountpoint if `state`."""
+    """The daemon's command line, from the checkout `source`; with a durable state file beside
+    the mountpoint if `state`."""
     def argv(mnt):
-        options = ["--state", f"{mnt}.state.db"] if state else []
+        options = ["--state", os.path.join(os.path.dirname(mnt), "state.db")] if state else []
         return [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground", *options]
     return argv
 
