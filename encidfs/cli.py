@@ -114,13 +114,13 @@ def _mount(args: argparse.Namespace) -> int:
 
 
 def _check_mountpoint(mountpoint: str) -> None:
-    if _mounted_fstype(mountpoint) == FSTYPE and not _answers(mountpoint):
+    if mounted_fstype(mountpoint) == FSTYPE and not _answers(mountpoint):
         _clean_dead_mount(mountpoint)
     if not os.path.exists(mountpoint):
         raise CliError(f"mountpoint {mountpoint} does not exist")
     if not os.path.isdir(mountpoint):
         raise CliError(f"mountpoint {mountpoint} is not a directory")
-    if _mounted_fstype(mountpoint):
+    if mounted_fstype(mountpoint):
         raise CliError(f"{mountpoint} is already a mount point")
     if os.listdir(mountpoint):
         raise CliError(f"mountpoint {mountpoint} is not empty")
@@ -245,7 +245,7 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
         raise CliError(message.removeprefix("encidfs: ") or f"the daemon exited ({process.returncode})")
     if process.stderr:
         process.stderr.close()
-    _wait_until(lambda: _mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,
+    _wait_until(lambda: mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,
                 f"{mountpoint} did not appear")
     daemon = int(os.getxattr(mountpoint, "user.encidfs.pid"))
     print(f"encidfs mounted on {mountpoint} (daemon pid {daemon}, supervisor pid {process.pid})")
@@ -289,7 +289,7 @@ def _exec(args: argparse.Namespace) -> int:
     argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
     if not argv:
         raise CliError("exec needs a command after --")
-    if _mounted_fstype(mountpoint) != FSTYPE:
+    if mounted_fstype(mountpoint) != FSTYPE:
         raise CliError(f"{mountpoint} is not an encidfs mount")
     exec_with_cgroupfs(mountpoint, argv)
     return 127  # not reached: the command took this process's place
@@ -299,7 +299,7 @@ def _exec(args: argparse.Namespace) -> int:
 
 def _umount(target: str) -> int:
     mountpoint = os.path.abspath(target)
-    if _mounted_fstype(mountpoint) != FSTYPE:
+    if mounted_fstype(mountpoint) != FSTYPE:
         raise CliError(f"{mountpoint} is not an encidfs mount")
     try:
         pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
@@ -331,8 +331,9 @@ def _supervisor_of(pid: int) -> int | None:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _mounted_fstype(mountpoint: str) -> str | None:
+def mounted_fstype(mountpoint: str | os.PathLike) -> str | None:
     """The type of the file system mounted last exactly at mountpoint (/proc/self/mountinfo)."""
+    mountpoint = os.path.abspath(mountpoint)
     fstype = None
     with open("/proc/self/mountinfo") as f:
         for line in f:

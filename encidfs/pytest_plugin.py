@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from .cli import FSTYPE, fuse_problem
+from .cli import FSTYPE, fuse_problem, mounted_fstype
 from .client import Client
 
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount, or to stop
@@ -109,7 +109,7 @@ class Mount:
     def wait_mounted(self) -> Mount:
         deadline = time.monotonic() + MOUNT_DEADLINE
         delay = 0.002
-        while _mounted_fstype(self.path) != FSTYPE:
+        while mounted_fstype(self.path) != FSTYPE:
             if self.process.poll() is not None:
                 pytest.fail(f"encidfs exited with {self.process.returncode} before mounting "
                             f"{self.path}:\n{self._tail()}", pytrace=False)
@@ -125,12 +125,12 @@ class Mount:
         problems = []
         # One still starting would mount after we looked: wait for its mount (or its end).
         deadline = time.monotonic() + MOUNT_DEADLINE
-        while (self.process.poll() is None and _mounted_fstype(self.path) != FSTYPE
+        while (self.process.poll() is None and mounted_fstype(self.path) != FSTYPE
                and time.monotonic() < deadline):
             time.sleep(0.01)
         if self.process.poll() is not None and self.process.returncode != 0:
             problems.append(f"the daemon exited with {self.process.returncode}")
-        if _mounted_fstype(self.path) == FSTYPE and self.process.poll() is None:
+        if mounted_fstype(self.path) == FSTYPE and self.process.poll() is None:
             result = subprocess.run(_unmount(self.path), capture_output=True, text=True)
             if result.returncode != 0:
                 problems.append(f"unmounting failed: {result.stderr.strip()}")
@@ -142,7 +142,7 @@ class Mount:
             problems.append("the daemon did not exit after unmounting; killed")
             self.process.kill()
             self.process.wait()
-        if _mounted_fstype(self.path) == FSTYPE:  # a daemon that died leaves its mount dead
+        if mounted_fstype(self.path) == FSTYPE:  # a daemon that died leaves its mount dead
             subprocess.run(_unmount(self.path, lazy=True), capture_output=True)
         if "Traceback" in self.log or " ERROR " in self.log:
             problems.append("the daemon logged an error")
@@ -191,19 +191,6 @@ def _options(capacity: dict[str, int] | None = None, controllers: list[str] | No
         assert base is not None
         argv += ["--state", str(base / "state.db") if state is True else os.fspath(state)]
     return (*argv, *options)
-
-
-def _mounted_fstype(mountpoint: Path | str) -> str | None:
-    """The type of the file system mounted last exactly at mountpoint (/proc/self/mountinfo)."""
-    target = os.path.abspath(mountpoint)
-    fstype = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            if point == target:
-                fstype = fields[fields.index("-") + 1]
-    return fstype
 
 
 def _unmount(path: Path, lazy: bool = False) -> list[str]:

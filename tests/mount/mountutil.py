@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import subprocess
 import sys
 import sysconfig
@@ -18,9 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from encidfs.cli import FSTYPE, mounted_fstype  # noqa: F401 (for the tests)
+
 T = TypeVar("T")
 
-FSTYPE = "fuse.encidfs"
 DEADLINE = 10.0  # seconds: generous, only ever reached when something is broken
 NOBODY = 65534
 REPO = Path(__file__).resolve().parent.parent.parent  # the checkout: encidfs importable from it
@@ -52,19 +52,6 @@ class User:
         exactly `groups` as supplementary groups."""
         group_option = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", group_option]
-
-
-def mounted_fstype(mountpoint: Path | str) -> str | None:
-    """The type of the file system mounted last exactly at mountpoint, per mountinfo."""
-    target = os.path.abspath(mountpoint)
-    fstype = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])
-            if point == target:
-                fstype = fields[fields.index("-") + 1]
-    return fstype
 
 
 def wait_until(condition: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
