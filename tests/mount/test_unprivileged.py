@@ -130,9 +130,12 @@ def namespace() -> Iterator[Namespace]:
     node = base / "fuse"
     os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(10, 229))
     node.chmod(0o666)
+    # The namespace starts with copies of the mounts there are, other tests' encidfs mounts
+    # among them: unmounted here, so that those daemons exit when their tests unmount them.
     keeper = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-         'mount --bind "$0" /dev/fuse && echo ready && exec sleep infinity', str(node)],
+         'mount --bind "$0" /dev/fuse && { umount -a -l -t fuse.encidfs || true; } '
+         '&& echo ready && exec sleep infinity', str(node)],
         stdout=subprocess.PIPE, text=True)
     try:
         assert keeper.stdout.readline() == "ready\n"
