@@ -51,6 +51,9 @@ class CfType:
     # The key the engine notifies this file by (the kernel's .file_offset to a cgroup_file):
     # poll(2) wakes once the file's content changed.
     notify: str | None = None
+    # Shown a record at a time (seq_start/seq_next): a read that finds no record never runs
+    # kernfs_seq_show(), so it does not catch up with the notifications, as poll(2) then shows.
+    records: bool = False
 
     @property
     def mode(self) -> int:

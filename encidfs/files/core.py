@@ -185,8 +185,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
     not_on_root = Placement.NOT_ON_ROOT
     return [
         CfType("cgroup.type", lambda cg: "domain\n", write_type, not_on_root),
-        CfType("cgroup.procs", show_procs, write_procs),
-        CfType("cgroup.threads", show_threads, write_threads),
+        CfType("cgroup.procs", show_procs, write_procs, records=True),
+        CfType("cgroup.threads", show_threads, write_threads, records=True),
         CfType("cgroup.controllers",
                lambda cg: _mask_line(hierarchy.names(hierarchy.controllers_of(cg)))),
         CfType("cgroup.subtree_control",

@@ -394,14 +394,16 @@ class OpenFile:
         # A controller's file is gone with the css it showed; one made anew is another node.
         self._css = self._css_now()
         self._text = b""
-        self._seen = table.notifications(node.inode)  # kernfs: of->event
+        # kernfs: of->event starts at 0, behind every node's count (which starts at 1), so a
+        # file not yet read polls as changed.
+        self._seen = -1
 
     def _css_now(self) -> object:
         controller = self.node.cftype.controller  # type: ignore[union-attr]
         return None if controller is None else self.node.cgroup.css[controller.ssid]
 
     def changed(self) -> bool:
-        """Notified since this file was opened or last read (poll reports POLLPRI|POLLERR)."""
+        """Not read yet, or notified since last read (poll reports POLLPRI|POLLERR)."""
         return self._seen != self.table.notifications(self.node.inode)
 
     def _check_live(self) -> CfType:
@@ -416,8 +418,9 @@ class OpenFile:
         if cft.show is None:
             raise fail(errno.EINVAL)
         if offset == 0 or not self._text:
-            self._seen = self.table.notifications(self.node.inode)
             self._text = cft.show(self.node.cgroup).encode()
+            if self._text or not cft.records:
+                self._seen = self.table.notifications(self.node.inode)
         return self._text[offset:offset + size]
 
     def write(self, buf: bytes) -> int:
