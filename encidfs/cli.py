@@ -7,7 +7,6 @@ import errno
 import logging
 import logging.handlers
 import os
-import re
 import select
 import shutil
 import stat
@@ -19,6 +18,7 @@ from collections.abc import Callable
 from . import commands as client_commands
 from . import config as configuration
 from . import supervisor
+from .mountinfo import mounted_at
 from .namespace import NamespaceError, exec_with_cgroupfs
 from .runtime import RuntimeDirError
 from .state.store import StateError
@@ -26,6 +26,7 @@ from .state.store import StateError
 FSTYPE = "fuse.encidfs"
 MOUNT_TIMEOUT = 10.0
 UMOUNT_TIMEOUT = 10.0
+BUSY_TIMEOUT = 1.0  # seconds to try again an unmount that is busy
 
 
 class CliError(Exception):
@@ -137,9 +138,7 @@ def _answers(mountpoint: str) -> bool:
 
 
 def _clean_dead_mount(mountpoint: str) -> None:
-    command = (["umount", "-l", mountpoint] if os.geteuid() == 0
-               else ["fusermount3", "-u", "-z", mountpoint])
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = unmount(mountpoint, lazy=True)
     if result.returncode != 0:
         raise CliError(f"cannot clean up the dead mount on {mountpoint}: {result.stderr.strip()}")
 
@@ -306,8 +305,7 @@ def _umount(target: str) -> int:
     except OSError:
         pid = None  # a daemon that no longer answers: unmounting is all there is to do
     waited = [pid, _supervisor_of(pid)] if pid is not None else []
-    command = ["umount", mountpoint] if os.geteuid() == 0 else ["fusermount3", "-u", mountpoint]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = unmount(mountpoint)
     if result.returncode != 0:
         raise CliError(f"cannot unmount {mountpoint}: {result.stderr.strip()}")
     for process in waited:
@@ -315,6 +313,21 @@ def _umount(target: str) -> int:
             _wait_until(lambda: not _alive(process), UMOUNT_TIMEOUT,
                         f"encidfs process {process} did not stop")
     return 0
+
+
+def unmount(mountpoint: str | os.PathLike, lazy: bool = False) -> subprocess.CompletedProcess:
+    """umount(8), or fusermount3 for a user; tried again for a moment while the mount is busy,
+    which the daemon's own truncates (fuse/inotify.py) make it for an instant at a time."""
+    if os.geteuid() == 0:
+        command = ["umount", *(["-l"] if lazy else []), os.fspath(mountpoint)]
+    else:
+        command = ["fusermount3", "-u", *(["-z"] if lazy else []), os.fspath(mountpoint)]
+    deadline = time.monotonic() + BUSY_TIMEOUT
+    while True:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode == 0 or "busy" not in result.stderr or time.monotonic() > deadline:
+            return result
+        time.sleep(0.01)
 
 
 def _supervisor_of(pid: int) -> int | None:
@@ -332,16 +345,9 @@ def _supervisor_of(pid: int) -> int | None:
 # -- helpers ----------------------------------------------------------------------------------
 
 def mounted_fstype(mountpoint: str | os.PathLike) -> str | None:
-    """The type of the file system mounted last exactly at mountpoint (/proc/self/mountinfo)."""
-    mountpoint = os.path.abspath(mountpoint)
-    fstype = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            # mountinfo escapes space, tab, newline and backslash as octal
-            if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == mountpoint:
-                fstype = fields[fields.index("-") + 1]
-    return fstype
+    """The type of the file system mounted last exactly at mountpoint."""
+    mount = mounted_at(mountpoint)
+    return mount.fstype if mount else None
 
 
 def _alive(pid: int) -> bool:

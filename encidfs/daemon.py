@@ -25,6 +25,7 @@ from .state.restore import restore
 from .state.store import StateStore, runtime_state_path
 from .supervisor import restarts, supervisor_pid
 from .fuse.adapter import CgroupOperations, mount_options
+from .fuse.inotify import ModifyNotifier
 from .procs import ProcessTracker
 
 log = logging.getLogger(__name__)
@@ -91,7 +92,15 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(kernfs, CACHE_TIMEOUT, bus)
     bus.consumers.append(operations.consume)  # kernfs: invalidation and poll
-    service = ControlService(mountpoint, engine, tracker, changes, changed, restarts())
+    limitations = list(tracker.limitations)
+    notifier = ModifyNotifier(kernfs, mountpoint) if ModifyNotifier.available() else None
+    if notifier:
+        bus.consumers.append(notifier.consume)  # inotify: IN_MODIFY
+    else:
+        limitations.append("truncating read-only files needs CAP_DAC_OVERRIDE: inotify does "
+                           "not see the changes the daemon makes itself (poll(2) does)")
+    service = ControlService(mountpoint, engine, tracker, changes, changed, restarts(),
+                             limitations)
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
     runtime = config.state is None
     store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
@@ -100,6 +109,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     restored = restore(store, changes, tracker.start_time_now)
     changes.journal = journal
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
+    if notifier:
+        notifier.start()
     clean = False
     try:
         async with trio.open_nursery() as nursery:
@@ -132,7 +143,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
 
 class ChangeBus:
     """The engine's changes, handed once per request or event, as one batch, to each of its
-    consumers (today the FUSE adapter, for kernfs's invalidation and poll)."""
+    consumers (the FUSE adapter, for kernfs's invalidation and poll; the inotify notifier)."""
 
     def __init__(self, hierarchy: Hierarchy) -> None:
         self.hierarchy = hierarchy

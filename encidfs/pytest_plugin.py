@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from .cli import FSTYPE, fuse_problem, mounted_fstype
+from .cli import FSTYPE, fuse_problem, mounted_fstype, unmount
 from .client import Client
 
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount, or to stop
@@ -90,7 +90,7 @@ class Mount:
         """Kill the daemon (-9) and mount again: the state comes back from its journal."""
         self.process.kill()
         self.process.wait()
-        subprocess.run(_unmount(self.path, lazy=True), capture_output=True)  # the dead mount
+        unmount(self.path, lazy=True)  # the dead mount
         self.process = self._spawn()
         self.wait_mounted()
 
@@ -131,7 +131,7 @@ class Mount:
         if self.process.poll() is not None and self.process.returncode != 0:
             problems.append(f"the daemon exited with {self.process.returncode}")
         if mounted_fstype(self.path) == FSTYPE and self.process.poll() is None:
-            result = subprocess.run(_unmount(self.path), capture_output=True, text=True)
+            result = unmount(self.path)
             if result.returncode != 0:
                 problems.append(f"unmounting failed: {result.stderr.strip()}")
         try:
@@ -143,7 +143,7 @@ class Mount:
             self.process.kill()
             self.process.wait()
         if mounted_fstype(self.path) == FSTYPE:  # a daemon that died leaves its mount dead
-            subprocess.run(_unmount(self.path, lazy=True), capture_output=True)
+            unmount(self.path, lazy=True)
         if "Traceback" in self.log or " ERROR " in self.log:
             problems.append("the daemon logged an error")
         return problems
@@ -191,12 +191,6 @@ def _options(capacity: dict[str, int] | None = None, controllers: list[str] | No
         assert base is not None
         argv += ["--state", str(base / "state.db") if state is True else os.fspath(state)]
     return (*argv, *options)
-
-
-def _unmount(path: Path, lazy: bool = False) -> list[str]:
-    if os.geteuid() == 0:
-        return ["umount", *(["-l"] if lazy else []), str(path)]
-    return ["fusermount3", "-u", *(["-z"] if lazy else []), str(path)]
 
 
 # -- fixtures -------------------------------------------------------------------------------------

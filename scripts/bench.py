@@ -2,7 +2,7 @@
 engine's scaling with the number of cgroups.  A measurement, not a test: it prints figures.
 
     python scripts/bench.py [--iterations N] [--baseline REV ...] [--skip-kernel] [--skip-fuse]
-                            [--skip-engine] [--skip-alloc]
+                            [--skip-engine] [--skip-alloc] [--skip-inotify]
 
 --baseline REV (repeatable) measures encidfs as it was at git revision REV beside today's, in
 the same run.
@@ -228,12 +228,33 @@ def cgroup_dir(mount, pid):
 
 
 @contextlib.contextmanager
-def kernel_target():
-    """A scratch cgroup under our own: every cgroup made here is removed, and our child returns."""
+def kernel_scratch():
+    """A scratch cgroup under our own, removed with every cgroup made in it."""
     mount = cgroup2_mount()
     scratch = os.path.join(cgroup_dir(mount, os.getpid()), f"encidfs-bench-{os.getpid()}")
     os.mkdir(scratch)
     try:
+        yield mount, scratch
+    finally:
+        for path, _, _ in os.walk(scratch, topdown=False):
+            os.rmdir(path)
+
+
+@contextlib.contextmanager
+def returning_home(mount, pid):
+    """pid goes back to the cgroup it started in (if something has not killed it)."""
+    home = f"{cgroup_dir(mount, pid)}/cgroup.procs"
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            write_file(home, str(pid).encode())
+
+
+@contextlib.contextmanager
+def kernel_target():
+    """Our child moves between scratch cgroups and returns to its own at the end."""
+    with kernel_scratch() as (mount, scratch):
         # misc is the upstream form of encids; pids is the next closest counter.
         with open(f"{scratch}/cgroup.controllers") as f:
             counters = [c for c in ("misc", "pids") if c in f.read().split()]
@@ -243,20 +264,12 @@ def kernel_target():
         print(f"kernel: scratch cgroup {scratch}, read is {counter}")
         for name in ("bench", "bench-a", "bench-b"):
             os.mkdir(f"{scratch}/{name}")
-        with sleeper() as pid:
-            home = f"{cgroup_dir(mount, pid)}/cgroup.procs"
-            try:
-                yield file_ops(f"{scratch}/bench/{counter}",
-                               f"{scratch}/bench/cgroup.max.descendants", (b"100", b"200"),
-                               f"{scratch}/bench/d",
-                               (f"{scratch}/bench-a/cgroup.procs",
-                                f"{scratch}/bench-b/cgroup.procs"), pid)
-            finally:
-                with contextlib.suppress(OSError):  # it is gone if something killed it
-                    write_file(home, str(pid).encode())
-    finally:
-        for path, _, _ in os.walk(scratch, topdown=False):
-            os.rmdir(path)
+        with sleeper() as pid, returning_home(mount, pid):
+            yield file_ops(f"{scratch}/bench/{counter}",
+                           f"{scratch}/bench/cgroup.max.descendants", (b"100", b"200"),
+                           f"{scratch}/bench/d",
+                           (f"{scratch}/bench-a/cgroup.procs",
+                            f"{scratch}/bench-b/cgroup.procs"), pid)
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -390,6 +403,57 @@ def measure_interleaved(targets, iterations):
             for name, ops in samples.items()}
 
 
+# -- inotify -------------------------------------------------------------------------------------
+
+def move_to_modify(parent, pid, iterations):
+    """Microseconds from the start of a cgroup.procs write that empties one cgroup and populates
+    another to the IN_MODIFY on the populated one's cgroup.events."""
+    from inotify_simple import INotify, flags
+
+    for name in ("inotify-a", "inotify-b"):
+        os.mkdir(f"{parent}/{name}")
+    try:
+        with INotify() as inotify:
+            watched = {inotify.add_watch(f"{parent}/{name}/cgroup.events", flags.MODIFY): name
+                       for name in ("inotify-a", "inotify-b")}
+
+            def move(i):
+                target = ("inotify-a", "inotify-b")[i % 2]
+                write_file(f"{parent}/{target}/cgroup.procs", str(pid).encode())
+                while not any(watched[event.wd] == target
+                              for event in inotify.read(timeout=int(MOUNT_DEADLINE * 1000))):
+                    pass
+
+            return measure(move, iterations)
+    finally:
+        for name in ("inotify-a", "inotify-b"):
+            with contextlib.suppress(OSError):  # pid has left it before the end of move()
+                os.rmdir(f"{parent}/{name}")
+
+
+def inotify_latency(iterations):
+    """encidfs truncates each notified file through its own mount (fuse/inotify.py): what a
+    watcher waits, beside the kernel, whose cgroup_file_notify() holds a file's next
+    notification until 10 ms after its last (CGROUP_FILE_NOTIFY_MIN_INTV)."""
+    print(f"\ninotify: a cgroup.procs write to the IN_MODIFY on the new cgroup's cgroup.events,"
+          f" microseconds over {iterations} moves")
+
+    def encidfs():
+        with fuse_mount(encidfs_argv(ROOT)) as mnt, sleeper() as pid:
+            return move_to_modify(mnt, pid, iterations)
+
+    def kernel():
+        with kernel_scratch() as (mount, scratch), sleeper() as pid, returning_home(mount, pid):
+            return move_to_modify(scratch, pid, iterations)
+
+    for name, target in (("encidfs", encidfs), ("kernel", kernel)):
+        try:
+            median, p99 = target()
+            print(f"  {name:10} median {median:8.0f}   p99 {p99:8.0f}")
+        except (Skip, OSError) as e:
+            print(f"  {name:10} skipped, {e}")
+
+
 # -- allocations through the control socket ----------------------------------------------------
 
 def allocation_rate(round_trips, sources):
@@ -431,6 +495,8 @@ def main():
     parser.add_argument("--skip-engine", action="store_true", help="skip the engine scaling")
     parser.add_argument("--skip-alloc", action="store_true",
                         help="skip the control socket's allocation rate")
+    parser.add_argument("--skip-inotify", action="store_true",
+                        help="skip the latency of IN_MODIFY after a move")
     parser.add_argument("--baseline", metavar="REV", action="append", default=[],
                         help="also measure encidfs at this git revision, in the same run "
                              "(repeatable)")
@@ -459,6 +525,8 @@ def main():
                 allocation_rate(args.iterations, sources)
             except (Skip, OSError) as e:
                 print(f"allocations: skipped, {e}")
+    if not args.skip_inotify and not args.skip_fuse:
+        inotify_latency(args.iterations)
     if not args.skip_engine:
         engine_scaling(args.iterations)
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs what encidfs needs on Debian/Ubuntu: FUSE 3 (and what building pyfuse3 takes),
-# then a virtual environment in .venv with encidfs and its test tools.  Safe to run again.
+# then a virtual environment in .venv with encidfs and its test tools (and inotifywait, which
+# the tests use).  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc make)
+packages=(fuse3 libfuse3-dev pkg-config gcc make inotify-tools)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv python3-dev)
 missing=()
 for package in "${packages[@]}"; do

@@ -32,7 +32,7 @@ class Peer:
 class ControlService:
     def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessTracker,
                  changes: Changes, changed: Callable[[], None],
-                 restarts: list[dict] | None = None) -> None:
+                 restarts: list[dict] | None = None, limitations: list[str] = ()) -> None:
         self.mountpoint = mountpoint
         self.hierarchy = engine.hierarchy
         self.allocator = engine.allocator
@@ -40,6 +40,7 @@ class ControlService:
         self.tracker = tracker
         self.changes = changes  # allocations and frees are journalled before they happen
         self.restarts = restarts or []  # the supervisor's: when the daemon died, and how
+        self.limitations = list(limitations)  # what the daemon would do but cannot
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
@@ -126,7 +127,7 @@ class ControlService:
                 key = (pid, types.names[allocation.type], allocation.origin.path, charged)
                 holders.setdefault(key, []).append(id_)
         return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode,
-                "limitations": self.tracker.limitations, "restarts": self.restarts,
+                "limitations": self.limitations, "restarts": self.restarts,
                 "controllers": [c.name for c in self.allocator.controllers],
                 "cgroups": sorted(cgroups, key=lambda c: c["path"]),
                 "holders": [{"pid": pid, "type": t, "cgroup": origin, "charged": dict(charged),

@@ -314,6 +314,13 @@ class Kernfs:
     def notifications(self, inode: int) -> int:
         return self._notified.get(inode, 0)
 
+    def files_notified_by(self, key: str, cg: Cgroup) -> list[str]:
+        """The names of cg's files that the engine's notification `key` changes."""
+        if cg.dying:
+            return []
+        return [self.cftypes[row].name for row in self._rows_by_notify.get(key, ())
+                if self.cftypes[row].present_in(cg)]
+
     # -- snapshots (the durable state's checkpoints) -------------------------------------------
 
     def dump(self) -> dict:

@@ -1,7 +1,7 @@
 """The kernel's process events connector (netlink, CN_IDX_PROC): fork events as they happen.
 
-It needs CAP_NET_ADMIN in the initial namespaces; `open_connector` returns None where it is not
-to be had, and the tracker then falls back to reading /proc.
+Before Linux 6.6 it needs CAP_NET_ADMIN in the initial namespaces; `open_connector` returns None
+where it is not to be had, and the tracker then falls back to reading /proc.
 """
 
 from __future__ import annotations
@@ -30,10 +30,13 @@ def open_connector() -> socket.socket | None:
     except OSError:
         return None
     try:
-        sock.bind((os.getpid(), CN_IDX_PROC))
+        # Port 0: the kernel picks one free in the network namespace, which PID namespaces
+        # share (our PID may be another daemon's port there).
+        sock.bind((0, CN_IDX_PROC))
+        port = sock.getsockname()[0]
         op = struct.pack("=I", PROC_CN_MCAST_LISTEN)
         body = _CN_MSG.pack(CN_IDX_PROC, CN_VAL_PROC, 0, 0, len(op), 0) + op
-        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), NLMSG_DONE, 0, 0, os.getpid()) + body)
+        sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), NLMSG_DONE, 0, 0, port) + body)
     except OSError:
         sock.close()
         return None

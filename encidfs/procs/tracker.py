@@ -73,7 +73,7 @@ class ProcessTracker:
         self.mode = "proc connector" if self._connector else "/proc scan"
         # What the daemon would do but cannot, for `status` to say once.
         self.limitations = [] if self._connector or not use_connector else [
-            "the proc connector needs CAP_NET_ADMIN: forks are followed by scanning /proc, "
+            "the proc connector is closed to this daemon: forks are followed by scanning /proc, "
             "which cannot place a child whose member parent exited before the scan"]
         self._watched: dict[int, int] = {}  # PID -> start time
         # Watched through a pidfd while the daemon's descriptors allow it; past that budget

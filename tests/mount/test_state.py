@@ -23,8 +23,10 @@ ENCIDFS = [sys.executable, "-m", "encidfs"]
 
 
 def encidfs(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*ENCIDFS, *args], capture_output=True, text=True, check=check,
-                          stdin=subprocess.DEVNULL)
+    result = subprocess.run([*ENCIDFS, *args], capture_output=True, text=True,
+                            stdin=subprocess.DEVNULL)
+    assert not check or result.returncode == 0, result.stderr
+    return result
 
 
 def daemon_pid(mnt: Path) -> int:
