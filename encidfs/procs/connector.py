@@ -6,7 +6,6 @@ where it is not to be had, and the tracker then falls back to reading /proc.
 
 from __future__ import annotations
 
-import os
 import socket
 import struct
 
