@@ -63,8 +63,13 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         operations.invalidate_soon()
 
     @_process_event
-    def on_fork(parent: int, child: int, start: int | None) -> None:
-        changes.fact("fork", parent, child, start)
+    def on_fork(parent: int, child: int, start: int | None, creator: int | None) -> None:
+        changes.fact("fork", parent, child, start, creator)
+
+    @_process_event
+    def on_threads(pid: int, threads: list[int]) -> None:
+        changes.fact("threads", pid, threads)
+        changed()
 
     @_process_event
     def on_exit(pid: int) -> None:
@@ -72,7 +77,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         changed()
 
     def frozen(pid: int) -> bool:
-        return hierarchy.effective_freeze(hierarchy.cgroup_of(pid))
+        return hierarchy.freezing(pid)
 
     @_process_event
     def on_stopped(pid: int, stopped: bool) -> None:
@@ -84,7 +89,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
                              use_connector=config.proc_connector,
                              exempt=frozenset({os.getpid(), supervisor_pid() or 0}),
-                             pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections))
+                             pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections),
+                             split=hierarchy.split, on_threads=on_threads)
     kernfs = Kernfs(hierarchy, tracker, changes, [files for _, files in offered])
     changes.kernfs = kernfs
     control = config.control or default_control_path(mountpoint)
@@ -120,6 +126,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                     tracker.joined(pid, changes.starts[pid])
                 else:
                     tracker.watch(pid, changes.starts[pid])
+            tracker.check_threads()  # threads of split processes that came or went meanwhile
             tracker.apply_freezer(hierarchy.members)
             nursery.start_soon(journal.flush_facts)
             await nursery.start(serve_control, control, service, max_connections,

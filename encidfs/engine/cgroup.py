@@ -6,6 +6,11 @@ callback, which it calls once its checks have passed and before it changes anyth
 journal writes the change there, and if it cannot (commit raises), nothing has changed.
 Nothing here does I/O: processes are plain PIDs that the process tracker reports, and what
 changed is appended to `changes` for the layers above to drain.
+
+Threads: a process's threads are where the process is, except in a threaded subtree, where
+cgroup.threads places them one by one.  Only a process whose threads are in more than one
+cgroup ("split") has its threads listed here, with the cgroup of each; its TGID is in the
+`procs` of every cgroup that has one of them.
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ class Cgroup:
     __slots__ = (
         "id", "name", "parent", "level", "children", "subtree_control", "max_depth",
         "max_descendants", "nr_descendants", "nr_dying_descendants", "procs",
-        "nr_populated_children", "freeze", "dying", "refs", "css", "nr_dying_subsys",
+        "nr_populated_children", "nr_populated_domain_children", "freeze", "dying", "refs",
+        "css", "nr_dying_subsys", "dom", "nr_threaded_children",
     )
 
     def __init__(self, cgid: int, name: str, parent: Cgroup | None, nr_controllers: int) -> None:
@@ -59,8 +65,14 @@ class Cgroup:
         self.max_descendants = INT_MAX
         self.nr_descendants = 0  # live descendants
         self.nr_dying_descendants = 0
-        self.procs: set[int] | None = None  # PIDs attached here (None while empty: saves memory)
+        # TGIDs with a thread here (None while empty: saves memory).
+        self.procs: set[int] | None = None
         self.nr_populated_children = 0
+        self.nr_populated_domain_children = 0  # of them, those not threaded
+        # The domain the cgroup's resources belong to (the kernel's dom_cgrp): itself, or for
+        # a threaded cgroup the thread root of its subtree.
+        self.dom = self
+        self.nr_threaded_children = 0
         self.freeze = False
         self.dying = False
         # Pins: one while live, one per css of its own and per child cgroup not yet released.
@@ -71,6 +83,10 @@ class Cgroup:
     @property
     def is_root(self) -> bool:
         return self.parent is None
+
+    @property
+    def is_threaded(self) -> bool:
+        return self.dom is not self
 
     @property
     def populated(self) -> bool:
@@ -101,9 +117,12 @@ class Hierarchy:
             controller.ssid = ssid
             controller.hierarchy = self
         self.all_controllers = (1 << len(controllers)) - 1
+        self.threaded_controllers = sum(1 << c.ssid for c in controllers if c.threaded)
         self._next_id = 0
         self.by_id: dict[int, Cgroup] = {}
-        self.members: dict[int, Cgroup] = {}  # PID -> cgroup, for PIDs outside the root
+        # TGID -> cgroup, for processes outside the root (a split one: its leader's cgroup).
+        self.members: dict[int, Cgroup] = {}
+        self.split: dict[int, dict[int, Cgroup]] = {}  # TGID -> TID -> cgroup, when split
         self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
         self.changes: list[Event] = []  # the change bus, drained by the daemon
         self.root = self._new_cgroup("", None)
@@ -116,14 +135,105 @@ class Hierarchy:
         return next((c for c in self.controllers if c.name == name), None)
 
     def controllers_of(self, cg: Cgroup) -> int:
-        """The cgroup.controllers mask: what the parent offers (everything at the root)."""
-        return cg.parent.subtree_control if cg.parent else self.all_controllers
+        """The cgroup.controllers mask: what the parent offers (everything at the root), and
+        in a threaded cgroup only the threaded controllers of that (cgroup_control())."""
+        if cg.parent is None:
+            return self.all_controllers
+        if cg.is_threaded:
+            return cg.parent.subtree_control & self.threaded_controllers
+        return cg.parent.subtree_control
 
     def names(self, mask: int) -> list[str]:
         return [c.name for c in self.controllers if mask & (1 << c.ssid)]
 
     def cgroup_of(self, pid: int) -> Cgroup:
+        """The cgroup of a process (of its leader, if its threads are split)."""
         return self.members.get(pid, self.root)
+
+    def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
+        threads = self.split.get(tgid)
+        if threads is not None and tid in threads:
+            return threads[tid]
+        return self.cgroup_of(tgid)
+
+    def cgroups_of(self, pid: int) -> set[Cgroup]:
+        """Every cgroup that has a thread of the process."""
+        threads = self.split.get(pid)
+        return set(threads.values()) if threads is not None else {self.cgroup_of(pid)}
+
+    def threads_in(self, cg: Cgroup, pid: int) -> list[int] | None:
+        """The TIDs of a split process that are in cg; None for a process not split (all its
+        threads are where it is)."""
+        threads = self.split.get(pid)
+        if threads is None:
+            return None
+        return sorted(tid for tid, where in threads.items() if where is cg)
+
+    # -- the cgroup's type (cgroup.type) ---------------------------------------------------
+
+    def is_thread_root(self, cg: Cgroup) -> bool:
+        """cgroup_is_thread_root(): the domain of a threaded subtree below it."""
+        if cg.is_threaded:
+            return False
+        return bool(cg.nr_threaded_children) or bool(
+            cg.procs and cg.subtree_control & self.threaded_controllers)
+
+    def is_valid_domain(self, cg: Cgroup) -> bool:
+        """cgroup_is_valid_domain(): whether cg can be a domain (host processes and domain
+        controllers).  Below a thread root other than the root, or in a threaded subtree, a
+        domain cgroup is invalid."""
+        if cg.is_threaded:
+            return False
+        for ancestor in cg.ancestors(include_self=False):
+            if ancestor.parent is not None and self.is_thread_root(ancestor):
+                return False
+            if ancestor.is_threaded:
+                return False
+        return True
+
+    def can_be_thread_root(self, cg: Cgroup) -> bool:
+        """cgroup_can_be_thread_root(): the root always; a domain cgroup with no populated
+        domain children and no domain controllers enabled."""
+        if cg.parent is None:
+            return True
+        if cg.is_threaded or cg.nr_populated_domain_children:
+            return False
+        return not cg.subtree_control & ~self.threaded_controllers
+
+    def type_of(self, cg: Cgroup) -> str:
+        """What cgroup.type reads."""
+        if cg.is_threaded:
+            return "threaded"
+        if not self.is_valid_domain(cg):
+            return "domain invalid"
+        if self.is_thread_root(cg):
+            return "domain threaded"
+        return "domain"
+
+    def enable_threaded(self, cg: Cgroup, commit: Commit = no_journal) -> None:
+        """cgroup_enable_threaded(): "threaded" written to cgroup.type (not on the root)."""
+        self._check_live(cg)
+        assert cg.parent is not None, "the root has no cgroup.type"
+        if cg.is_threaded:
+            return
+        # Checked on cg itself: the parent's checks below catch these only when it is not the
+        # root.
+        if cg.populated or cg.subtree_control & ~self.threaded_controllers:
+            raise fail(errno.EOPNOTSUPP, "the cgroup has processes or domain controllers")
+        dom = cg.parent.dom
+        if not self.is_valid_domain(dom) or not self.can_be_thread_root(dom):
+            raise fail(errno.EOPNOTSUPP, f"{dom.path} cannot be a thread root")
+        commit()
+        for node in self.subtree(cg):
+            if node is cg or node.is_threaded:
+                node.dom = dom
+        cg.parent.nr_threaded_children += 1
+        # A threaded cgroup keeps the threaded controllers only.
+        for controller in self.controllers:
+            css = cg.css[controller.ssid]
+            if css is not None and not controller.threaded:
+                self._css_offline(css)
+        self.changes.append((Change.FILES, cg))
 
     def effective_css(self, cg: Cgroup, controller: Controller) -> Css:
         """The css that accounts for processes in `cg`: its own, or the nearest ancestor's."""
@@ -163,7 +273,7 @@ class Hierarchy:
             ancestor.nr_descendants += 1
             ancestor = ancestor.parent
         for controller in self.controllers:
-            if parent.subtree_control & (1 << controller.ssid):
+            if self.controllers_of(cg) & (1 << controller.ssid):
                 self._css_online(cg, controller)
         return cg
 
@@ -175,6 +285,8 @@ class Hierarchy:
         del cg.parent.children[cg.name]
         del self.by_id[cg.id]
         cg.dying = True
+        if cg.is_threaded:
+            cg.parent.nr_threaded_children -= 1
         ancestor = cg.parent
         while ancestor is not None:
             ancestor.nr_descendants -= 1
@@ -199,10 +311,24 @@ class Hierarchy:
         for child in cg.children.values():
             if child.subtree_control & disable:
                 raise fail(errno.EBUSY, f"{child.path} still enables it")
-        # The no-internal-process rule: the root is exempt, and disabling is always allowed.
-        if enable and cg.parent is not None and cg.procs:
-            raise fail(errno.EBUSY, "the cgroup has processes")
+        if enable:
+            self._vet_enable(cg, enable)
         return enable, disable
+
+    def _vet_enable(self, cg: Cgroup, enable: int) -> None:
+        """cgroup_vet_subtree_control_enable(): where controllers may be enabled."""
+        if not self.is_valid_domain(cg.dom):
+            raise fail(errno.EOPNOTSUPP, "the cgroup cannot host resources")
+        if cg.parent is None:
+            return  # the root is exempt from the no-internal-process rule
+        if enable & ~self.threaded_controllers:
+            if self.is_thread_root(cg) or cg.is_threaded:
+                raise fail(errno.EOPNOTSUPP, "no domain controllers in a threaded subtree")
+        elif self.can_be_thread_root(cg) or cg.is_threaded:
+            return  # threaded controllers compete with processes
+        # The no-internal-process rule (disabling is always allowed).
+        if cg.procs:
+            raise fail(errno.EBUSY, "the cgroup has processes")
 
     def write_subtree_control(self, cg: Cgroup, enable: int, disable: int,
                               commit: Commit = no_journal) -> None:
@@ -215,9 +341,9 @@ class Hierarchy:
         for child in cg.children.values():
             for controller in self.controllers:
                 bit = 1 << controller.ssid
-                if enable & bit:
+                if enable & bit & self.controllers_of(child):
                     self._css_online(child, controller)
-                elif disable & bit:
+                elif disable & bit and child.css[controller.ssid] is not None:
                     self._css_offline(child.css[controller.ssid])
             self.changes.append((Change.FILES, child))
 
@@ -244,13 +370,18 @@ class Hierarchy:
     def effective_freeze(self, cg: Cgroup) -> bool:
         return any(ancestor.freeze for ancestor in cg.ancestors())
 
+    def freezing(self, pid: int) -> bool:
+        """Whether the freezer covers a process: any cgroup with a thread of it (SIGSTOP
+        stops a whole process)."""
+        return any(self.effective_freeze(cg) for cg in self.cgroups_of(pid))
+
     def frozen(self, cg: Cgroup) -> bool:
         """Frozen: freezing applies and every process of the subtree has stopped."""
         return self.effective_freeze(cg) and all(
             pid in self.stopped for pid in self.subtree_pids(cg))
 
     def set_stopped(self, pid: int, stopped: bool) -> None:
-        with self._watch_frozen(self.cgroup_of(pid)):
+        with self._watch_frozen(*self.cgroups_of(pid)):
             if stopped:
                 self.stopped.add(pid)
             else:
@@ -265,31 +396,78 @@ class Hierarchy:
         self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
                             if self.frozen(node) != was)
 
-    # -- processes ------------------------------------------------------------------------------
+    # -- processes and threads ------------------------------------------------------------
+
+    def vet_destination(self, dst: Cgroup) -> None:
+        """cgroup_migrate_vet_dst(): whether processes or threads may move into dst."""
+        self._check_live(dst)
+        if not self.is_valid_domain(dst.dom):
+            raise fail(errno.EOPNOTSUPP, "the cgroup cannot host processes (domain invalid)")
+        if self.can_be_thread_root(dst) or dst.is_threaded:
+            return
+        if dst.subtree_control:
+            raise fail(errno.EBUSY, "no internal processes: the cgroup enables controllers")
 
     def attach(self, pid: int, dst: Cgroup, commit: Commit = no_journal) -> None:
-        """Move a process (cgroup.procs write); membership only, charges stay where they are."""
-        self._check_live(dst)
-        if dst.parent is not None and dst.subtree_control:
-            raise fail(errno.EBUSY, "no internal processes: the cgroup enables controllers")
-        src = self.cgroup_of(pid)
+        """Move a process, all its threads (cgroup.procs write); membership only, charges stay
+        where they are."""
+        self.vet_destination(dst)
+        sources = self.cgroups_of(pid)
+        if sources == {dst}:
+            return
+        commit()
+        with self._watch_frozen(*sources, dst):
+            self.split.pop(pid, None)
+            # Join before leaving, as the kernel does, so that common ancestors stay populated.
+            self._join(pid, dst)
+            for src in sources - {dst}:
+                self._leave(pid, src)
+            self._set_home(pid, dst)
+
+    def attach_thread(self, pid: int, tid: int, dst: Cgroup, threads: list[int],
+                      commit: Commit = no_journal) -> None:
+        """Move one thread of process `pid` (cgroup.threads write) within its threaded
+        subtree; `threads` are the process's live TIDs (needed when it splits)."""
+        self.vet_destination(dst)
+        src = self.thread_cgroup(pid, tid)
+        if src.dom is not dst.dom:
+            raise fail(errno.EOPNOTSUPP, "threads move only within their threaded subtree")
         if src is dst:
             return
         commit()
+        placed = self.split.get(pid)
+        if placed is None:
+            placed = dict.fromkeys(threads, src)
+        placed[tid] = dst
         with self._watch_frozen(src, dst):
-            # Join before leaving, as the kernel does, so that common ancestors stay populated.
-            if dst.parent is not None:
-                self.members[pid] = dst
-                if dst.procs is None:
-                    dst.procs = set()
-                dst.procs.add(pid)
-                if len(dst.procs) == 1:
-                    self._populated_changed(dst, True)
-            self._remove_proc(pid, src)
+            self._join(pid, dst)
+            self._place(pid, placed)
+            if src not in placed.values():
+                self._leave(pid, src)
 
-    def fork(self, parent: int, child: int) -> None:
-        """A new process starts in its parent's cgroup."""
-        cg = self.cgroup_of(parent)
+    def set_threads(self, pid: int, threads: list[int]) -> None:
+        """The live threads of a split process, as /proc lists them (the tracker's view after
+        threads came and went): new ones join the leader's cgroup (the thread that made one is
+        not known), gone ones leave."""
+        placed = self.split.get(pid)
+        if placed is None:
+            return
+        home = self.cgroup_of(pid)
+        updated = {tid: placed.get(tid, home) for tid in threads}
+        if not updated:
+            return  # the process is exiting: its exit settles everything
+        before, after = set(placed.values()), set(updated.values())
+        with self._watch_frozen(*before):
+            for cg in after - before:
+                self._join(pid, cg)
+            self._place(pid, updated)
+            for cg in before - after:
+                self._leave(pid, cg)
+
+    def fork(self, parent: int, child: int, creator: int | None = None) -> None:
+        """A new process starts in the cgroup of the thread that forked it (`creator`, when it
+        is known), or else of its parent's leader."""
+        cg = self.thread_cgroup(parent, parent if creator is None else creator)
         if cg.parent is not None and child not in self.members:
             with self._watch_frozen(cg):
                 self.members[child] = cg
@@ -297,9 +475,12 @@ class Hierarchy:
 
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
-        cg = self.cgroup_of(pid)
-        with self._watch_frozen(cg):
-            self._remove_proc(pid, cg)
+        sources = self.cgroups_of(pid)
+        with self._watch_frozen(*sources):
+            self.split.pop(pid, None)
+            self.members.pop(pid, None)
+            for src in sources:
+                self._leave(pid, src)
             self.stopped.discard(pid)
 
     def subtree(self, cg: Cgroup) -> Iterator[Cgroup]:
@@ -311,8 +492,19 @@ class Hierarchy:
             stack.extend(node.children.values())
 
     def subtree_pids(self, cg: Cgroup) -> list[int]:
-        """PIDs attached in cg and its live descendants (the root's implicit members excluded)."""
-        return [pid for node in self.subtree(cg) for pid in node.procs or ()]
+        """PIDs with a thread in cg or its live descendants (the root's implicit members
+        excluded), each once."""
+        return list(dict.fromkeys(pid for node in self.subtree(cg) for pid in node.procs or ()))
+
+    def domain_pids(self, cg: Cgroup) -> list[int]:
+        """What cg's cgroup.procs lists (of the processes attached below the root): for a
+        thread root, every process of its threaded subtree."""
+        stack, found = [cg], {}
+        while stack:
+            node = stack.pop()
+            found.update(dict.fromkeys(node.procs or ()))
+            stack.extend(child for child in node.children.values() if child.is_threaded)
+        return sorted(found)
 
     # -- internals ------------------------------------------------------------------------------
 
@@ -326,28 +518,65 @@ class Hierarchy:
         if cg.dying:
             raise fail(errno.ENODEV, "the cgroup was removed")
 
-    def _remove_proc(self, pid: int, src: Cgroup) -> None:
-        if src.parent is None:
+    def _join(self, pid: int, cg: Cgroup) -> None:
+        """pid has a thread in cg now."""
+        if cg.parent is None:
+            return  # the root's members are implicit
+        if cg.procs is None:
+            cg.procs = set()
+        if pid not in cg.procs:
+            cg.procs.add(pid)
+            if len(cg.procs) == 1:
+                self._populated_changed(cg, True)
+
+    def _leave(self, pid: int, cg: Cgroup) -> None:
+        """pid has no thread in cg any more."""
+        if cg.parent is None or not cg.procs or pid not in cg.procs:
             return
-        if self.members.get(pid) is src:
-            del self.members[pid]
-        src.procs.discard(pid)
-        if not src.procs:
-            src.procs = None
-            self._populated_changed(src, False)
+        cg.procs.discard(pid)
+        if not cg.procs:
+            cg.procs = None
+            self._populated_changed(cg, False)
+
+    def _set_home(self, pid: int, cg: Cgroup) -> None:
+        """Where the process is (a split one: its leader, or a thread if the leader is gone);
+        an unsplit process at the root is not listed."""
+        if cg.parent is None and pid not in self.split:
+            self.members.pop(pid, None)
+        else:
+            self.members[pid] = cg
+
+    def _place(self, pid: int, placed: dict[int, Cgroup]) -> None:
+        """Keep the threads' cgroups of a process while they are in more than one; the
+        process is where its leader is (or, the leader gone, one of its threads)."""
+        where = set(placed.values())
+        if len(where) > 1:
+            self.split[pid] = placed
+            home = placed.get(pid)
+            if home is None:
+                home = self.cgroup_of(pid)
+                if home not in where:
+                    home = min(where, key=lambda cg: cg.id)  # the same on every replay
+        else:
+            self.split.pop(pid, None)
+            (home,) = where
+        self._set_home(pid, home)
 
     def _populated_changed(self, cg: Cgroup, populated: bool) -> None:
         """cg's own process set became non-empty (or empty): propagate populated flips upwards."""
         if cg.nr_populated_children:
             return  # populated through its children all along
         node = cg
+        step = 1 if populated else -1
         while True:
             self.changes.append((EVENTS_FILE, node))
             parent = node.parent
             if parent is None:
                 return
             was = parent.populated
-            parent.nr_populated_children += 1 if populated else -1
+            parent.nr_populated_children += step
+            if not node.is_threaded:
+                parent.nr_populated_domain_children += step
             if parent.populated == was:
                 return
             node = parent

@@ -40,6 +40,9 @@ class Controller:
     """What the hierarchy needs from a controller; one module per controller subclasses it."""
 
     name: str = ""
+    # A threaded controller can be enabled in a threaded subtree and handles processes beside
+    # child cgroups (cpu, pids); a domain controller (misc, encids) cannot and does not.
+    threaded: bool = False
     ssid: int = -1  # index in the hierarchy's controller list, assigned by the hierarchy
     hierarchy: Hierarchy  # the hierarchy the controller is bound to, assigned by it
 

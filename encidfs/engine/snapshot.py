@@ -4,7 +4,8 @@
 (online, and offline ones still pinned) with its controller's own state, the members, and the
 allocations.  `load` rebuilds exactly that into a fresh engine and counts the pins,
 descendants, dying and populated counters from it, children before parents: one pass, however
-deep the tree.  A controller the snapshot does not know starts afresh at the root, its books
+deep the tree.  Older snapshots (without threaded cgroups or split processes) load as they
+were.  A controller the snapshot does not know starts afresh at the root, its books
 holding what is held; one the engine no longer has is left out.
 """
 
@@ -22,12 +23,15 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
     return {
         "next_id": h._next_id,
         "cgroups": [[cg.id, cg.parent.id if cg.parent else None, cg.name, cg.dying,
-                     h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze]
+                     h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze,
+                     cg.is_threaded]
                     for cg in cgroups],
         "csses": [[h.controllers[css.ssid].name, css.cgroup.id,
                    None if css.parent is None else css_index[css.parent], css.online,
                    h.controllers[css.ssid].dump_css(css)] for css in csses],
         "members": sorted([pid, cg.id] for pid, cg in h.members.items()),
+        "threads": sorted([pid, tid, cg.id] for pid, threads in h.split.items()
+                          for tid, cg in threads.items()),
         "allocations": allocator.dump(css_index),
     }
 
@@ -36,8 +40,8 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
     """Into `h` and `allocator`, an engine just made (its root alone)."""
     root = h.root
     cgroups: dict[int, Cgroup] = {}
-    for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze \
-            in data["cgroups"]:
+    for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze, \
+            *threaded in data["cgroups"]:
         if parent_id is None:
             cg = root
             del h.by_id[cg.id]
@@ -46,6 +50,8 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             parent = cgroups[parent_id]
             cg = Cgroup(cgid, name, parent, len(h.controllers))
             cg.dying = dying
+            if threaded and threaded[0]:
+                cg.dom = parent.dom
             if not dying:
                 parent.children[name] = cg
         if not cg.dying:
@@ -73,11 +79,15 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             root.css[ssid] = css
             csses[-1 - ssid] = css
     for pid, cgid in data["members"]:
-        cg = cgroups[cgid]
-        h.members[pid] = cg
-        if cg.procs is None:
-            cg.procs = set()
-        cg.procs.add(pid)
+        h.members[pid] = cgroups[cgid]
+    for pid, tid, cgid in data.get("threads", []):
+        h.split.setdefault(pid, {})[tid] = cgroups[cgid]
+    for pid in h.members:
+        for cg in h.cgroups_of(pid):
+            if cg.parent is not None:
+                if cg.procs is None:
+                    cg.procs = set()
+                cg.procs.add(pid)
     allocator.load(data.get("allocations", []), cgroups, csses)
     _recount(h, allocator, list(cgroups.values()), list(csses.values()))
 
@@ -141,9 +151,11 @@ def _recount(h: Hierarchy, allocator: Allocator, cgroups: list[Cgroup],
         if parent is None:
             continue
         parent.refs += 1
+        parent.nr_threaded_children += not cg.dying and cg.is_threaded
         parent.nr_descendants += (not cg.dying) + cg.nr_descendants
         parent.nr_dying_descendants += cg.dying + cg.nr_dying_descendants
         parent.nr_dying_subsys = [a + b for a, b in zip(parent.nr_dying_subsys,
                                                         cg.nr_dying_subsys)]
         if not cg.dying and cg.populated:
             parent.nr_populated_children += 1
+            parent.nr_populated_domain_children += not cg.is_threaded

@@ -95,14 +95,19 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         if not may_write(common, "cgroup.procs", caller):
             raise fail(errno.EACCES, f"no write access to {common.path}/cgroup.procs")
 
-    def member_pids(cg: Cgroup) -> list[int]:
-        processes.sync()
-        if cg.is_root:
-            return [pid for pid in processes.all_pids() if pid not in hierarchy.members]
-        return sorted(cg.procs or ())
+    def root_pids() -> list[int]:
+        """The processes the root has implicitly: every one not attached elsewhere."""
+        return [pid for pid in processes.all_pids() if pid not in hierarchy.members]
 
     def show_procs(cg: Cgroup) -> str:
-        return "".join(f"{pid}\n" for pid in member_pids(cg))
+        # All processes of a threaded subtree belong to its thread root (cgroup_procs_start()).
+        if cg.is_threaded:
+            raise fail(errno.EOPNOTSUPP, "cgroup.procs of a threaded cgroup")
+        processes.sync()
+        pids = hierarchy.domain_pids(cg)
+        if cg.is_root:
+            pids = sorted(set(root_pids()).union(pids))
+        return "".join(f"{pid}\n" for pid in pids)
 
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tgid = processes.thread_group(_parse_pid(text) or caller.pid)
@@ -119,16 +124,30 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         processes.apply_freezer([tgid])
 
     def show_threads(cg: Cgroup) -> str:
-        return "".join(f"{tid}\n" for pid in member_pids(cg) for tid in processes.threads(pid))
+        processes.sync()
+        if cg.is_root:
+            pids = root_pids() + [pid for pid in hierarchy.split if pid in hierarchy.members]
+        else:
+            pids = sorted(cg.procs or ())
+        tids = []
+        for pid in pids:
+            placed = hierarchy.threads_in(cg, pid)
+            tids += processes.threads(pid) if placed is None else placed
+        return "".join(f"{tid}\n" for tid in sorted(tids))
 
     def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        # Without threaded cgroups, a thread can only "move" into the cgroup it is already in.
-        src = hierarchy.cgroup_of(processes.thread_group(_parse_pid(text) or caller.pid))
-        check_migration(src, cg, caller)
-        if not cg.is_root and cg.subtree_control:
-            raise fail(errno.EBUSY)
-        if src is not cg:
-            raise fail(errno.EOPNOTSUPP, "threads move only within a threaded subtree")
+        tid = _parse_pid(text) or caller.pid
+        tgid = processes.thread_group(tid)
+        processes.check_signalable(tgid)
+        processes.sync()
+        if not processes.watch(tgid):
+            return
+        check_migration(hierarchy.thread_cgroup(tgid, tid), cg, caller)
+        changes.run("attach_thread", tgid, processes.start_time_now(tgid), tid, cg.id,
+                    processes.threads(tgid))
+        if tgid in hierarchy.members:
+            processes.joined(tgid)
+        processes.apply_freezer([tgid])
 
     def write_subtree_control(cg: Cgroup, text: bytes, caller: Caller) -> None:
         enable = disable = 0
@@ -162,9 +181,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         return f"populated {int(cg.populated)}\nfrozen {int(hierarchy.frozen(cg))}\n"
 
     def write_type(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        # Only a domain can turn threaded; nothing turns back.
         if strstrip(text) != b"threaded":
-            raise fail(errno.EINVAL)
-        raise fail(errno.EOPNOTSUPP, "threaded cgroups are not emulated")
+            raise fail(errno.EINVAL, "only \"threaded\" can be written")
+        changes.run("threaded", cg.id)
 
     def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
         changes.run("set", cg.id, "freeze", _parse_switch(text, range(2)))
@@ -173,6 +193,9 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
 
     def write_kill(cg: Cgroup, text: bytes, caller: Caller) -> None:
         _parse_switch(text, range(1, 2))
+        # Killing takes whole processes, which a threaded cgroup does not hold.
+        if cg.is_threaded:
+            raise fail(errno.EOPNOTSUPP, "cgroup.kill of a threaded cgroup")
         processes.sync()
         processes.kill(hierarchy.subtree_pids(cg))
 
@@ -184,7 +207,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
 
     not_on_root = Placement.NOT_ON_ROOT
     return [
-        CfType("cgroup.type", lambda cg: "domain\n", write_type, not_on_root),
+        CfType("cgroup.type", lambda cg: f"{hierarchy.type_of(cg)}\n", write_type, not_on_root),
         CfType("cgroup.procs", show_procs, write_procs, records=True),
         CfType("cgroup.threads", show_threads, write_threads, records=True),
         CfType("cgroup.controllers",

@@ -1,4 +1,5 @@
-"""The kernel's process events connector (netlink, CN_IDX_PROC): fork events as they happen.
+"""The kernel's process events connector (netlink, CN_IDX_PROC): forks, new threads and thread
+exits as they happen.
 
 Before Linux 6.6 it needs CAP_NET_ADMIN in the initial namespaces; `open_connector` returns None
 where it is not to be had, and the tracker then falls back to reading /proc.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import socket
 import struct
+from typing import NamedTuple
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -15,11 +17,13 @@ CN_VAL_PROC = 1
 PROC_CN_MCAST_LISTEN = 1
 NLMSG_DONE = 3
 PROC_EVENT_FORK = 0x00000001
+PROC_EVENT_EXIT = 0x80000000
 
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 _PROC_EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
 _FORK = struct.Struct("=iiii")  # parent pid, parent tgid, child pid, child tgid
+_EXIT = struct.Struct("=ii")  # pid, tgid (exit code and signal follow)
 
 
 def open_connector() -> socket.socket | None:
@@ -43,21 +47,42 @@ def open_connector() -> socket.socket | None:
     return sock
 
 
-def forks(datagram: bytes) -> list[tuple[int, int]]:
-    """(parent TGID, child PID) for each new process (not thread) a datagram announces."""
-    found = []
+class Fork(NamedTuple):
+    """A new process: `creator` is the thread that forked it, of process `parent`."""
+    creator: int
+    parent: int
+    child: int
+
+
+class Thread(NamedTuple):
+    """A thread of process `tgid` started (`exited` false) or exited."""
+    tgid: int
+    tid: int
+    exited: bool
+
+
+def events(datagram: bytes) -> list[Fork | Thread]:
+    """The forks, new threads and exits a datagram announces."""
+    found: list[Fork | Thread] = []
     offset = 0
     while offset + _NLMSGHDR.size <= len(datagram):
         length = _NLMSGHDR.unpack_from(datagram, offset)[0]
         if length < _NLMSGHDR.size:
             break
         event = offset + _NLMSGHDR.size + _CN_MSG.size
-        if event + _PROC_EVENT.size + _FORK.size <= offset + length:
+        data = event + _PROC_EVENT.size
+        if data + _FORK.size <= offset + length:
             what = _PROC_EVENT.unpack_from(datagram, event)[0]
             if what == PROC_EVENT_FORK:
-                _, parent_tgid, child_pid, child_tgid = _FORK.unpack_from(
-                    datagram, event + _PROC_EVENT.size)
-                if child_pid == child_tgid:
-                    found.append((parent_tgid, child_pid))
+                # A thread's parent is its process's parent (CLONE_THREAD keeps real_parent):
+                # the thread that made it is not told.
+                creator, parent, child, child_tgid = _FORK.unpack_from(datagram, data)
+                if child == child_tgid:
+                    found.append(Fork(creator, parent, child))
+                else:
+                    found.append(Thread(child_tgid, child, False))
+            elif what == PROC_EVENT_EXIT:
+                tid, tgid = _EXIT.unpack_from(datagram, data)
+                found.append(Thread(tgid, tid, True))
         offset += (length + 3) & ~3  # NLMSG_ALIGN
     return found

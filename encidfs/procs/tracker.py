@@ -7,8 +7,13 @@ process is never taken for the old one.
 
 A process forked by a member joins its parent's cgroup.  With the privilege for it, fork events
 come from the kernel's process events connector; without it, /proc is scanned for children of
-members (by parent PID: started after the parent joined, and not among its children then).  Either way `sync()` brings the
-engine up to date before anything that depends on membership is answered.
+members (by parent PID: started after the parent joined, and not among its children then).
+Either way `sync()` brings the engine up to date before anything that depends on membership is
+answered.
+
+Threads matter only for a process whose threads are in more than one cgroup ("split"): the
+connector reports its new threads and exits as they happen; without it, /proc/PID/task is read
+on every sync() and every POLL_INTERVAL.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from collections.abc import Callable, Iterable, Mapping
 import trio
 
 from ..engine import fail
-from .connector import forks, open_connector
+from .connector import Fork, events, open_connector
 
 log = logging.getLogger(__name__)
 
@@ -55,12 +60,15 @@ def _boot_ticks() -> int:
 
 class ProcessTracker:
     def __init__(self, members: Mapping[int, object],
-                 on_fork: Callable[[int, int, int | None], None],
+                 on_fork: Callable[[int, int, int | None, int | None], None],
                  on_exit: Callable[[int], None], frozen: Callable[[int], bool],
                  on_stopped: Callable[[int, bool], None], proc: str = "/proc",
                  use_connector: bool = True, exempt: frozenset[int] = frozenset(),
-                 pidfd_budget: int = 1 << 30) -> None:
+                 pidfd_budget: int = 1 << 30, split: Mapping[int, Mapping[int, object]] = {},
+                 on_threads: Callable[[int, list[int]], None] = lambda pid, tids: None) -> None:
         self._members = members  # PID -> cgroup, the engine's, read only
+        self._split = split  # PID -> its threads, of the processes split across cgroups
+        self._on_threads = on_threads
         self._on_fork = on_fork
         self._on_exit = on_exit
         self._frozen = frozen  # whether the freezer covers a process's cgroup
@@ -102,6 +110,8 @@ class ProcessTracker:
         while True:
             await trio.sleep(POLL_INTERVAL)
             _logged(self._check_polled)
+            if self._connector is None:
+                _logged(self.check_threads)
 
     # -- keeping the engine up to date ---------------------------------------------------------
 
@@ -111,6 +121,7 @@ class ProcessTracker:
             self._drain_connector()
         elif self._members:
             self._scan()
+            self.check_threads()
         self._check_polled()
 
     def _drain_connector(self) -> None:
@@ -125,10 +136,18 @@ class ProcessTracker:
                     raise
                 log.warning("process events were lost (ENOBUFS): looking at /proc instead")
                 self._scan()
+                self.check_threads()
                 continue
-            for parent, child in forks(datagram):
-                if parent in self._members:
-                    self._adopt(parent, child)
+            for event in events(datagram):
+                if isinstance(event, Fork):
+                    if event.parent in self._members:
+                        self._adopt(event.parent, event.child, creator=event.creator)
+                elif event.tgid in self._split:
+                    threads = self._split[event.tgid]
+                    if event.exited and event.tid in threads:
+                        self._on_threads(event.tgid, [t for t in threads if t != event.tid])
+                    elif not event.exited and event.tid not in threads:
+                        self._on_threads(event.tgid, [*threads, event.tid])
 
     def _scan(self) -> None:
         """Children of members that the engine does not know, oldest first."""
@@ -157,8 +176,25 @@ class ProcessTracker:
             return start > joined
         return start >= joined and child not in children_before
 
-    def _adopt(self, parent: int, child: int, start: int | None = None) -> None:
-        self._on_fork(parent, child, self.start_time_now(child) if start is None else start)
+    def check_threads(self) -> None:
+        """The threads of split processes, as /proc lists them now (zombies left out)."""
+        for pid, threads in list(self._split.items()):
+            live = [tid for tid in self.threads(pid) if self._thread_lives(pid, tid)]
+            if set(live) != set(threads):
+                self._on_threads(pid, live)
+
+    def _thread_lives(self, pid: int, tid: int) -> bool:
+        try:
+            with open(f"{self._proc}/{pid}/task/{tid}/stat", "rb") as f:
+                state = f.read().rsplit(b")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return False
+        return state not in (b"Z", b"X")
+
+    def _adopt(self, parent: int, child: int, start: int | None = None,
+               creator: int | None = None) -> None:
+        self._on_fork(parent, child, self.start_time_now(child) if start is None else start,
+                      creator)
         self.joined(child)
         self.apply_freezer([child])
 

@@ -33,8 +33,9 @@ class Journal(Protocol):
 
 
 class Changes:
-    NAMES = frozenset({"mkdir", "rmdir", "subtree_control", "set", "set_max", "setattr",
-                       "setxattr", "removexattr", "attach", "allocate", "free", "fork", "exit"})
+    NAMES = frozenset({"mkdir", "rmdir", "subtree_control", "threaded", "set", "set_max",
+                       "setattr", "setxattr", "removexattr", "attach", "attach_thread",
+                       "allocate", "free", "fork", "threads", "exit"})
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -102,6 +103,10 @@ class Changes:
         h.write_subtree_control(cg, enable_mask, disable_mask, commit)
         self.kernfs.controller_files_made(cg, uid, gid)
 
+    def threaded(self, cgroup: int, commit: Commit = no_journal) -> None:
+        """"threaded" written to cgroup.type."""
+        self.hierarchy.enable_threaded(self._cgroup(cgroup), commit)
+
     def set(self, cgroup: int, key: str, value: int, commit: Commit = no_journal) -> None:
         """cgroup.max.depth, cgroup.max.descendants, cgroup.freeze."""
         cg, h = self._cgroup(cgroup), self.hierarchy
@@ -136,6 +141,12 @@ class Changes:
         self.hierarchy.attach(pid, cg, commit)
         self._started(pid, start)
 
+    def attach_thread(self, pid: int, start: int, tid: int, cgroup: int, threads: list[int],
+                      commit: Commit = no_journal) -> None:
+        """A cgroup.threads write; `threads` are the process's threads then."""
+        self.hierarchy.attach_thread(pid, tid, self._cgroup(cgroup), threads, commit)
+        self._started(pid, start)
+
     def allocate(self, holder: int, start: int, type_name: str, count: int,
                  commit: Commit = no_journal) -> list[int]:
         ids = self.allocator.allocate(holder, type_name, count, commit)
@@ -148,9 +159,13 @@ class Changes:
         for holder in holders:
             self._started(holder, None)
 
-    def fork(self, parent: int, child: int, start: int) -> None:
-        self.hierarchy.fork(parent, child)
+    def fork(self, parent: int, child: int, start: int, creator: int | None = None) -> None:
+        self.hierarchy.fork(parent, child, creator)
         self._started(child, start)
+
+    def threads(self, pid: int, threads: list[int]) -> None:
+        """The threads of a process whose threads are in more than one cgroup changed."""
+        self.hierarchy.set_threads(pid, threads)
 
     def exit(self, pid: int) -> None:
         self.hierarchy.exit(pid)

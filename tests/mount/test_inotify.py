@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from inotify_simple import INotify, flags
 
-from mountutil import DEADLINE, read, wait_until, write
+from mountutil import DEADLINE, read, write
 
 from encidfs.client import Client, ControlError
 
@@ -93,10 +93,12 @@ def test_a_refusal_raises_in_modify_on_the_events_files_it_changed_only(mnt, pro
     cg = mnt / "a"
     cg.mkdir()
     write(cg / "misc.max", "sev 0")
+    watches.add(cg / "cgroup.events")
     sleeper = procs.sleep()
     write(cg / "cgroup.procs", str(sleeper.pid))
-    wait_until(lambda: read(cg / "cgroup.events").startswith("populated 1"), "populated")
-    for name in ("misc.events", "misc.events.local", "encids.sev.events", "cgroup.events"):
+    # Its IN_MODIFY seen, nothing of the move is still to come.
+    watches.seen_until(cg / "cgroup.events", "populated 1\nfrozen 0\n")
+    for name in ("misc.events", "misc.events.local", "encids.sev.events"):
         watches.add(cg / name)
     with Client.connect(mount=str(mnt)) as client, pytest.raises(ControlError):
         client.allocate("sev", pid=sleeper.pid)
