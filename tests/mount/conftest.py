@@ -8,7 +8,8 @@ did, and a daemon that logged an error or did not exit cleanly fails the test.
 - `cgroup(name)`: on `mnt`, enable encids at the root and make mnt/name.
 - `shared_mnt` / `cg`: one instance per module and a fresh cgroup of it per test, for the
   many tests that need no untouched root (a daemon start costs ~0.25 s of CPU).
-- `procs`: processes the test starts; killed and reaped in teardown.
+- `procs`: processes the test starts (`procs.pool()`: one whose threads come and go on order);
+  killed and reaped in teardown.
 - `user`: a user to act as.
 """
 
@@ -101,6 +102,63 @@ def cgroup(mnt: Path) -> Callable[[str], Path]:
     return make
 
 
+# A process whose threads take orders: "spawn" (the main thread makes a thread), "spawn TID"
+# (thread TID makes one), "exit TID"; each answers with a line.
+POOL = r"""
+import queue, sys, threading
+orders = {}
+def serve(inbox):
+    while True:
+        order = inbox.get()
+        if order == "exit":
+            return
+        order()
+def start():
+    inbox = queue.Queue()
+    ready = queue.Queue()
+    thread = threading.Thread(target=lambda: (ready.put(threading.get_native_id()),
+                                              serve(inbox)), daemon=True)
+    thread.start()
+    tid = ready.get()
+    orders[tid] = (thread, inbox)
+    return tid
+for line in sys.stdin:
+    words = line.split()
+    if words == ["spawn"]:
+        print(start(), flush=True)
+    elif words[0] == "spawn":
+        made = queue.Queue()
+        orders[int(words[1])][1].put(lambda: made.put(start()))
+        print(made.get(), flush=True)
+    elif words[0] == "exit":
+        thread, inbox = orders.pop(int(words[1]))
+        inbox.put("exit")
+        thread.join()
+        print("ok", flush=True)
+"""
+
+
+class ThreadPool:
+    """A process of ours whose threads come and go on order."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.pid = process.pid
+
+    def order(self, *words: object) -> str:
+        self.process.stdin.write(" ".join(map(str, words)) + "\n")
+        self.process.stdin.flush()
+        return self.process.stdout.readline().strip()
+
+    def spawn(self, by: int | None = None) -> int:
+        """A new thread, made by the main thread or by thread `by`; its TID."""
+        return int(self.order("spawn", *([by] if by else [])))
+
+    def exit(self, tid: int) -> None:
+        assert self.order("exit", tid) == "ok"
+
+
+
 class Processes:
     """Processes a test starts itself; all are killed and reaped in teardown."""
 
@@ -108,7 +166,7 @@ class Processes:
         self.started: list[subprocess.Popen] = []
 
     def start(self, argv: list[str], **kwargs) -> subprocess.Popen:
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, **kwargs)
+        process = subprocess.Popen(argv, **{"stdin": subprocess.DEVNULL, **kwargs})
         self.started.append(process)
         return process
 
@@ -127,13 +185,18 @@ class Processes:
         tid = int(process.stdout.readline())
         return process, tid
 
+    def pool(self) -> ThreadPool:
+        return ThreadPool(self.start([sys.executable, "-c", POOL], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True))
+
     def cleanup(self) -> None:
         for process in self.started:
             if process.poll() is None:
                 process.kill()
             process.wait(timeout=DEADLINE)
-            if process.stdout:
-                process.stdout.close()
+            for stream in (process.stdin, process.stdout):
+                if stream:
+                    stream.close()
 
 
 @pytest.fixture

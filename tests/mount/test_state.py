@@ -91,7 +91,10 @@ def snapshot(mnt: Path) -> dict[str, object]:
                                       if not x.startswith("user.encidfs.")}
             if name == "." or rel in ("cgroup.procs", "cgroup.threads") or name == "cgroup.kill":
                 continue
-            state[rel] = read(path)
+            try:
+                state[rel] = read(path)
+            except OSError as error:  # cgroup.procs of a threaded cgroup
+                state[rel] = errno.errorcode[error.errno]
     return state
 
 
@@ -165,6 +168,38 @@ def test_kill_9_and_mount_again_restores_everything_acknowledged(stateful, sleep
     holder.wait()
     wait_until(lambda: "nr_dying_descendants 0" in read(mnt / "cgroup.stat"),
                "the removed cgroup to be released with its last charge")
+
+
+def test_kill_9_and_mount_again_restores_a_threaded_subtree_and_its_threads(stateful, procs):
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    p = mnt / "p"
+    for cg in (p, p / "a", p / "b"):
+        cg.mkdir()
+    write(p / "a" / "cgroup.type", "threaded")
+    pool = procs.pool()
+    worker, leaving = pool.spawn(), pool.spawn()
+    write(p / "cgroup.procs", str(pool.pid))
+    write(p / "a" / "cgroup.threads", str(worker))
+    write(p / "a" / "cgroup.threads", str(leaving))
+    before = snapshot(mnt)
+    assert before["p/cgroup.type"] == "domain threaded\n"
+
+    kill_daemon(mnt)
+    pool.exit(leaving)  # gone while the daemon was down
+    assert mount().returncode == 0
+    after = snapshot(mnt)
+    assert after.pop("p/a/cgroup.threads") == "".join(f"{t}\n" for t in sorted([worker]))
+    assert before.pop("p/a/cgroup.threads") == "".join(f"{t}\n" for t in
+                                                       sorted([worker, leaving]))
+    assert after == before
+    assert [tids(cg) for cg in (p, p / "a")] == [[pool.pid], [worker]]
+    made = pool.spawn()  # followed after the restart, in the leader's cgroup
+    assert tids(p) == sorted([pool.pid, made])
+
+
+def tids(cg: Path) -> list[int]:
+    return sorted(int(tid) for tid in read(cg / "cgroup.threads").split())
 
 
 def test_writes_acknowledged_before_a_crash_under_load_survive(stateful):
