@@ -503,7 +503,8 @@ class Hierarchy:
         while stack:
             node = stack.pop()
             found.update(dict.fromkeys(node.procs or ()))
-            stack.extend(child for child in node.children.values() if child.is_threaded)
+            if node.nr_threaded_children:
+                stack.extend(child for child in node.children.values() if child.is_threaded)
         return sorted(found)
 
     # -- internals ------------------------------------------------------------------------------

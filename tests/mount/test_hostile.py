@@ -11,7 +11,8 @@ meaning is to change more).
 
 Safety: cgroup.procs and cgroup.threads are written only with PIDs of the sleeps this module
 starts, or with numbers above pid_max (no process can have them); `0` (the writer: this test
-process) only to cgroup.threads, which moves nothing.  So the test process stays in the root,
+process's thread) only to cgroup.threads, and only where the model says it moves nothing
+(outside the root's threaded subtree).  So the test process stays in the root,
 which has no cgroup.freeze and no cgroup.kill, and only the sleeps are ever in the cgroups that
 cgroup.freeze and cgroup.kill are written to.  The control socket is asked to act only for this
 process, a sleep of the test's own, or PIDs above pid_max.
@@ -272,14 +273,14 @@ READ_ONLY = ["cgroup.controllers", "cgroup.stat", "cgroup.events", "encids.sev.c
 # What the kernel may answer a write of each file with (README's tables); ENOENT: the file is
 # not there (encids files where the parent does not enable encids).
 ALLOWED = {
-    "cgroup.subtree_control": {"EINVAL", "ENOENT", "EBUSY", "EEXIST"},
-    "cgroup.procs": {"EINVAL", "ESRCH", "EBUSY", "EACCES"},
+    "cgroup.subtree_control": {"EINVAL", "ENOENT", "EBUSY", "EEXIST", "EOPNOTSUPP"},
+    "cgroup.procs": {"EINVAL", "ESRCH", "EBUSY", "EOPNOTSUPP", "EACCES"},
     "cgroup.threads": {"EINVAL", "ESRCH", "EBUSY", "EOPNOTSUPP", "EACCES"},
     "cgroup.max.depth": {"EINVAL", "ERANGE"},
     "cgroup.max.descendants": {"EINVAL", "ERANGE"},
     "cgroup.type": {"EINVAL", "EOPNOTSUPP"},
     "cgroup.freeze": {"EINVAL", "ERANGE"},
-    "cgroup.kill": {"EINVAL", "ERANGE"},
+    "cgroup.kill": {"EINVAL", "ERANGE", "EOPNOTSUPP"},
     "encids.sev.max": {"EINVAL", "ERANGE"},
     "encids.sev_es.max": {"EINVAL", "ERANGE"},
 }
@@ -326,12 +327,66 @@ def _subtree(snap: Snapshot, rel: str) -> list[str]:
     return found
 
 
-def _procs(snap: Snapshot, rel: str) -> list[int]:
-    return [int(line) for line in str(snap[_key(rel, "cgroup.procs")]).splitlines()]
+def _threads(snap: Snapshot, rel: str) -> list[int]:
+    """The sleeps' TIDs in rel, which are their PIDs (each has one thread): where they are,
+    threaded cgroups included (whose cgroup.procs cannot be read)."""
+    return [int(line) for line in str(snap[_key(rel, "cgroup.threads")]).splitlines()]
 
 
 def _enables(snap: Snapshot, rel: str) -> bool:
     return snap[_key(rel, "cgroup.subtree_control")] == "encids\n"
+
+
+# Threaded subtrees (cgroup.c): the state's types, read from the snapshot, decide the next
+# write's outcome; _model_types() computes every type afresh after a cgroup turns threaded.
+
+def _threaded(snap: Snapshot, rel: str) -> bool:
+    return bool(rel) and snap[_key(rel, "cgroup.type")] == "threaded\n"
+
+
+def _dom(snap: Snapshot, rel: str) -> str:
+    while _threaded(snap, rel):
+        rel = _parent(rel)
+    return rel
+
+
+def _populated(snap: Snapshot, rel: str) -> bool:
+    return keyed(str(snap[_key(rel, "cgroup.events")]))["populated"] == 1
+
+
+def _is_thread_root(snap: Snapshot, rel: str) -> bool:
+    return not _threaded(snap, rel) and any(_threaded(snap, c) for c in _children(snap, rel))
+
+
+def _is_valid_domain(snap: Snapshot, rel: str) -> bool:
+    return not rel or str(snap[_key(rel, "cgroup.type")]) not in ("threaded\n",
+                                                                 "domain invalid\n")
+
+
+def _can_be_thread_root(snap: Snapshot, rel: str) -> bool:
+    if not rel:
+        return True
+    if _threaded(snap, rel) or snap[_key(rel, "cgroup.subtree_control")]:
+        return False
+    return not any(_populated(snap, c) and not _threaded(snap, c)
+                   for c in _children(snap, rel))
+
+
+def _model_types(snap: Snapshot, threaded: set[str]) -> dict[str, str]:
+    """cgroup_type_show() for every non-root cgroup, from which ones are threaded."""
+    def thread_root(rel: str) -> bool:
+        return rel not in threaded and any(c in threaded for c in _children(snap, rel))
+
+    def valid(rel: str) -> bool:
+        while rel:
+            rel = _parent(rel)
+            if rel in threaded or (rel and thread_root(rel)):
+                return False
+        return True
+
+    return {rel: "threaded\n" if rel in threaded else "domain invalid\n" if not valid(rel)
+            else "domain threaded\n" if thread_root(rel) else "domain\n"
+            for rel in _all_cgroups(snap) if rel}
 
 
 @dataclass
@@ -377,8 +432,17 @@ def _expect_handler(snap: Snapshot, rel: str, name: str, text: bytes,
     if name.startswith("encids.") and name.endswith(".max"):
         value = U64_MAX if stripped == b"max" else k_kstrtoull(stripped)
         return Expect("OK", _limit_text(value, U64_MAX), "target")
-    if name == "cgroup.type":
-        return Expect("EOPNOTSUPP" if stripped == b"threaded" else "EINVAL")
+    if name == "cgroup.type":  # cgroup_type_write(), cgroup_enable_threaded()
+        if stripped != b"threaded":
+            return Expect("EINVAL")
+        if _threaded(snap, rel):
+            return Expect("OK", "threaded\n")
+        if _populated(snap, rel) or snap[_key(rel, "cgroup.subtree_control")]:
+            return Expect("EOPNOTSUPP")
+        dom = _dom(snap, _parent(rel))
+        if not _is_valid_domain(snap, dom) or not _can_be_thread_root(snap, dom):
+            return Expect("EOPNOTSUPP")
+        return Expect("OK", "threaded\n", "threaded")
     if name == "cgroup.freeze":
         value = k_kstrtoint(stripped)
         if value not in (0, 1):
@@ -389,7 +453,9 @@ def _expect_handler(snap: Snapshot, rel: str, name: str, text: bytes,
     if name == "cgroup.kill":
         if k_kstrtoint(stripped) != 1:
             return Expect("ERANGE")
-        victims = tuple(pid for cg in _subtree(snap, rel) for pid in _procs(snap, cg))
+        if _threaded(snap, rel):
+            return Expect("EOPNOTSUPP")
+        victims = tuple(pid for cg in _subtree(snap, rel) for pid in _threads(snap, cg))
         return Expect("OK", effect="settle" if victims else "nothing", killed=victims)
     if name == "cgroup.subtree_control":
         return _expect_subtree_control(snap, rel, stripped)
@@ -409,14 +475,20 @@ def _expect_subtree_control(snap: Snapshot, rel: str, stripped: bytes) -> Expect
         enable, disable = token[:1] == b"+", token[:1] == b"-"
     enabled = _enables(snap, rel)
     enable, disable = enable and not enabled, disable and enabled
-    if enable and rel and not _enables(snap, _parent(rel)):
+    # A threaded cgroup is offered no domain controller (cgroup_control()).
+    if enable and rel and (not _enables(snap, _parent(rel)) or _threaded(snap, rel)):
         return Expect("ENOENT")
     if disable and any(_enables(snap, child) for child in _children(snap, rel)):
         return Expect("EBUSY")
     if not enable and not disable:
         return Expect("OK", "encids\n" if enabled else "")
-    if enable and rel and _procs(snap, rel):
-        return Expect("EBUSY")  # no internal processes
+    if enable:  # cgroup_vet_subtree_control_enable()
+        if not _is_valid_domain(snap, _dom(snap, rel)):
+            return Expect("EOPNOTSUPP")
+        if rel and (_is_thread_root(snap, rel) or _threaded(snap, rel)):
+            return Expect("EOPNOTSUPP")
+        if rel and _threads(snap, rel):
+            return Expect("EBUSY")  # no internal processes
     return Expect("OK", "encids\n" if enable else "", "subtree")
 
 
@@ -431,19 +503,25 @@ def _expect_pid_write(snap: Snapshot, rel: str, name: str, stripped: bytes,
         return Expect("EINVAL")
     if value in sleeps:
         pid = value
-        where = next(cg for cg in _all_cgroups(snap) if pid in _procs(snap, cg))
+        where = next(cg for cg in _all_cgroups(snap) if pid in _threads(snap, cg))
     elif value == 0 and name == "cgroup.threads":
-        pid, where = os.getpid(), ""  # the writer, which stays in the root
+        pid, where = os.getpid(), ""  # the writer's thread, in the root
     elif value > PID_MAX:
         return Expect("ESRCH")
     else:
         return Expect("SKIP", skip=True)  # the writer, or maybe some process of the system
-    if rel and snap[_key(rel, "cgroup.subtree_control")]:
+    # cgroup_migrate_vet_dst()
+    if not _is_valid_domain(snap, _dom(snap, rel)):
+        return Expect("EOPNOTSUPP")
+    if not (_can_be_thread_root(snap, rel) or _threaded(snap, rel)) \
+            and snap[_key(rel, "cgroup.subtree_control")]:
         return Expect("EBUSY")
-    if name == "cgroup.threads":
-        return Expect("OK" if where == rel else "EOPNOTSUPP")
+    if name == "cgroup.threads" and _dom(snap, where) != _dom(snap, rel):
+        return Expect("EOPNOTSUPP")  # threads move within their threaded subtree
     if where == rel:
         return Expect("OK")
+    if value == 0:
+        return Expect("SKIP", skip=True)  # it would move the test's own thread
     return Expect("OK", effect="move", moved=(pid, where, rel))
 
 
@@ -602,10 +680,22 @@ class Tree:
                 if rel and rel != "plain/leaf":
                     write(self.mnt / rel / f"encids.{type_name}.max", "max")
 
+    def _rebuild(self) -> None:
+        """No cgroup turns back from threaded: with the sleeps gone (and their IDs with them),
+        every cgroup is made again."""
+        for home in list(self.sleeps):
+            self.stop(home)
+        for rel in sorted(NOT_ROOT, key=lambda r: -r.count("/")):
+            (self.mnt / rel).rmdir()
+        for rel in NOT_ROOT:
+            (self.mnt / rel).mkdir()
+
     def reset(self) -> None:
         """Settings, memberships and charges as at the start.  Charges that went with a css
         taken offline (encids disabled above their cgroup) are only undone by their holder's
         exit: if the state still differs, the sleeps start afresh."""
+        if any(read(self.mnt / rel / "cgroup.type") != "domain\n" for rel in NOT_ROOT):
+            self._rebuild()
         self._settings()
         self.current = self.snapshot()
         if self.baseline and self.canonical(self.current) != self.baseline:
@@ -677,12 +767,24 @@ def _apply(tree: Tree, rel: str, name: str, data: bytes, offset: int | None,
         enabled = model.readback == "encids\n"
         for child in _children(after, rel):
             has_files = "encids.sev.max" in after[_key(child)]  # type: ignore[operator]
-            assert has_files == enabled, f"{where}: /{child} has encids files: {has_files}"
+            expected = enabled and not _threaded(after, child)
+            assert has_files == expected, f"{where}: /{child} has encids files: {has_files}"
+    elif model.effect == "threaded":
+        threaded = {cg for cg in _all_cgroups(before) if _threaded(before, cg)} | {rel}
+        types = {cg: after[_key(cg, "cgroup.type")] for cg in _all_cgroups(after) if cg}
+        assert types == _model_types(after, threaded), f"{where}: the types are {types}"
+        assert "encids.sev.max" not in after[_key(rel)], f"{where}: encids files stayed"
+        # Besides the types, only its own files and the counts of csses above it change.
+        changed = {key for key in before.keys() | after.keys()
+                   if before.get(key) != after.get(key)}
+        assert all(key.endswith(("/cgroup.type", "/cgroup.stat"))
+                   or key.startswith(_key(rel)) for key in changed), \
+            f"{where}: these changed: {sorted(changed)}"
     elif model.effect == "move":
         assert model.moved is not None
         pid, src, dst = model.moved
-        assert pid in _procs(after, dst), f"{where}: {pid} is not in /{dst}"
-        assert pid not in _procs(after, src), f"{where}: {pid} is still in /{src}"
+        assert pid in _threads(after, dst), f"{where}: {pid} is not in /{dst}"
+        assert pid not in _threads(after, src), f"{where}: {pid} is still in /{src}"
         if dst:
             assert keyed(str(after[_key(dst, "cgroup.events")]))["populated"] == 1
     return after, "applied"
@@ -743,6 +845,21 @@ def test_hostile_writes_to_every_file_of_every_kind_of_cgroup(tree, family):
     @given(first=_first_write(family), rest=st.lists(hostile_write, max_size=2))
     def run(first, rest):
         _run_sequence(tree, [first, *rest])
+
+    run()
+    assert_no_traceback(tree.log)
+
+
+def test_hostile_writes_in_and_around_a_threaded_subtree(tree):
+    """Sequences that start by turning a cgroup threaded (where the kernel lets it), so that
+    the writes after it meet thread roots, threaded and domain invalid cgroups."""
+    @settings(max_examples=int(os.environ.get("HOSTILE_EXAMPLES", 25)), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(first=st.tuples(st.tuples(st.sampled_from(NOT_ROOT), st.just("cgroup.type")),
+                           st.just(Data(b"", b"threaded", b"", b""))),
+           rest=st.lists(hostile_write, min_size=1, max_size=3))
+    def run(first, rest):
+        _run_sequence(tree, [(*first, None), *rest])
 
     run()
     assert_no_traceback(tree.log)
