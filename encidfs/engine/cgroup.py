@@ -16,6 +16,7 @@ cgroup ("split") has its threads listed here, with the cgroup of each; its TGID 
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from enum import Enum
@@ -51,7 +52,7 @@ class Cgroup:
         "id", "name", "parent", "level", "children", "subtree_control", "max_depth",
         "max_descendants", "nr_descendants", "nr_dying_descendants", "procs",
         "nr_populated_children", "nr_populated_domain_children", "freeze", "dying", "refs",
-        "css", "nr_dying_subsys", "dom", "nr_threaded_children",
+        "css", "nr_dying_subsys", "dom", "nr_threaded_children", "frozen_ns", "freeze_since",
     )
 
     def __init__(self, cgid: int, name: str, parent: Cgroup | None, nr_controllers: int) -> None:
@@ -73,6 +74,10 @@ class Cgroup:
         # a threaded cgroup the thread root of its subtree.
         self.dom = self
         self.nr_threaded_children = 0
+        # Time spent freezing (cgroup.freeze here or above), ended intervals, and when the
+        # current one began (the hierarchy's clock), for cgroup.stat.local.
+        self.frozen_ns = 0
+        self.freeze_since: int | None = None
         self.freeze = False
         self.dying = False
         # Pins: one while live, one per css of its own and per child cgroup not yet released.
@@ -108,10 +113,13 @@ class Cgroup:
 
 
 class Hierarchy:
-    def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX) -> None:
+    def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         """`max_cgroups` caps the cgroups below the root, live and dying, as the root's
-        cgroup.max.descendants would (the daemon's memory is the limit a kernel would have)."""
+        cgroup.max.descendants would (the daemon's memory is the limit a kernel would have).
+        `clock` is the kernel's ktime_get_ns(): nanoseconds, the same for every process."""
         self.controllers = controllers
+        self.clock = clock
         self.max_cgroups = max_cgroups
         for ssid, controller in enumerate(controllers):
             controller.ssid = ssid
@@ -249,7 +257,9 @@ class Hierarchy:
 
     # -- mkdir / rmdir --------------------------------------------------------------------------
 
-    def mkdir(self, parent: Cgroup, name: str, commit: Commit = no_journal) -> Cgroup:
+    def mkdir(self, parent: Cgroup, name: str, commit: Commit = no_journal,
+              at: int | None = None) -> Cgroup:
+        """`at`: when (the clock's time), for a change replayed from a journal."""
         self._check_live(parent)
         if "\n" in name or "/" in name or name in ("", ".", ".."):
             raise fail(errno.EINVAL, "bad cgroup name")
@@ -268,6 +278,8 @@ class Hierarchy:
         cg = self._new_cgroup(name, parent)
         parent.children[name] = cg
         parent.refs += 1
+        if self.effective_freeze(parent):
+            cg.freeze_since = self.clock() if at is None else at
         ancestor = parent
         while ancestor is not None:
             ancestor.nr_descendants += 1
@@ -357,15 +369,46 @@ class Hierarchy:
         commit()
         cg.max_descendants = value
 
-    def set_freeze(self, cg: Cgroup, freeze: bool, commit: Commit = no_journal) -> None:
+    def set_freeze(self, cg: Cgroup, freeze: bool, commit: Commit = no_journal,
+                   at: int | None = None) -> None:
+        """`at`: when (the clock's time), for a change replayed from a journal."""
         self._check_live(cg)
         if cg.freeze == freeze:
             return
         commit()
         before = {node: self.frozen(node) for node in self.subtree(cg)}
         cg.freeze = freeze
+        self._account_freezing(cg, self.clock() if at is None else at)
         self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
                             if self.frozen(node) != was)
+
+    def _account_freezing(self, cg: Cgroup, now: int) -> None:
+        """Start or end the freezing time of every cgroup of the subtree whose effective
+        freeze changed (the kernel's freeze_start_nsec and frozen_nsec)."""
+        stack = [(cg, cg.parent is not None and self.effective_freeze(cg.parent))]
+        while stack:
+            node, above = stack.pop()
+            freezing = node.freeze or above
+            if freezing and node.freeze_since is None:
+                node.freeze_since = now
+            elif not freezing and node.freeze_since is not None:
+                node.frozen_ns += max(0, now - node.freeze_since)
+                node.freeze_since = None
+            stack.extend((child, freezing) for child in node.children.values())
+
+    def restart_freezing_clock(self) -> None:
+        """The times kept are another boot's clock: the freezing under way counts from now."""
+        now = self.clock()
+        for cg in self.subtree(self.root):
+            if cg.freeze_since is not None:
+                cg.freeze_since = now
+
+    def frozen_usec(self, cg: Cgroup) -> int:
+        """cgroup.stat.local's frozen_usec: the time spent freezing, whether frozen or not."""
+        total = cg.frozen_ns
+        if cg.freeze_since is not None:
+            total += max(0, self.clock() - cg.freeze_since)
+        return total // 1000
 
     def effective_freeze(self, cg: Cgroup) -> bool:
         return any(ancestor.freeze for ancestor in cg.ancestors())

@@ -24,7 +24,7 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
         "next_id": h._next_id,
         "cgroups": [[cg.id, cg.parent.id if cg.parent else None, cg.name, cg.dying,
                      h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze,
-                     cg.is_threaded]
+                     cg.is_threaded, cg.frozen_ns, cg.freeze_since]
                     for cg in cgroups],
         "csses": [[h.controllers[css.ssid].name, css.cgroup.id,
                    None if css.parent is None else css_index[css.parent], css.online,
@@ -40,8 +40,10 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
     """Into `h` and `allocator`, an engine just made (its root alone)."""
     root = h.root
     cgroups: dict[int, Cgroup] = {}
+    now = h.clock()
     for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze, \
-            *threaded in data["cgroups"]:
+            *added in data["cgroups"]:
+        threaded, frozen_ns, freeze_since = [*added, False, 0, None][:3]
         if parent_id is None:
             cg = root
             del h.by_id[cg.id]
@@ -50,7 +52,7 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             parent = cgroups[parent_id]
             cg = Cgroup(cgid, name, parent, len(h.controllers))
             cg.dying = dying
-            if threaded and threaded[0]:
+            if threaded:
                 cg.dom = parent.dom
             if not dying:
                 parent.children[name] = cg
@@ -58,8 +60,14 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             h.by_id[cgid] = cg
         cg.subtree_control = _mask(h, subtree_control)
         cg.max_depth, cg.max_descendants, cg.freeze = max_depth, max_descendants, freeze
+        cg.frozen_ns, cg.freeze_since = frozen_ns, freeze_since
         cgroups[cgid] = cg
     h._next_id = data["next_id"]
+    freezing: dict[Cgroup, bool] = {}  # parents first: a snapshot older than freeze times
+    for cg in cgroups.values():
+        freezing[cg] = cg.freeze or (cg.parent is not None and freezing[cg.parent])
+        if freezing[cg] and cg.freeze_since is None and not cg.dying:
+            cg.freeze_since = now
     fresh_roots = {ssid: css for ssid, css in enumerate(root.css)}  # made with the engine
     root.css = [None] * len(h.controllers)
     csses: dict[int, Css] = {}  # by index in the snapshot

@@ -187,7 +187,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         changes.run("threaded", cg.id)
 
     def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        changes.run("set", cg.id, "freeze", _parse_switch(text, range(2)))
+        changes.run("set", cg.id, "freeze", _parse_switch(text, range(2)), hierarchy.clock())
         processes.sync()
         processes.apply_freezer(hierarchy.subtree_pids(cg))
 
@@ -219,6 +219,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
                write_max_descendants),
         CfType("cgroup.max.depth", lambda cg: _limit(cg.max_depth), write_max_depth),
         CfType("cgroup.stat", show_stat),
+        CfType("cgroup.stat.local", lambda cg: f"frozen_usec {hierarchy.frozen_usec(cg)}\n",
+               placement=not_on_root),
         CfType("cgroup.freeze", lambda cg: f"{int(cg.freeze)}\n", write_freeze, not_on_root),
         CfType("cgroup.kill", None, write_kill, not_on_root),
     ]

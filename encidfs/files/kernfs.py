@@ -238,15 +238,15 @@ class Kernfs:
     def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
         parent = self._dir(parent_inode)
         cg = self.changes.run("mkdir", parent.id, os.fsdecode(name), stat.S_IMODE(mode),
-                              caller.uid, caller.gid)
+                              caller.uid, caller.gid, self.hierarchy.clock())
         return Node(self.dir_inode(cg), cg, None)  # type: ignore[arg-type]
 
     def apply_mkdir(self, parent: Cgroup, name: str, mode: int, uid: int, gid: int,
-                    commit: Commit) -> Cgroup:
+                    commit: Commit, at: int | None = None) -> Cgroup:
         row = self._row_by_name.get(name)
         if row is not None and self.cftypes[row].present_in(parent):
             raise fail(errno.EEXIST)
-        cg = self.hierarchy.mkdir(parent, name, commit)
+        cg = self.hierarchy.mkdir(parent, name, commit, at)
         now = time.time_ns()
         self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | mode, uid, gid, now, now)
         self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, uid, gid, now, now)

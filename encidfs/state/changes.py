@@ -86,8 +86,9 @@ class Changes:
     # -- the tree and its settings --------------------------------------------------------------
 
     def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int,
-              commit: Commit = no_journal) -> Cgroup:
-        return self.kernfs.apply_mkdir(self._cgroup(parent), name, mode, uid, gid, commit)
+              at: int | None = None, commit: Commit = no_journal) -> Cgroup:
+        """`at`: when, on the engine's clock (a freezing parent's time counts from then)."""
+        return self.kernfs.apply_mkdir(self._cgroup(parent), name, mode, uid, gid, commit, at)
 
     def rmdir(self, cgroup: int, commit: Commit = no_journal) -> None:
         self.hierarchy.rmdir(self._cgroup(cgroup), commit)
@@ -107,11 +108,15 @@ class Changes:
         """"threaded" written to cgroup.type."""
         self.hierarchy.enable_threaded(self._cgroup(cgroup), commit)
 
-    def set(self, cgroup: int, key: str, value: int, commit: Commit = no_journal) -> None:
-        """cgroup.max.depth, cgroup.max.descendants, cgroup.freeze."""
+    def set(self, cgroup: int, key: str, value: int, at: int | None = None,
+            commit: Commit = no_journal) -> None:
+        """cgroup.max.depth, cgroup.max.descendants, cgroup.freeze (`at`: when, on the
+        engine's clock, which the freezing time counts from)."""
         cg, h = self._cgroup(cgroup), self.hierarchy
-        setter = {"max_depth": h.set_max_depth, "max_descendants": h.set_max_descendants,
-                  "freeze": lambda cg, value, commit: h.set_freeze(cg, bool(value), commit)}
+        if key == "freeze":
+            h.set_freeze(cg, bool(value), commit, at)
+            return
+        setter = {"max_depth": h.set_max_depth, "max_descendants": h.set_max_descendants}
         setter[key](cg, value, commit)
 
     def set_max(self, cgroup: int, controller: str, type_name: str, value: int,

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from ..engine import snapshot as engine_snapshot
 from . import v1
 from .changes import Changes
-from .store import StateStore
+from .store import StateStore, boot_id
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,8 @@ log = logging.getLogger(__name__)
 def snapshot(changes: Changes) -> dict:
     return {"engine": engine_snapshot.dump(changes.hierarchy, changes.allocator),
             "nodes": changes.kernfs.dump(),
-            "starts": {str(pid): start for pid, start in changes.starts.items()}}
+            "starts": {str(pid): start for pid, start in changes.starts.items()},
+            "boot": boot_id()}  # the boot whose clock the freezing times are on
 
 
 def size(changes: Changes) -> int:
@@ -44,6 +45,8 @@ def restore(store: StateStore, changes: Changes,
         failed = changes.replay(records)
         if failed:
             log.warning("%d of %d journal records could not be replayed", failed, len(records))
+        if data is not None and data.get("boot") != boot_id():
+            h.restart_freezing_clock()
     processes = sorted(set(h.members) | set(changes.allocator.holdings()))
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:

@@ -33,6 +33,7 @@ CHILD_CORE_FILES = {
     "cgroup.type": 0o644,
     "cgroup.freeze": 0o644,
     "cgroup.kill": 0o200,
+    "cgroup.stat.local": 0o444,
 }
 CHILD_ENCIDS_FILES = {
     f"encids.{t}.{name}": mode

@@ -320,6 +320,26 @@ def test_freezing_a_populated_cgroup_freezes_its_processes(cg, procs):
     assert sleeper.poll() is None and latecomer.poll() is None
 
 
+def frozen_usec(cg):
+    return int(read(cg / "cgroup.stat.local").removeprefix("frozen_usec ").rstrip("\n"))
+
+
+def test_cgroup_stat_local_counts_the_time_spent_freezing(cg):
+    """As on this machine's cgroup2: the time counts from the freeze, below too, whether or not
+    `frozen` is reached; a cgroup made in a freezing parent counts from its mkdir; a thawed one
+    keeps its total."""
+    (cg / "a").mkdir()
+    assert read(cg / "cgroup.stat.local") == "frozen_usec 0\n"
+    write(cg / "cgroup.freeze", "1")
+    wait_until(lambda: frozen_usec(cg / "a") > 0, "the child's freezing time to count")
+    (cg / "b").mkdir()
+    assert frozen_usec(cg / "b") < frozen_usec(cg / "a") <= frozen_usec(cg)
+    write(cg / "cgroup.freeze", "0")
+    totals = [frozen_usec(cg / name) for name in ("", "a", "b")]
+    assert totals[0] > 0 and totals[2] > 0
+    assert [frozen_usec(cg / name) for name in ("", "a", "b")] == totals  # stopped counting
+
+
 def test_a_frozen_cgroup_can_still_be_killed(cg, procs):
     sleeper = procs.sleep()
     move(sleeper.pid, cg)

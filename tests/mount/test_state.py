@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from mountutil import FSTYPE, mounted_fstype, nested, outcome, pids, read, wait_until, write
+from mountutil import FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, wait_until, write
 
 from encidfs.client import Client
 
@@ -89,7 +89,9 @@ def snapshot(mnt: Path) -> dict[str, object]:
             state[f"{rel} attrs"] = (oct(info.st_mode), info.st_uid, info.st_gid)
             state[f"{rel} xattrs"] = {x: os.getxattr(path, x) for x in os.listxattr(path)
                                       if not x.startswith("user.encidfs.")}
-            if name == "." or rel in ("cgroup.procs", "cgroup.threads") or name == "cgroup.kill":
+            # cgroup.stat.local counts the time spent freezing: it is compared on its own.
+            if name == "." or rel in ("cgroup.procs", "cgroup.threads") \
+                    or name in ("cgroup.kill", "cgroup.stat.local"):
                 continue
             try:
                 state[rel] = read(path)
@@ -140,6 +142,7 @@ def test_kill_9_and_mount_again_restores_everything_acknowledged(stateful, sleep
         client.allocate("sev", 1, pid=leaver.pid)
     before = snapshot(mnt)
     assert "nr_dying_descendants 1" in before["cgroup.stat"]
+    frozen_usec = keyed(read(mnt / "frozen/cgroup.stat.local"))["frozen_usec"]
 
     kill_daemon(mnt)
     with pytest.raises(OSError) as dead:
@@ -147,6 +150,8 @@ def test_kill_9_and_mount_again_restores_everything_acknowledged(stateful, sleep
     assert dead.value.errno in (errno.ENOTCONN, errno.ECONNABORTED)
     assert mount().returncode == 0  # the dead mount is cleaned up first
     assert snapshot(mnt) == before
+    # The freezing went on all along, and counted while the daemon was down.
+    assert keyed(read(mnt / "frozen/cgroup.stat.local"))["frozen_usec"] > frozen_usec
     assert pids(b) == sorted([member.pid, leaver.pid])
 
     # Processes that went while the daemon was down are dropped, with their IDs.
