@@ -159,16 +159,16 @@ def test_a_thread_id_moves_its_whole_process(cg, procs):
 
 
 def test_threads_lists_the_thread_ids_of_every_member(cg, procs):
-    (process, _tid), sleeper = procs.threaded(), procs.sleep()
+    (process, _), sleeper = procs.threaded(), procs.sleep()
     move(process.pid, cg)
     move(sleeper.pid, cg)
     assert sorted(pids(cg)) == sorted([process.pid, sleeper.pid])
     assert sorted(pids(cg, "cgroup.threads")) == sorted(threads_of(process.pid) + [sleeper.pid])
 
 
-def test_a_thread_moves_only_within_its_own_cgroup_here(cg, procs):
-    """Without threaded cgroups every cgroup is its own domain: cgroup.threads accepts a
-    thread only where its process already is, EOPNOTSUPP elsewhere."""
+def test_a_thread_of_a_domain_moves_only_within_its_own_cgroup(cg, procs):
+    """A domain cgroup is a domain of its own: cgroup.threads accepts a thread only where its
+    process already is, EOPNOTSUPP elsewhere (test_threaded.py moves threads)."""
     process, tid = procs.threaded()
     assert write_result(cg / "cgroup.threads", str(tid)) == "EOPNOTSUPP"
     assert pids(cg) == []

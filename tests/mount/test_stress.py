@@ -81,7 +81,8 @@ Key = tuple[str, int]  # a css: its cgroup's path, and how often the parent had 
 
 CORE_FILES = {"cgroup.procs", "cgroup.threads", "cgroup.controllers", "cgroup.subtree_control",
               "cgroup.max.descendants", "cgroup.max.depth", "cgroup.stat"}
-NON_ROOT_FILES = {"cgroup.events", "cgroup.type", "cgroup.freeze", "cgroup.kill"}
+NON_ROOT_FILES = {"cgroup.events", "cgroup.type", "cgroup.freeze", "cgroup.kill",
+                  "cgroup.stat.local"}
 ENCIDS_FILES = {f"encids.{t}.{kind}" for t in TYPES for kind in ("max", "current", "events")}
 ROOT_STAT_FILES = {f"encids.{t}.stat" for t in TYPES}
 
@@ -361,6 +362,8 @@ def content_problem(name: str, text: str) -> str | None:
             ok = text == "domain\n"
         elif name == "cgroup.freeze":
             ok = text == "0\n"
+        elif name == "cgroup.stat.local":
+            ok = text == "frozen_usec 0\n"  # nothing freezes here
         elif name in ("cgroup.max.depth", "cgroup.max.descendants") or name.endswith(".max"):
             ok = one_number or text == "max\n"
         elif name == "cgroup.events":
