@@ -278,7 +278,7 @@ class Hierarchy:
         cg = self._new_cgroup(name, parent)
         parent.children[name] = cg
         parent.refs += 1
-        if self.effective_freeze(parent):
+        if parent.freeze_since is not None:  # the parent is freezing (set while it is)
             cg.freeze_since = self.clock() if at is None else at
         ancestor = parent
         while ancestor is not None:
