@@ -117,6 +117,9 @@ def _status(args: argparse.Namespace) -> int:
               f"last at {when}: it {last['reason']}")
     for limitation in status.get("limitations", []):
         print(f"note: {limitation}")
+    if "capacities" in status:
+        capacities = "  ".join(f"{name} {n}" for name, n in status["capacities"].items())
+        print(f"capacities: {capacities}   from {status['capacity_source']}")
     print(f"controllers: {' '.join(status.get('controllers', []))}")
     for cg in status["cgroups"]:
         procs = f"{len(cg['procs'])} procs" if cg["procs"] else ""

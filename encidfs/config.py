@@ -8,6 +8,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
+from . import host
 from .controllers import CONTROLLERS
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
@@ -34,6 +35,8 @@ class Config:
     control_mode: int = 0o600  # the control socket's: by default the mount's owner alone
     control_group: int | None = None  # the control socket's group (a GID), if not the owner's
     controllers: list[str] = field(default_factory=lambda: list(CONTROLLER_NAMES))
+    # Where the capacities came from, for the log and status (None: not given; the host's).
+    capacity_source: str | None = None
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""
@@ -76,7 +79,8 @@ def load(path: str | None, capacities: list[str], asids: int | None,
          state: str | None = None, max_cgroups: int | None = None,
          control_mode: str | None = None, control_group: str | None = None,
          controllers: str | None = None) -> Config:
-    """The file first, then the command line over it."""
+    """The file first, then the command line over it; without capacities from either (or
+    with `--capacity auto`), the host's."""
     config = Config()
     if path is not None:
         _load_file(config, path)
@@ -84,9 +88,13 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         raise ConfigError("--asids and --min-sev-asid go together")
     if asids is not None and min_sev_asid is not None:
         config.use_asids(asids, min_sev_asid)
-    if capacities:
+        config.capacity_source = "--asids"
+    if capacities and capacities != ["auto"]:
         config.capacities = dict(parse_capacity(text) for text in capacities)
         config.first_ids = None
+        config.capacity_source = "--capacity"
+    if config.capacity_source is None or capacities == ["auto"]:
+        _use_host(config)
     config.fuse_options += fuse_options
     config.control = control or config.control
     config.state = os.path.abspath(state) if state else config.state
@@ -99,6 +107,17 @@ def load(path: str | None, capacities: list[str], asids: int | None,
     if controllers is not None:
         config.controllers = _check_controllers(controllers.split(","))
     return config
+
+
+def _use_host(config: Config) -> None:
+    detected = host.detect(host.Host.this_one())
+    if detected is None:
+        config.capacities, config.first_ids = dict(DEFAULT_CAPACITIES), None
+        config.capacity_source = ("defaults: neither the host's misc.capacity nor its CPUID "
+                                  "(with SEV enabled in kvm_amd) answered")
+    else:
+        config.capacities, config.first_ids = detected.capacities, detected.first_ids
+        config.capacity_source = detected.source
 
 
 def _check_controllers(names: object) -> list[str]:
@@ -153,6 +172,7 @@ def _load_file(config: Config, path: str) -> None:
         if not isinstance(table, dict) or not table:
             raise ConfigError(f"{path}: [capacity] must map type names to counts")
         config.capacities = {_check_type(k): _check_count(k, v) for k, v in table.items()}
+        config.capacity_source = path
     if "asids" in data or "min_sev_asid" in data:
         if "capacity" in data:
             raise ConfigError(f"{path}: give either [capacity] or asids/min_sev_asid")
@@ -160,6 +180,7 @@ def _load_file(config: Config, path: str) -> None:
         if not isinstance(asids, int) or not isinstance(minimum, int):
             raise ConfigError(f"{path}: asids and min_sev_asid must both be given as numbers")
         config.use_asids(asids, minimum)
+        config.capacity_source = path
     options = data.get("fuse_options", [])
     if not isinstance(options, list) or not all(isinstance(o, str) for o in options):
         raise ConfigError(f"{path}: fuse_options must be a list of strings")

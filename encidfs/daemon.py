@@ -106,7 +106,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         limitations.append("truncating read-only files needs CAP_DAC_OVERRIDE: inotify does "
                            "not see the changes the daemon makes itself (poll(2) does)")
     service = ControlService(mountpoint, engine, tracker, changes, changed, restarts(),
-                             limitations)
+                             limitations, config.capacity_source)
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
     runtime = config.state is None
     store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
@@ -134,7 +134,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             log.info("process tracking: %s; control socket %s; %d descriptors",
                      tracker.mode, control, fd_limit)
             await nursery.start(_stop_on_signal)
-            log.info("mounted on %s with %s; controllers %s", mountpoint, config.capacities,
+            log.info("mounted on %s with %s (from %s); controllers %s", mountpoint,
+                     config.capacities, config.capacity_source,
                      " ".join(config.controllers))
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()

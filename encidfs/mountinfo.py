@@ -12,16 +12,34 @@ class Mount(NamedTuple):
     device: int  # st_dev of the files in it
 
 
+def _mounts() -> list[tuple[str, str, Mount]]:
+    """(mountpoint, root in its file system, the mount), in mount order."""
+    found = []
+    with open("/proc/self/mountinfo") as mountinfo:
+        for line in mountinfo:
+            fields = line.split()
+            major, minor = fields[2].split(":")
+            found.append((_unescape(fields[4]), _unescape(fields[3]),
+                          Mount(fields[fields.index("-") + 1],
+                                os.makedev(int(major), int(minor)))))
+    return found
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as octal."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), field)
+
+
 def mounted_at(mountpoint: str | os.PathLike) -> Mount | None:
     """The file system mounted last exactly at mountpoint (the one a path walk reaches)."""
     target = os.path.abspath(mountpoint)
     found = None
-    with open("/proc/self/mountinfo") as mountinfo:
-        for line in mountinfo:
-            fields = line.split()
-            # mountinfo escapes space, tab, newline and backslash as octal
-            if re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4]) == target:
-                major, minor = fields[2].split(":")
-                found = Mount(fields[fields.index("-") + 1],
-                              os.makedev(int(major), int(minor)))
+    for path, _, mount in _mounts():
+        if path == target:
+            found = mount
     return found
+
+
+def cgroup2_mounts() -> list[str]:
+    """Where the root of the cgroup2 hierarchy is mounted (its root-only files are there)."""
+    return [path for path, root, mount in _mounts() if mount.fstype == "cgroup2" and root == "/"]

@@ -16,7 +16,8 @@ the tests of software that manages cgroups and encryption IDs, as root or as any
         mount = encidfs_factory(state=True)
         mount.restart()                                          # the state is kept
 
-Every mount is unmounted after its test, whatever happened; a daemon that died or logged an
+A mount has sev=509 and sev_es=99 on every machine (the host's own are not detected) unless
+`capacity=` says otherwise.  Every mount is unmounted after its test, whatever happened; a daemon that died or logged an
 error fails the test, with its last log lines in the report.  Where FUSE cannot be used, the
 test errors with one line saying what is missing.
 """
@@ -100,11 +101,16 @@ class Mount:
         self.path.mkdir(exist_ok=True)
         limit = None if self._nofile is None else (
             lambda: resource.setrlimit(resource.RLIMIT_NOFILE, self._nofile))
+        # An empty host to detect capacities on: the same defaults on every machine, unless
+        # the test gives its own.
+        host = self.path.parent / "host"
+        host.mkdir(exist_ok=True)
         with open(self.log_path, "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "encidfs", "mount", str(self.path), "--foreground",
                  *self.options],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=limit)
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, preexec_fn=limit,
+                env={**os.environ, "ENCIDFS_HOST_ROOT": str(host)})
 
     def wait_mounted(self) -> Mount:
         deadline = time.monotonic() + MOUNT_DEADLINE

@@ -32,7 +32,8 @@ class Peer:
 class ControlService:
     def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessTracker,
                  changes: Changes, changed: Callable[[], None],
-                 restarts: list[dict] | None = None, limitations: list[str] = ()) -> None:
+                 restarts: list[dict] | None = None, limitations: list[str] = (),
+                 capacity_source: str | None = None) -> None:
         self.mountpoint = mountpoint
         self.hierarchy = engine.hierarchy
         self.allocator = engine.allocator
@@ -41,6 +42,7 @@ class ControlService:
         self.changes = changes  # allocations and frees are journalled before they happen
         self.restarts = restarts or []  # the supervisor's: when the daemon died, and how
         self.limitations = list(limitations)  # what the daemon would do but cannot
+        self.capacity_source = capacity_source  # where the capacities came from
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
@@ -128,6 +130,8 @@ class ControlService:
                 holders.setdefault(key, []).append(id_)
         return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode,
                 "limitations": self.limitations, "restarts": self.restarts,
+                "capacities": dict(zip(types.names, types.capacity)),
+                "capacity_source": self.capacity_source,
                 "controllers": [c.name for c in self.allocator.controllers],
                 "cgroups": sorted(cgroups, key=lambda c: c["path"]),
                 "holders": [{"pid": pid, "type": t, "cgroup": origin, "charged": dict(charged),

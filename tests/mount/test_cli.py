@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import struct
 import subprocess
 import sys
 
 import pytest
 
 from mountutil import DEADLINE, FSTYPE, mounted_fstype, read, wait_until, write
+
+from encidfs.client import Client
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]
 
@@ -156,6 +159,33 @@ def test_mount_command_passes_options_to_the_daemon(mountpoint):
     result = encidfs("mount", str(mountpoint), "--capacity", "tdx=4")
     assert result.returncode == 0, result.stderr
     assert read(mountpoint / "encids.tdx.stat") == "total 4\nused 0\n"
+    assert encidfs("umount", str(mountpoint)).returncode == 0
+
+
+def test_mount_takes_the_hosts_capacities_and_status_says_where_from(mountpoint, tmp_path):
+    """A fake AMD host (tests/host has every case): kvm_amd with SEV and SEV-ES enabled, and a
+    cpuid device whose Fn8000_001F says ASIDs 1..15, SEV from 5."""
+    host = tmp_path / "host"
+    parameters = host / "sys/module/kvm_amd/parameters"
+    parameters.mkdir(parents=True)
+    (parameters / "sev").write_text("Y\n")
+    (parameters / "sev_es").write_text("Y\n")
+    (host / "dev/cpu/0").mkdir(parents=True)
+    with open(host / "dev/cpu/0/cpuid", "wb") as f:
+        f.seek(0x8000001F)
+        f.write(struct.pack("<4I", 0b1010, 0x33, 15, 5))
+    env = {**os.environ, "ENCIDFS_HOST_ROOT": str(host)}
+    run = subprocess.run([*ENCIDFS, "mount", str(mountpoint)], capture_output=True, text=True,
+                         timeout=DEADLINE, stdin=subprocess.DEVNULL, env=env)
+    assert run.returncode == 0, run.stderr
+    assert read(mountpoint / "encids.sev.stat") == "total 11\nused 0\n"
+    assert read(mountpoint / "encids.sev_es.stat") == "total 4\nused 0\n"
+    status = encidfs("status", "--mount", str(mountpoint))
+    assert f"capacities: sev 11  sev_es 4   from CPUID Fn8000_001F ({host}/dev/cpu/0/cpuid)" \
+        in status.stdout, status.stdout
+    with Client.connect(mount=str(mountpoint)) as client:
+        assert client.allocate("sev") == [5]  # KVM's first SEV ASID
+        assert client.allocate("sev_es") == [1]
     assert encidfs("umount", str(mountpoint)).returncode == 0
 
 

@@ -289,7 +289,8 @@ def test_status_shows_the_tree_and_the_proc_connector(mnt, procs):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0] == f"mount: {mnt}   process tracking: proc connector"
-    assert lines[1] == "controllers: encids misc"
+    assert lines[1].startswith("capacities: sev 509  sev_es 99   from defaults: ")
+    assert lines[2] == "controllers: encids misc"
     root = lines.index(next(line for line in lines if line.startswith("/ ")))
     assert lines[root].split()[:4] == ["/", "encids:", "sev", "1/509"]
     assert lines[root + 1].split()[:3] == ["misc:", "sev", "1/509"]

@@ -1,0 +1,115 @@
+"""How many encryption IDs this host has, as its kernel would count them.
+
+In order: the host kernel's own misc.capacity (KVM registers its ASIDs there); else, where
+kvm_amd has SEV enabled, CPUID Fn8000_001F read through /dev/cpu/0/cpuid and split as
+sev_hardware_setup() (arch/x86/kvm/svm/sev.c) splits it; else nothing, and the caller uses
+its defaults.  ENCIDFS_HOST_ROOT puts a fake host's /sys and /dev under a directory (tests).
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+
+from .mountinfo import cgroup2_mounts
+
+CPUID_SEV_LEAF = 0x8000001F  # AMD: encrypted memory capabilities
+CPUID_SEV = 1 << 1  # EAX bit 1: SEV
+CPUID_SEV_ES = 1 << 3  # EAX bit 3: SEV-ES
+TYPES = ("sev", "sev_es")
+
+
+@dataclass(frozen=True)
+class Detected:
+    capacities: dict[str, int]
+    first_ids: dict[str, int] | None  # None: each type's IDs follow the previous type's
+    source: str  # for the log and `encidfs status`
+
+
+@dataclass(frozen=True)
+class Host:
+    """Where the host's answers are read."""
+
+    cgroup_roots: tuple[str, ...]  # roots of cgroup2 hierarchies
+    kvm_amd: str  # kvm_amd's module parameters
+    cpuid: str  # the cpuid device of one CPU (they agree on this leaf)
+
+    @classmethod
+    def this_one(cls) -> Host:
+        root = os.environ.get("ENCIDFS_HOST_ROOT")
+        if root:
+            return cls((os.path.join(root, "sys/fs/cgroup"),),
+                       os.path.join(root, "sys/module/kvm_amd/parameters"),
+                       os.path.join(root, "dev/cpu/0/cpuid"))
+        return cls(tuple(cgroup2_mounts()), "/sys/module/kvm_amd/parameters",
+                   "/dev/cpu/0/cpuid")
+
+
+def detect(host: Host) -> Detected | None:
+    """The host's capacities, or None when no source answers."""
+    ranges = _cpuid_ranges(host)
+    for root in host.cgroup_roots:
+        capacities = _misc_capacity(os.path.join(root, "misc.capacity"))
+        if capacities is not None:
+            # misc.capacity has the counts; CPUID, if it is there, where the SEV IDs start.
+            first = ranges[1] if ranges else None
+            if first is None or first["sev_es"] + capacities["sev_es"] > first["sev"]:
+                first = {"sev_es": 1, "sev": capacities["sev_es"] + 1}
+            return Detected(capacities, first, f"{root}/misc.capacity")
+    if ranges is not None:
+        capacities, first = ranges
+        return Detected(capacities, first, f"CPUID Fn8000_001F ({host.cpuid}), kvm_amd sev "
+                                           f"enabled")
+    return None
+
+
+def _misc_capacity(path: str) -> dict[str, int] | None:
+    """sev and sev_es from a misc.capacity file, if it lists either (a type without IDs is
+    not listed)."""
+    try:
+        with open(path) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    found = {}
+    for line in lines:
+        name, _, value = line.partition(" ")
+        if name in TYPES and value.isdigit():
+            found[name] = int(value)
+    if not found:
+        return None
+    return {name: found.get(name, 0) for name in TYPES}
+
+
+def _enabled(host: Host, parameter: str) -> bool:
+    try:
+        with open(os.path.join(host.kvm_amd, parameter)) as f:
+            return f.read().strip() in ("Y", "y", "1")
+    except OSError:
+        return False
+
+
+def _cpuid_ranges(host: Host) -> tuple[dict[str, int], dict[str, int]] | None:
+    """(capacities, first IDs) as sev_hardware_setup() computes them: SEV guests use ASIDs
+    EDX..ECX, SEV-ES guests 1..EDX-1; only where kvm_amd has SEV enabled."""
+    if not _enabled(host, "sev"):
+        return None
+    try:
+        fd = os.open(host.cpuid, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.pread(fd, 16, CPUID_SEV_LEAF)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) != 16:
+        return None
+    eax, _, max_sev_asid, min_sev_asid = struct.unpack("<4I", data)
+    if not eax & CPUID_SEV or not max_sev_asid or not 1 <= min_sev_asid <= max_sev_asid:
+        return None
+    sev_es = min_sev_asid - 1 if eax & CPUID_SEV_ES and _enabled(host, "sev_es") else 0
+    return ({"sev": max_sev_asid - min_sev_asid + 1, "sev_es": sev_es},
+            {"sev": min_sev_asid, "sev_es": 1})

@@ -1,0 +1,137 @@
+"""Capacities from the host (encidfs/host.py), against fake hosts: a sysfs tree, a cgroup2 root
+with misc.capacity, and a cpuid device file holding leaf Fn8000_001F at its offset."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+from encidfs import config
+from encidfs.host import CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect
+
+
+class FakeHost:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.host = Host((str(root / "sys/fs/cgroup"),),
+                         str(root / "sys/module/kvm_amd/parameters"),
+                         str(root / "dev/cpu/0/cpuid"))
+
+    def misc_capacity(self, text: str) -> None:
+        path = self.root / "sys/fs/cgroup/misc.capacity"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+    def kvm_amd(self, **parameters: str) -> None:
+        directory = self.root / "sys/module/kvm_amd/parameters"
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, value in parameters.items():
+            (directory / name).write_text(value + "\n")
+
+    def cpuid(self, eax: int, ecx: int, edx: int) -> None:
+        """The cpuid device reads a leaf at the offset of its number (a sparse file here)."""
+        path = self.root / "dev/cpu/0/cpuid"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as f:
+            f.seek(CPUID_SEV_LEAF)
+            f.write(struct.pack("<4I", eax, 0x33, ecx, edx))
+
+
+@pytest.fixture
+def fake(tmp_path):
+    return FakeHost(tmp_path)
+
+
+SEV_AND_ES = CPUID_SEV | CPUID_SEV_ES
+
+
+def test_the_host_kernels_misc_capacity_comes_first(fake):
+    fake.misc_capacity("sev 410\nsev_es 99\n")
+    fake.kvm_amd(sev="Y", sev_es="Y")
+    fake.cpuid(SEV_AND_ES, ecx=509, edx=100)
+    assert detect(fake.host) == Detected({"sev": 410, "sev_es": 99}, {"sev": 100, "sev_es": 1},
+                                         f"{fake.root}/sys/fs/cgroup/misc.capacity")
+
+
+def test_misc_capacity_without_sev_es_leaves_it_at_zero(fake):
+    fake.misc_capacity("sev 509\n")
+    detected = detect(fake.host)
+    assert detected.capacities == {"sev": 509, "sev_es": 0}
+    assert detected.first_ids == {"sev_es": 1, "sev": 1}
+
+
+def test_a_misc_capacity_without_encryption_ids_is_no_answer(fake):
+    fake.misc_capacity("res_a 10\n")
+    assert detect(fake.host) is None
+
+
+def test_cpuid_split_as_kvm_does(fake):
+    """sev_hardware_setup(): SEV guests use ASIDs EDX..ECX, SEV-ES guests 1..EDX-1."""
+    fake.kvm_amd(sev="Y", sev_es="Y")
+    fake.cpuid(SEV_AND_ES, ecx=509, edx=100)
+    detected = detect(fake.host)
+    assert detected.capacities == {"sev": 410, "sev_es": 99}
+    assert detected.first_ids == {"sev": 100, "sev_es": 1}
+    assert detected.source.startswith("CPUID Fn8000_001F")
+
+
+@pytest.mark.parametrize("case, setup", [
+    ("sev_es disabled in kvm_amd", lambda f: (f.kvm_amd(sev="Y", sev_es="N"),
+                                              f.cpuid(SEV_AND_ES, 509, 100))),
+    ("no SEV-ES in the CPU", lambda f: (f.kvm_amd(sev="1", sev_es="1"),
+                                        f.cpuid(CPUID_SEV, 509, 100))),
+    ("no ASIDs kept for SEV-ES", lambda f: (f.kvm_amd(sev="Y", sev_es="Y"),
+                                            f.cpuid(SEV_AND_ES, 509, 1))),
+])
+def test_without_sev_es_its_capacity_is_zero(fake, case, setup):
+    setup(fake)
+    assert detect(fake.host).capacities["sev_es"] == 0, case
+
+
+@pytest.mark.parametrize("case, setup", [
+    ("SEV disabled in kvm_amd", lambda f: (f.kvm_amd(sev="N", sev_es="N"),
+                                           f.cpuid(SEV_AND_ES, 509, 100))),
+    ("no kvm_amd", lambda f: f.cpuid(SEV_AND_ES, 509, 100)),
+    ("no cpuid device", lambda f: f.kvm_amd(sev="Y", sev_es="Y")),
+    ("no SEV in the CPU", lambda f: (f.kvm_amd(sev="Y"), f.cpuid(0, 509, 100))),
+    ("no ASIDs", lambda f: (f.kvm_amd(sev="Y"), f.cpuid(SEV_AND_ES, 0, 0))),
+    ("a minimum above the maximum", lambda f: (f.kvm_amd(sev="Y"),
+                                               f.cpuid(SEV_AND_ES, 5, 9))),
+    ("nothing at all", lambda f: None),
+])
+def test_no_answer(fake, case, setup):
+    setup(fake)
+    assert detect(fake.host) is None, case
+
+
+def load(monkeypatch, root: Path, *capacities: str, asids=None, min_sev_asid=None,
+         path=None) -> config.Config:
+    monkeypatch.setenv("ENCIDFS_HOST_ROOT", str(root))
+    return config.load(path, list(capacities), asids, min_sev_asid, [])
+
+
+def test_the_host_is_used_unless_capacities_are_given(fake, monkeypatch, tmp_path):
+    fake.kvm_amd(sev="Y", sev_es="Y")
+    fake.cpuid(SEV_AND_ES, ecx=15, edx=5)
+    found = load(monkeypatch, fake.root)
+    assert (found.capacities, found.first_ids) == ({"sev": 11, "sev_es": 4},
+                                                   {"sev": 5, "sev_es": 1})
+    assert found.capacity_source.startswith("CPUID")
+    assert load(monkeypatch, fake.root, "auto").capacities == found.capacities
+    given = load(monkeypatch, fake.root, "sev=3")
+    assert (given.capacities, given.capacity_source) == ({"sev": 3}, "--capacity")
+    asids = load(monkeypatch, fake.root, asids=9, min_sev_asid=3)
+    assert (asids.capacities, asids.capacity_source) == ({"sev": 7, "sev_es": 2}, "--asids")
+    toml = tmp_path / "encidfs.toml"
+    toml.write_text("[capacity]\ntdx = 7\n")
+    from_file = load(monkeypatch, fake.root, path=str(toml))
+    assert (from_file.capacities, from_file.capacity_source) == ({"tdx": 7}, str(toml))
+    assert load(monkeypatch, fake.root, "auto", path=str(toml)).capacities == found.capacities
+
+
+def test_without_an_answer_the_defaults_say_so(fake, monkeypatch):
+    found = load(monkeypatch, fake.root)
+    assert found.capacities == config.DEFAULT_CAPACITIES and found.first_ids is None
+    assert found.capacity_source.startswith("defaults: ")
