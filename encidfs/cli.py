@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 from . import commands as client_commands
 from . import config as configuration
+from . import mount_helper
 from . import supervisor
 from .mountinfo import mounted_at
 from .namespace import NamespaceError, exec_with_cgroupfs
@@ -67,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground and log to stderr")
     mount.add_argument("--debug", action="store_true", help="log debug messages")
+    mount.add_argument("--quiet", "-q", action="store_true",
+                       help="print nothing once mounted (as mount(8) helpers do)")
     mount.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     mount.add_argument("--supervise", action="store_true", help=argparse.SUPPRESS)
 
@@ -78,11 +81,24 @@ def _parser() -> argparse.ArgumentParser:
                         help=f"the encidfs mountpoint (default {client_commands.DEFAULT_MOUNT})")
     run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     client_commands.add_parsers(commands)
+    parser.command_names = set(commands.choices)  # type: ignore[attr-defined]
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    argv = sys.argv[1:] if argv is None else argv
+    if mount_helper.is_helper_call(os.path.basename(sys.argv[0]), argv,
+                                   parser.command_names):  # type: ignore[attr-defined]
+        try:
+            helper_argv = mount_helper.to_cli(argv)
+        except mount_helper.HelperError as error:
+            print(f"encidfs: {error}", file=sys.stderr)
+            return 1
+        if helper_argv is None:
+            return 0  # mount -f: nothing to do
+        argv = helper_argv
+    args = parser.parse_args(argv)
     try:
         if args.command == "mount":
             return _mount(args)
@@ -247,7 +263,9 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
     _wait_until(lambda: mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,
                 f"{mountpoint} did not appear")
     daemon = int(os.getxattr(mountpoint, "user.encidfs.pid"))
-    print(f"encidfs mounted on {mountpoint} (daemon pid {daemon}, supervisor pid {process.pid})")
+    if not args.quiet:
+        print(f"encidfs mounted on {mountpoint} (daemon pid {daemon}, supervisor pid "
+              f"{process.pid})")
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what encidfs needs on Debian/Ubuntu: FUSE 3 (and what building pyfuse3 takes),
 # then a virtual environment in .venv with encidfs and its test tools (and inotifywait, which
-# the tests use).  Safe to run again.
+# the tests use), and as root the helper mount(8) runs.  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +23,11 @@ fi
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 .venv/bin/python -m pip install -q -e '.[test]'
+
+# mount(8) runs /sbin/mount.fuse.encidfs for `mount -t fuse.encidfs` and fstab lines.
+helper=/sbin/mount.fuse.encidfs
+if [ "$(id -u)" -eq 0 ]; then
+    ln -sfn "$PWD/.venv/bin/encidfs" "$helper"
+elif [ "$(readlink "$helper" 2>/dev/null)" != "$PWD/.venv/bin/encidfs" ]; then
+    echo "for mount(8) and fstab, as root: ln -sfn $PWD/.venv/bin/encidfs $helper"
+fi

@@ -3,11 +3,14 @@ and `encidfs mount` / `encidfs umount` as a user runs them."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import sqlite3
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -187,6 +190,64 @@ def test_mount_takes_the_hosts_capacities_and_status_says_where_from(mountpoint,
         assert client.allocate("sev") == [5]  # KVM's first SEV ASID
         assert client.allocate("sev_es") == [1]
     assert encidfs("umount", str(mountpoint)).returncode == 0
+
+
+HELPER = Path("/sbin/mount.fuse.encidfs")
+
+
+@pytest.fixture
+def helper():
+    """mount(8)'s helper, linked by scripts/install.sh to this checkout's encidfs."""
+    ours = Path(sys.prefix, "bin", "encidfs").resolve()
+    if not HELPER.exists() or HELPER.resolve() != ours:
+        pytest.skip(f"{HELPER} is not linked to {ours} (scripts/install.sh, as root, does it)")
+
+
+def test_mount_8_takes_every_setting_as_an_option_and_umount_8_stops_it(helper, mountpoint,
+                                                                           tmp_path):
+    state = tmp_path / "state.db"
+    run = subprocess.run(
+        ["mount", "-t", "fuse.encidfs", "encidfs", str(mountpoint), "-o",
+         f"capacity=sev:3:tdx:2,controllers=encids,state={state},defaults,rw,nofail,_netdev,"
+         "noauto,x-systemd.automount"], capture_output=True, text=True, timeout=DEADLINE)
+    assert (run.returncode, run.stdout, run.stderr) == (0, "", "")  # silent, as helpers are
+    assert mounted_fstype(mountpoint) == FSTYPE
+    assert read(mountpoint / "encids.tdx.stat") == "total 2\nused 0\n"
+    assert read(mountpoint / "cgroup.controllers") == "encids\n"
+    write(mountpoint / "cgroup.subtree_control", "+encids")
+    (mountpoint / "a").mkdir()
+    write(mountpoint / "a/encids.sev.max", "2")
+    pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
+    assert subprocess.run(["umount", str(mountpoint)]).returncode == 0
+    wait_until(lambda: gone(pid), "the daemon to stop after umount")
+    assert integrity(state) == "ok"
+    assert subprocess.run(["mount", "-t", "fuse.encidfs", "encidfs", str(mountpoint), "-o",
+                           f"capacity=sev:3:tdx:2,controllers=encids,state={state}"],
+                          timeout=DEADLINE).returncode == 0
+    assert read(mountpoint / "a/encids.sev.max") == "2\n"  # the state, kept
+
+
+def test_an_fstab_line_mounts(helper, mountpoint, tmp_path):
+    fstab = tmp_path / "fstab"
+    fstab.write_text(f"encidfs {mountpoint} fuse.encidfs capacity=sev:4,controllers=misc,"
+                     "nofail,_netdev 0 0\n")
+    run = subprocess.run(["mount", "--fstab", str(fstab), str(mountpoint)],
+                         capture_output=True, text=True, timeout=DEADLINE)
+    assert run.returncode == 0, run.stderr
+    assert read(mountpoint / "misc.capacity") == "sev 4\n"
+
+
+def test_a_bad_option_is_one_line_from_mount_8(helper, mountpoint):
+    run = subprocess.run(["mount", "-t", "fuse.encidfs", "encidfs", str(mountpoint), "-o",
+                          "capacity=sev"], capture_output=True, text=True, timeout=DEADLINE)
+    assert run.returncode != 0
+    assert run.stderr.startswith("encidfs: capacity=sev is not TYPE:N"), run.stderr
+    assert mounted_fstype(mountpoint) is None
+
+
+def integrity(state: Path) -> str:
+    with contextlib.closing(sqlite3.connect(state)) as db:
+        return db.execute("PRAGMA integrity_check").fetchone()[0]
 
 
 def test_sigterm_unmounts_and_exits_cleanly(daemon):
