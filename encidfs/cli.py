@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from importlib import resources
 
 from . import commands as client_commands
 from . import config as configuration
@@ -76,6 +77,10 @@ def _parser() -> argparse.ArgumentParser:
     umount = commands.add_parser("umount", help="unmount and stop the daemon")
     umount.add_argument("mountpoint")
 
+    unit = commands.add_parser("unit", help="print a systemd unit that mounts encidfs at boot")
+    unit.add_argument("--mountpoint", default=client_commands.DEFAULT_MOUNT,
+                      help=f"where it mounts (default {client_commands.DEFAULT_MOUNT})")
+
     run_in = commands.add_parser("exec", help="run a command with the mount as /sys/fs/cgroup")
     run_in.add_argument("--mount", metavar="MNT",
                         help=f"the encidfs mountpoint (default {client_commands.DEFAULT_MOUNT})")
@@ -106,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return _umount(args.mountpoint)
         if args.command == "exec":
             return _exec(args)
+        if args.command == "unit":
+            return _unit(args.mountpoint)
         return client_commands.run_command(args)
     except (CliError, configuration.ConfigError, NamespaceError) as error:
         print(f"encidfs: {error}", file=sys.stderr)
@@ -210,6 +217,15 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
         raise CliError(f"cannot mount {mountpoint}: {error}") from None
     except (StateError, RuntimeDirError) as error:
         raise CliError(str(error)) from None
+    return 0
+
+
+def _unit(mountpoint: str) -> int:
+    """The unit shipped with the package, for this installation's interpreter."""
+    template = resources.files(__package__).joinpath("encidfs.service").read_text()
+    program = f"{sys.executable} -m encidfs"
+    sys.stdout.write(template.replace("@ENCIDFS@", program)
+                     .replace("@MOUNTPOINT@", os.path.abspath(mountpoint)))
     return 0
 
 

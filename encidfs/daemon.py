@@ -26,6 +26,7 @@ from .state.store import StateStore, runtime_state_path
 from .supervisor import restarts, supervisor_pid
 from .fuse.adapter import CgroupOperations, mount_options
 from .fuse.inotify import ModifyNotifier
+from .notify import notify
 from .procs import ProcessTracker
 
 log = logging.getLogger(__name__)
@@ -139,10 +140,14 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                      " ".join(config.controllers))
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
+            capacities = " ".join(f"{name} {n}" for name, n in config.capacities.items())
+            notify("READY=1", f"STATUS=mounted on {mountpoint}: {capacities}; "
+                              f"{len(hierarchy.by_id)} cgroups; {tracker.mode}")
             await pyfuse3.main()
             clean = True
             nursery.cancel_scope.cancel()
     finally:
+        notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
         pyfuse3.close(unmount=True)
         if clean:
             store.close(remove=runtime)  # a runtime state ends with its mount

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(fuse3 libfuse3-dev pkg-config gcc make inotify-tools)
+packages=(fuse3 libfuse3-dev pkg-config gcc make inotify-tools systemd)
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv python3-dev)
 missing=()
 for package in "${packages[@]}"; do
