@@ -1,12 +1,17 @@
 PYTHON ?= .venv/bin/python
 MOUNTPOINT ?= /run/encidfs
 
-.PHONY: install mount umount test bench
+.PHONY: install install-test mount umount test bench
 install: .venv/.installed
+install-test: .venv/.installed-test
 
 .venv/.installed: pyproject.toml scripts/install.sh
 	scripts/install.sh
 	touch $@
+
+.venv/.installed-test: pyproject.toml scripts/install.sh
+	scripts/install.sh --test
+	touch $@ .venv/.installed
 
 # Mounts encidfs with its default configuration (sev: 509 IDs, sev_es: 99).
 mount: install
@@ -22,7 +27,7 @@ mount: install
 umount:
 	.venv/bin/encidfs umount $(MOUNTPOINT)
 
-test: install
+test: install-test
 	$(PYTHON) -m pytest -q
 
 # Baselines measured beside today's: the release before the durable journal (issue #7, in

@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="FUSE mount options, comma-separated (e.g. allow_other)")
     mount.add_argument("--foreground", "-f", action="store_true",
                        help="stay in the foreground and log to stderr")
+    mount.add_argument("--metrics", metavar="ADDRESS:PORT",
+                       help="serve Prometheus metrics on http://ADDRESS:PORT/metrics")
     mount.add_argument("--debug", action="store_true", help="log debug messages")
     mount.add_argument("--quiet", "-q", action="store_true",
                        help="print nothing once mounted (as mount(8) helpers do)")
@@ -127,6 +129,8 @@ def _mount(args: argparse.Namespace) -> int:
                                 options, args.control, args.state, args.max_cgroups,
                                 args.control_mode, args.control_group, args.controllers)
     config.proc_connector = args.tracking == "auto"
+    if args.metrics:
+        config.metrics = _metrics_address(args.metrics)
     mountpoint = os.path.abspath(args.mountpoint)
     _check_mountpoint(mountpoint)
     _check_fuse(config.fuse_options)
@@ -135,6 +139,13 @@ def _mount(args: argparse.Namespace) -> int:
     if args.foreground or args.ready_fd is not None:
         return _serve(mountpoint, config, args)
     return _start_daemon(mountpoint, args)
+
+
+def _metrics_address(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise CliError(f"--metrics {text!r} is not ADDRESS:PORT")
+    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 def _check_mountpoint(mountpoint: str) -> None:
@@ -202,7 +213,8 @@ def _check_fuse(options: list[str]) -> None:
 
 
 def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespace) -> int:
-    from . import daemon  # pyfuse3 loads only where it is needed
+    from . import daemon  # pyfuse3 and prometheus_client load only where they are needed
+    from .metrics import MetricsError
 
     _setup_logging(args.foreground, args.debug)
     ready_fd = args.ready_fd
@@ -215,7 +227,7 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
         daemon.run(mountpoint, config, ready)
     except RuntimeError as error:  # pyfuse3 reports a failed mount this way
         raise CliError(f"cannot mount {mountpoint}: {error}") from None
-    except (StateError, RuntimeDirError) as error:
+    except (StateError, RuntimeDirError, MetricsError) as error:
         raise CliError(str(error)) from None
     return 0
 
@@ -307,6 +319,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--state", os.path.abspath(args.state)]
     if args.max_cgroups is not None:
         argv += ["--max-cgroups", str(args.max_cgroups)]
+    if args.metrics:
+        argv += ["--metrics", args.metrics]
     argv += ["--tracking", args.tracking]
     for option in args.options:
         argv += ["-o", option]

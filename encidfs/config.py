@@ -35,6 +35,7 @@ class Config:
     control_mode: int = 0o600  # the control socket's: by default the mount's owner alone
     control_group: int | None = None  # the control socket's group (a GID), if not the owner's
     controllers: list[str] = field(default_factory=lambda: list(CONTROLLER_NAMES))
+    metrics: tuple[str, int] | None = None  # where /metrics is served (ADDRESS, PORT)
     # Where the capacities came from, for the log and status (None: not given; the host's).
     capacity_source: str | None = None
 

@@ -26,6 +26,7 @@ from .state.store import StateStore, runtime_state_path
 from .supervisor import restarts, supervisor_pid
 from .fuse.adapter import CgroupOperations, mount_options
 from .fuse.inotify import ModifyNotifier
+from . import metrics
 from .notify import notify
 from .procs import ProcessTracker
 
@@ -106,8 +107,12 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     else:
         limitations.append("truncating read-only files needs CAP_DAC_OVERRIDE: inotify does "
                            "not see the changes the daemon makes itself (poll(2) does)")
-    service = ControlService(mountpoint, engine, tracker, changes, changed, restarts(),
+    restart_log = restarts()
+    service = ControlService(mountpoint, engine, tracker, changes, changed, restart_log,
                              limitations, config.capacity_source)
+    if config.metrics:
+        operations.metrics = service.metrics = metrics.serve(*config.metrics, engine,
+                                                             len(restart_log))
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
     runtime = config.state is None
     store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),

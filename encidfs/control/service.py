@@ -9,13 +9,18 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs import ProcessTracker
 from ..state.changes import Changes
 from .protocol import error_reply
+
+if TYPE_CHECKING:
+    from ..metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +51,22 @@ class ControlService:
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
+        self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
 
     def handle(self, request: dict, peer: Peer) -> dict:
         name = request.get("op")
         op = self._ops.get(name) if isinstance(name, str) else None
         if op is None:
             return error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}")
+        if self.metrics is None:
+            return self._handle(op, request, peer)
+        start = time.perf_counter()
+        try:
+            return self._handle(op, request, peer)
+        finally:
+            self.metrics.observe("control", name, time.perf_counter() - start)  # type: ignore[arg-type]
+
+    def _handle(self, op: Callable[[dict, Peer], dict], request: dict, peer: Peer) -> dict:
         try:
             return {"ok": True, **op(request, peer)}
         except ChargeRefused as refusal:

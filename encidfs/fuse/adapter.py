@@ -11,8 +11,9 @@ import errno
 import functools
 import logging
 import select
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import pyfuse3
 import trio
@@ -20,6 +21,9 @@ import trio
 from ..files.cftype import Caller
 from ..engine.cgroup import Event
 from ..files.kernfs import Kernfs, Node, OpenFile
+
+if TYPE_CHECKING:
+    from ..metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +39,11 @@ class Bus(Protocol):
 def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
     """OSError becomes its errno; anything else (a bug, a state file that cannot be written)
     is logged and answered EIO, and the daemon goes on.  Changes are applied (and made
-    durable) before the reply."""
+    durable) before the reply.  With metrics, the request is counted and timed."""
 
     @functools.wraps(method)
     async def wrapper(self: CgroupOperations, *args: Any) -> T:
+        start = time.perf_counter() if self.metrics is not None else 0.0
         try:
             try:
                 return await method(self, *args)
@@ -53,6 +58,9 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
         except Exception:
             log.exception("%s%r failed", method.__name__, args)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if self.metrics is not None:
+                self.metrics.observe("fuse", method.__name__, time.perf_counter() - start)
 
     return wrapper
 
@@ -83,6 +91,7 @@ class CgroupOperations(pyfuse3.Operations):
         self.kernfs = kernfs
         self.cache_timeout = cache_timeout
         self.bus = bus
+        self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
         self._open_files: dict[int, OpenFile] = {}
         self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
         # inode -> open file -> the handle to wake its poller with (one per open file)
