@@ -1,4 +1,4 @@
-"""Client commands: run, alloc, free, status (built on encidfs.client)."""
+"""Client commands: run, alloc, free, status, top (built on encidfs.client)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,14 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     status = commands.add_parser("status", help="the tree with usage, limits and holders")
     connection_options(status)
     status.set_defaults(handler=_status)
+
+    top = commands.add_parser("top", help="a live view of the tree (q quits)")
+    connection_options(top)
+    top.add_argument("-d", dest="delay", type=float, default=1.0, metavar="SECONDS",
+                     help="seconds between refreshes (default 1)")
+    top.add_argument("-n", dest="count", type=int, metavar="COUNT",
+                     help="print COUNT snapshots as text and exit")
+    top.set_defaults(handler=_top)
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -103,6 +111,13 @@ def _free(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         client.free(args.ids, pid=args.pid)
     return 0
+
+
+def _top(args: argparse.Namespace) -> int:
+    from . import top  # curses only where it is needed
+
+    with _connect(args) as client:
+        return top.run(client, args.delay, args.count)
 
 
 def _status(args: argparse.Namespace) -> int:

@@ -16,9 +16,11 @@ import subprocess
 import shutil
 import sys
 import tempfile
+import socket
 import threading
 import time
 import tracemalloc
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,6 +33,7 @@ ENCIDS = 1  # subtree_control mask of the encids controller (the hierarchy's onl
 OPERATIONS = ("read", "write", "procs", "mkdir+rmdir")
 ROUNDS = 10  # turns in which the targets take their samples
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount before it counts as failed
+SCRAPE_INTERVAL = 0.1  # seconds between scrapes of the --metrics target
 REFERENCE = (
     "reference figures (issue #2), median read: kernel cgroupfs 6 us; bare pyfuse3 with direct"
     " I/O 347 us (zero timeouts), 154 us (1 s timeouts); LXCFS (C) 174 us"
@@ -175,20 +178,51 @@ def fuse_mount(argv, env=None):
             shutil.rmtree(work)
 
 
-def encidfs_argv(source, state=False):
+def encidfs_argv(source, state=False, options=()):
     """The daemon's command line, from the checkout `source`; with a durable state file beside
     the mountpoint if `state`."""
     def argv(mnt):
-        options = ["--state", os.path.join(os.path.dirname(mnt), "state.db")] if state else []
-        return [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground", *options]
+        extra = ["--state", os.path.join(os.path.dirname(mnt), "state.db")] if state else []
+        return [sys.executable, "-m", "encidfs", "mount", mnt, "--foreground", *extra,
+                *options]
     return argv
 
 
-def encidfs_target(source=ROOT, state=False):
+@contextlib.contextmanager
+def scraper(port):
+    """A Prometheus server's part: GET /metrics every SCRAPE_INTERVAL until the end."""
+    done = threading.Event()
+
+    def scrape():
+        while not done.wait(SCRAPE_INTERVAL):
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as reply:
+                    reply.read()
+
+    thread = threading.Thread(target=scrape, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def encidfs_target(source=ROOT, state=False, metrics=False):
+    """encidfs from `source`; with `metrics`, exporting them to a scraper."""
     @contextlib.contextmanager
     def target():
         env = {**os.environ, "PYTHONPATH": str(source)}
-        with fuse_mount(encidfs_argv(source, state), env) as mnt, sleeper() as pid:
+        port = free_port()
+        options = ("--metrics", f"127.0.0.1:{port}") if metrics else ()
+        with fuse_mount(encidfs_argv(source, state, options), env) as mnt, sleeper() as pid, \
+                (scraper(port) if metrics else contextlib.nullcontext()):
             write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
             for name in ("bench", "bench-a", "bench-b"):
                 os.mkdir(f"{mnt}/{name}")
@@ -283,11 +317,12 @@ def ratio(a, b, width, digits):
 
 
 def print_fuse_table(results, iterations, baselines):
-    columns = ("encidfs", *baselines, "--state", "kernel", "bare 0 s", "bare 1 s")
+    columns = ("encidfs", *baselines, "--state", "--metrics", "kernel", "bare 0 s", "bare 1 s")
     print(f"\nfile operations, microseconds over {iterations} iterations (encidfs: its default "
           "runtime journal; @REV: encidfs at that revision; --state: a durable state file; "
+          f"--metrics: exporting, scraped every {SCRAPE_INTERVAL * 1000:.0f} ms; "
           "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s)")
-    ratios = [*baselines, "bare 1 s", "kernel"]
+    ratios = [*baselines, "--metrics", "bare 1 s", "kernel"]
     print(f"{'':14}" + "".join(f"{name[:16]:>18}" for name in columns)
           + "".join(f"{'encidfs/':>11}" for _ in ratios))
     print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
@@ -512,6 +547,7 @@ def main():
         if not args.skip_fuse:
             targets.update({name: encidfs_target(source, state)
                             for name, (source, state) in sources.items()})
+            targets["--metrics"] = encidfs_target(metrics=True)
         if not args.skip_kernel:
             targets["kernel"] = kernel_target
         if not args.skip_fuse:
