@@ -68,6 +68,8 @@ def to_cli(argv: list[str]) -> list[str] | None:
             cli += ["--controllers", value.replace(":", ",")]
         elif name in SETTINGS and sep:
             cli += [SETTINGS[name], value]
+        elif option == "debug":
+            cli.append("--debug")
         elif name in SETTINGS or name in ("capacity", "controllers"):
             raise HelperError(f"option {name} needs a value ({name}=...)")
         else:

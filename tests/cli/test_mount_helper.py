@@ -20,6 +20,8 @@ def test_every_setting_has_an_o_spelling():
     assert to_cli(["x", "/m", "-oasids=509,min_sev_asid=100"]) == [
         "mount", "/m", "--quiet", "--asids", "509", "--min-sev-asid", "100"]
     assert to_cli(["x", "/m", "-o", "capacity=auto"])[3:] == ["--capacity", "auto"]
+    assert to_cli(["x", "/m", "-o", "debug,metrics=127.0.0.1:9100"])[3:] == [
+        "--debug", "--metrics", "127.0.0.1:9100"]
 
 
 def test_generic_options_are_accepted_and_the_rest_go_to_fuse():
