@@ -1,20 +1,21 @@
 """Prometheus metrics (`mount --metrics ADDRESS:PORT`), with the prometheus_client library.
 
 The HTTP server runs in a thread of its own.  The engine belongs to the event loop, so a scrape
-asks the loop for one snapshot of it (a plain list, made between two requests: consistent) and
-renders that; the request path only counts and times itself, with label children looked up
-once.
+asks the loop for one snapshot of it and of the request counts (plain data, made between two
+requests: consistent) and renders that.  The request path only adds to plain counters of its
+own: no lock, a few microseconds at most.
 """
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 from .engine import U64_MAX, Engine
@@ -33,9 +34,10 @@ class Snapshot:
     cgroups: int
     members: int
     restarts: int
+    requests: dict[tuple[str, str], tuple[int, float, list[int]]]  # see RequestMetrics
 
 
-def take_snapshot(engine: Engine, restarts: int) -> Snapshot:
+def take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> Snapshot:
     h, types = engine.hierarchy, engine.types
     controllers = engine.allocator.controllers
     capacity = [(name, types.capacity[t], controllers[0].used(t) if controllers else 0)
@@ -51,7 +53,9 @@ def take_snapshot(engine: Engine, restarts: int) -> Snapshot:
                 resources.append((cg.path, controller.name, name, css.usage[t],  # type: ignore[attr-defined]
                                   math.inf if limit == U64_MAX else float(limit),
                                   css.peak[t], css.events[t]))  # type: ignore[attr-defined]
-    return Snapshot(capacity, resources, len(h.by_id), len(h.members), restarts)
+    return Snapshot(capacity, resources, len(h.by_id), len(h.members), restarts,
+                    {key: (count, total, list(buckets))
+                     for key, (count, total, buckets) in requests.stats.items()})
 
 
 class EngineCollector(Collector):
@@ -90,27 +94,36 @@ class EngineCollector(Collector):
         yield CounterMetricFamily("encidfs_daemon_restarts",
                                   "times the supervisor mounted again after the daemon died",
                                   value=snap.restarts)
+        labels = ["interface", "kind"]
+        served = CounterMetricFamily("encidfs_requests", "requests served", labels=labels)
+        latency = HistogramMetricFamily("encidfs_request_duration_seconds",
+                                        "how long requests took", labels=labels)
+        for key, (count, total, buckets) in sorted(snap.requests.items()):
+            served.add_metric(list(key), count)
+            cumulative, below = [], 0
+            for bound, n in zip([*map(str, BUCKETS), "+Inf"], buckets):
+                below += n
+                cumulative.append((bound, below))
+            latency.add_metric(list(key), cumulative, sum_value=total)
+        yield served
+        yield latency
 
 
 class RequestMetrics:
     """Requests served, by interface (fuse, control) and kind (the FUSE operation, the
-    control op), and how long they took."""
+    control op), and how long they took: (interface, kind) -> [count, seconds in all, count
+    per bucket (the last: above every bound)].  Only the event loop touches it."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._count = Counter("encidfs_requests", "requests served",
-                              ["interface", "kind"], registry=registry)
-        self._latency = Histogram("encidfs_request_duration_seconds",
-                                  "how long requests took", ["interface", "kind"],
-                                  buckets=BUCKETS, registry=registry)
-        self._children: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+    def __init__(self) -> None:
+        self.stats: dict[tuple[str, str], list] = {}
 
     def observe(self, interface: str, kind: str, seconds: float) -> None:
-        children = self._children.get((interface, kind))
-        if children is None:
-            children = self._children[interface, kind] = (
-                self._count.labels(interface, kind), self._latency.labels(interface, kind))
-        children[0].inc()
-        children[1].observe(seconds)
+        stats = self.stats.get((interface, kind))
+        if stats is None:
+            stats = self.stats[interface, kind] = [0, 0.0, [0] * (len(BUCKETS) + 1)]
+        stats[0] += 1
+        stats[1] += seconds
+        stats[2][bisect.bisect_left(BUCKETS, seconds)] += 1
 
 
 class MetricsError(Exception):
@@ -120,10 +133,10 @@ class MetricsError(Exception):
 def serve(address: str, port: int, engine: Engine, restarts: int) -> RequestMetrics:
     """Start the exporter (from the event loop); return what the request path records into."""
     token = trio.lowlevel.current_trio_token()
+    requests = RequestMetrics()
     registry = CollectorRegistry()
     registry.register(EngineCollector(lambda: trio.from_thread.run_sync(
-        take_snapshot, engine, restarts, trio_token=token)))
-    requests = RequestMetrics(registry)
+        take_snapshot, engine, restarts, requests, trio_token=token)))
     try:
         start_http_server(port, address, registry=registry)
     except OSError as error:
