@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 import tracemalloc
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,24 +187,28 @@ def encidfs_argv(source, state=False, options=()):
     return argv
 
 
+SCRAPER = """
+import sys, time, urllib.request
+while True:
+    time.sleep(float(sys.argv[2]))
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics").read()
+    except OSError:
+        pass
+"""
+
+
 @contextlib.contextmanager
 def scraper(port):
-    """A Prometheus server's part: GET /metrics every SCRAPE_INTERVAL until the end."""
-    done = threading.Event()
-
-    def scrape():
-        while not done.wait(SCRAPE_INTERVAL):
-            with contextlib.suppress(OSError):
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics") as reply:
-                    reply.read()
-
-    thread = threading.Thread(target=scrape, daemon=True)
-    thread.start()
+    """A Prometheus server's part, in a process of its own (as a real one is): GET /metrics
+    every SCRAPE_INTERVAL until the end."""
+    proc = subprocess.Popen([sys.executable, "-c", SCRAPER, str(port), str(SCRAPE_INTERVAL)],
+                            start_new_session=True)
     try:
         yield
     finally:
-        done.set()
-        thread.join()
+        proc.kill()
+        proc.wait()
 
 
 def free_port():
