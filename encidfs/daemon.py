@@ -121,12 +121,12 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     restored = restore(store, changes, tracker.start_time_now)
     changes.journal = journal
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
-    if notifier:
-        notifier.start()
     clean = False
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
+            if notifier:
+                nursery.start_soon(notifier.run)
             for pid in restored:  # the processes as they were, even if their PID is reused
                 if pid in hierarchy.members:
                     tracker.joined(pid, changes.starts[pid])

@@ -12,6 +12,7 @@ import bisect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, start_http_server
@@ -48,11 +49,12 @@ def take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> Sn
             css = cg.css[controller.ssid]
             if css is None:
                 continue
+            books: Any = css  # a resource controller's css
             for t, name in enumerate(types.names):
-                limit = css.max[t]  # type: ignore[attr-defined]
-                resources.append((cg.path, controller.name, name, css.usage[t],  # type: ignore[attr-defined]
+                limit = books.max[t]
+                resources.append((cg.path, controller.name, name, books.usage[t],
                                   math.inf if limit == U64_MAX else float(limit),
-                                  css.peak[t], css.events[t]))  # type: ignore[attr-defined]
+                                  books.peak[t], books.events[t]))
     return Snapshot(capacity, resources, len(h.by_id), len(h.members), restarts,
                     {key: (count, total, list(buckets))
                      for key, (count, total, buckets) in requests.stats.items()})

@@ -64,7 +64,7 @@ class ControlService:
         try:
             return self._handle(op, request, peer)
         finally:
-            self.metrics.observe("control", name, time.perf_counter() - start)  # type: ignore[arg-type]
+            self.metrics.observe("control", str(name), time.perf_counter() - start)
 
     def _handle(self, op: Callable[[dict, Peer], dict], request: dict, peer: Peer) -> dict:
         try:

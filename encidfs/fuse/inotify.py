@@ -5,8 +5,9 @@ cgroup.events, a controller's events counters), and systemd and the containerd c
 watch for it with inotify.  FUSE has no notification that reaches inotify, but the VFS raises
 FS_MODIFY for a size change made through the mount (fsnotify_change() on ATTR_SIZE), and a
 truncate of an interface file is accepted and means nothing here, as on kernfs.  So each
-notified file is truncated through the mount, by a thread of its own: the loop serves the
-SETATTR that the truncate sends while the thread waits in it, and never waits for the thread.
+notified file is truncated through the mount by a process of its own (fuse/toucher.py): the
+event loop serves the SETATTR that the truncate sends and never waits for that process, and
+the daemon never waits in a request to itself.
 
 Writing needs permission to write a 0444 file: CAP_DAC_OVERRIDE, which a daemon run as root
 has.  A mount of a user's own is checked likewise; without the capability nothing is truncated
@@ -17,7 +18,10 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import subprocess
+import sys
+
+import trio
 
 from ..engine.cgroup import Event
 from ..files.kernfs import Kernfs
@@ -31,14 +35,11 @@ class ModifyNotifier:
 
     def __init__(self, kernfs: Kernfs, mountpoint: str) -> None:
         self.kernfs = kernfs
-        self.mountpoint = os.fsencode(os.path.abspath(mountpoint))
-        self.touched = 0  # files truncated, for the benchmark and status
-        self._dev: int | None = None
+        self.mountpoint = os.path.abspath(mountpoint)
         # The files waiting (in order, each once: a change made twice before its truncate needs
-        # one IN_MODIFY, as kernfs_notify() queues a node once), and the thread's wake-up.
+        # one IN_MODIFY, as kernfs_notify() queues a node once); bounded by the files there are.
         self._pending: dict[bytes, None] = {}
-        self._wake = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="encidfs-inotify", daemon=True)
+        self._wake = trio.Event()
 
     @staticmethod
     def available() -> bool:
@@ -49,41 +50,39 @@ class ModifyNotifier:
                     return bool(int(line.split()[1], 16) & (1 << 1))  # CAP_DAC_OVERRIDE
         return False
 
-    def start(self) -> None:
-        """Once mounted: the truncates go only where this mount is, never to whatever might
-        later be mounted over its mountpoint."""
-        mount = mounted_at(os.fsdecode(self.mountpoint))
-        self._dev = mount.device if mount else None
-        self._thread.start()
-
     def consume(self, batch: list[Event]) -> None:
-        paths = []
+        prefix = os.fsencode(self.mountpoint)
         for change, cg in batch:
             if isinstance(change, str):
-                directory = os.fsencode(cg.path.rstrip("/"))
-                paths += [self.mountpoint + directory + b"/" + name.encode()
-                          for name in self.kernfs.files_notified_by(change, cg)]
-        if paths:
-            with self._wake:
-                self._pending.update(dict.fromkeys(paths))
-                self._wake.notify()
+                directory = prefix + os.fsencode(cg.path.rstrip("/")) + b"/"
+                names = self.kernfs.files_notified_by(change, cg)
+                self._pending.update(dict.fromkeys(directory + name.encode() for name in names))
+        if self._pending:
+            self._wake.set()
 
-    def _run(self) -> None:
+    async def run(self) -> None:
+        """Once mounted, for the daemon's lifetime: hand the pending files to the toucher,
+        started again if it ends.  The truncates go only where this mount is, never to
+        whatever might later be mounted over its mountpoint."""
+        mount = mounted_at(self.mountpoint)
+        if mount is None:
+            return
         while True:
-            with self._wake:
-                while not self._pending:
-                    self._wake.wait()
-                paths, self._pending = list(self._pending), {}
+            toucher = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "encidfs.fuse.toucher", self.mountpoint,
+                 str(mount.device)], stdin=subprocess.PIPE)
             try:
-                if os.stat(self.mountpoint).st_dev != self._dev:
-                    continue  # unmounted, or something is mounted over it
-                for path in paths:
-                    try:
-                        os.truncate(path, 0)
-                        self.touched += 1
-                    except OSError as error:
-                        # Gone since (ENOENT, ENODEV), or the mount is going (ENOTCONN).
-                        log.debug("inotify: %s: %s", path, error)
-            except OSError as error:
-                log.debug("inotify: %s: %s", self.mountpoint, error)
-
+                while True:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    paths, self._pending = list(self._pending), {}
+                    assert toucher.stdin is not None
+                    await toucher.stdin.send_all(b"".join(path + b"\0" for path in paths))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                log.warning("inotify: the toucher process ended (%s); starting it again",
+                            toucher.returncode)
+                await trio.sleep(1)
+            finally:
+                with trio.CancelScope(shield=True):
+                    toucher.kill()
+                    await toucher.wait()

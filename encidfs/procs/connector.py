@@ -19,6 +19,8 @@ NLMSG_DONE = 3
 PROC_EVENT_FORK = 0x00000001
 PROC_EVENT_EXIT = 0x80000000
 
+SO_RCVBUFFORCE = 33  # <asm-generic/socket.h>; not in Python's socket module
+RECEIVE_BUFFER = 8 << 20  # bytes: some 50,000 events
 _NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 _CN_MSG = struct.Struct("=IIIIHH")  # idx, val, seq, ack, len, flags
 _PROC_EVENT = struct.Struct("=IIQ")  # what, cpu, timestamp_ns
@@ -43,6 +45,14 @@ def open_connector() -> socket.socket | None:
     except OSError:
         sock.close()
         return None
+    # Room for bursts (every process's forks, exits and threads come here): events that do not
+    # fit are lost (ENOBUFS) and the tracker has to scan /proc, which places less exactly.
+    for option in (SO_RCVBUFFORCE, socket.SO_RCVBUF):  # the first needs CAP_NET_ADMIN
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER)
+            break
+        except OSError:
+            continue
     sock.setblocking(False)
     return sock
 

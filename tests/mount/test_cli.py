@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import sqlite3
 import struct
@@ -235,6 +236,20 @@ def test_an_fstab_line_mounts(helper, mountpoint, tmp_path):
                          capture_output=True, text=True, timeout=DEADLINE)
     assert run.returncode == 0, run.stderr
     assert read(mountpoint / "misc.capacity") == "sev 4\n"
+
+
+def test_fuse3s_mount_fuse_runs_encidfs_source_mountpoint_options(mountpoint):
+    """Without the helper link, mount(8) falls back to mount.fuse, which runs `encidfs SOURCE
+    MOUNTPOINT -o OPTIONS` from PATH."""
+    mount_fuse = shutil.which("mount.fuse3", path="/sbin:/usr/sbin")
+    if mount_fuse is None:
+        pytest.skip("mount.fuse3 is not installed (package fuse3)")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    run = subprocess.run([mount_fuse, "encidfs", str(mountpoint), "-t", "fuse.encidfs", "-o",
+                          "capacity=sev:2,nofail"], env=env, capture_output=True, text=True,
+                         timeout=DEADLINE)
+    assert run.returncode == 0, run.stderr
+    assert read(mountpoint / "encids.sev.stat") == "total 2\nused 0\n"
 
 
 def test_a_bad_option_is_one_line_from_mount_8(helper, mountpoint):
