@@ -24,7 +24,7 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
         "next_id": h._next_id,
         "cgroups": [[cg.id, cg.parent.id if cg.parent else None, cg.name, cg.dying,
                      h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze,
-                     cg.is_threaded, cg.frozen_ns, cg.freeze_since]
+                     cg.dom.id if cg.is_threaded else None, cg.frozen_ns, cg.freeze_since]
                     for cg in cgroups],
         "csses": [[h.controllers[css.ssid].name, css.cgroup.id,
                    None if css.parent is None else css_index[css.parent], css.online,
@@ -43,7 +43,9 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
     now = h.clock()
     for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze, \
             *added in data["cgroups"]:
-        threaded, frozen_ns, freeze_since = [*added, False, 0, None][:3]
+        # The domain of a threaded cgroup is kept, not derived: as in cgroup_enable_threaded(),
+        # a threaded cgroup below a domain invalid one has the domain of the thread root above.
+        dom_id, frozen_ns, freeze_since = [*added, None, 0, None][:3]
         if parent_id is None:
             cg = root
             del h.by_id[cg.id]
@@ -52,8 +54,8 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             parent = cgroups[parent_id]
             cg = Cgroup(cgid, name, parent, len(h.controllers))
             cg.dying = dying
-            if threaded:
-                cg.dom = parent.dom
+            if dom_id is not None:
+                cg.dom = cgroups[dom_id]
             if not dying:
                 parent.children[name] = cg
         if not cg.dying:

@@ -59,6 +59,21 @@ def test_a_threaded_child_makes_its_parent_a_thread_root_and_its_siblings_invali
     assert types(h, cgs, "/p/b", "/p/b/y") == ["threaded", "domain invalid"]
 
 
+def test_threaded_descendants_join_the_new_domain_as_cgroup_enable_threaded_does(engine):
+    """/a/b/c threaded below the domain /a/b; then /a turns threaded: every threaded cgroup of
+    its subtree takes the root's domain, /a/b (a domain, now invalid) keeps its own.  A
+    snapshot keeps the domains so."""
+    h = engine.hierarchy
+    cgs = tree(h, "/a", "/a/b", "/a/b/c")
+    h.enable_threaded(cgs["/a/b/c"])
+    h.enable_threaded(cgs["/a"])
+    assert (cgs["/a"].dom, cgs["/a/b"].dom, cgs["/a/b/c"].dom) == (h.root, cgs["/a/b"], h.root)
+    assert types(h, cgs, "/a", "/a/b", "/a/b/c") == ["threaded", "domain invalid", "threaded"]
+    copy = new_engine({"sev": 8})
+    snapshot.load(copy.hierarchy, copy.allocator, snapshot.dump(h, engine.allocator))
+    assert copy.hierarchy.by_id[cgs["/a/b/c"].id].dom is copy.hierarchy.root
+
+
 def test_removing_the_last_threaded_child_makes_the_parent_a_domain_again(h):
     cgs = tree(h, "/p", "/p/a", "/p/b")
     h.enable_threaded(cgs["/p/a"])
@@ -321,7 +336,10 @@ class ThreadsMachine(RuleBasedStateMachine):
             assert cg.nr_populated_children == sum(c.populated for c in children)
             assert cg.nr_populated_domain_children == sum(
                 c.populated and not c.is_threaded for c in children)
-            assert cg.dom is (cg.parent.dom if cg.is_threaded else cg)
+            # A threaded cgroup's domain is an ancestor, not threaded: its parent's, or (for
+            # one below a domain invalid cgroup) the one cgroup_enable_threaded() gave it.
+            assert cg.dom is cg or (not cg.dom.is_threaded
+                                    and cg.dom in cg.ancestors(include_self=False))
             if cg.parent is not None:
                 expected = {pid for pid in h.members if cg in h.cgroups_of(pid)}
                 assert (cg.procs or set()) == expected
