@@ -67,8 +67,10 @@ def _effective_limit(by_path: dict[str, dict], path: str, controller: str, name:
 
 
 def _bar(current: int, limit: int) -> str:
-    filled = BAR if limit <= 0 and current else (min(BAR, round(BAR * current / limit))
-                                                   if limit else 0)
+    if limit <= 0:  # a type without IDs, or a limit of 0
+        filled = BAR if current else 0
+    else:
+        filled = min(BAR, round(BAR * current / limit))
     return "#" * filled + "." * (BAR - filled)
 
 

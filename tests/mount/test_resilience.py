@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from mountutil import DEADLINE, keyed, outcome, read, wait_until, write
+from mountutil import DEADLINE, keyed, outcome, read, start_ticks, wait_until, write
 
 from encidfs.client import Client, ControlError
 from encidfs.state.store import runtime_state_path
@@ -331,11 +331,6 @@ def test_the_daemons_cap_on_cgroups_counts_live_and_dying_ones(mount_encidfs, pr
 
 
 # -- membership -----------------------------------------------------------------------------------
-
-def start_ticks(pid: int) -> int:
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
 
 def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))

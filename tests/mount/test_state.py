@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 import pytest
-from mountutil import FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, wait_until, write
+from mountutil import (FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, start_ticks,
+                       wait_until, write)
 
 from encidfs.client import Client
 
@@ -496,8 +497,7 @@ def test_a_state_file_of_the_first_release_is_upgraded_in_place(stateful, sleeps
     cgroup removed since."""
     mnt, state, mount = stateful
     holder = sleeps()
-    with open(f"/proc/{holder.pid}/stat") as f:
-        start = int(f.read().rsplit(")", 1)[1].split()[19])
+    start = start_ticks(holder.pid)
     with contextlib.closing(sqlite3.connect(state)) as db:
         db.executescript((DATA / "state-v1.sql").read_text())
         with db:  # the fixture's first holder becomes a live process of this test
@@ -533,8 +533,7 @@ def test_a_state_file_of_the_release_before_misc_is_upgraded_with_one_set_of_boo
     removed /d (pid 17903), and a record after it (a/b's sev limit set to 4)."""
     mnt, state, mount = stateful
     holder = sleeps()
-    with open(f"/proc/{holder.pid}/stat") as f:
-        start = int(f.read().rsplit(")", 1)[1].split()[19])
+    start = start_ticks(holder.pid)
     with contextlib.closing(sqlite3.connect(state)) as db:
         db.executescript((DATA / "state-v2.sql").read_text())
         data = json.loads(db.execute("SELECT data FROM snapshot").fetchone()[0])
