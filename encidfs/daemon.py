@@ -123,6 +123,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
     clean = False
     try:
+        operations.invalidator.start()
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
             if notifier:
@@ -148,11 +149,12 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             capacities = " ".join(f"{name} {n}" for name, n in config.capacities.items())
             notify("READY=1", f"STATUS=mounted on {mountpoint}: {capacities}; "
                               f"{len(hierarchy.by_id)} cgroups; {tracker.mode}")
-            await pyfuse3.main()
+            await pyfuse3.main(min_tasks=1, max_tasks=1)  # see fuse/adapter.py
             clean = True
             nursery.cancel_scope.cancel()
     finally:
         notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
+        operations.invalidator.stop(timeout=1.0)
         pyfuse3.close(unmount=True)
         if clean:
             store.close(remove=runtime)  # a runtime state ends with its mount

@@ -3,6 +3,13 @@
 It translates and nothing more: inode numbers and names go to the file table, OSErrors come
 back as FUSE errors, and entries the file table reports stale are invalidated in the kernel.
 No cgroup rule lives here.
+
+The daemon serves its requests one at a time (one pyfuse3 worker: the fastest, measured), so
+nothing a request waits for may itself wait for another request.  A kernel invalidation can:
+it takes the directory's lock, which a lookup in that directory holds until we answer it.
+Invalidations therefore run in a thread of their own, and a reply waits for them only a
+moment (INVALIDATION_GRACE): time enough when nothing holds the lock, so that a file gone is
+gone before the write that removed it returns, as on cgroupfs; and never a deadlock.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import queue
 import select
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -28,6 +37,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+# Seconds a reply waits for the invalidations its request made (they take microseconds unless
+# a request in the same directory holds its lock; that one is served right after the reply).
+INVALIDATION_GRACE = 0.005
 
 
 class Bus(Protocol):
@@ -65,12 +78,47 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
     return wrapper
 
 
-def _invalidate(entries: list[tuple[int, bytes]]) -> None:
-    for dir_inode, name in entries:
-        try:
-            pyfuse3.invalidate_entry(dir_inode, name)
-        except FileNotFoundError:
-            pass  # the kernel had not cached it
+class Invalidator:
+    """Directory entries dropped from the kernel's cache, in the order given, by one thread."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[tuple[list[tuple[int, bytes]], trio.Event] | None] = (
+            queue.SimpleQueue())
+        self._thread = threading.Thread(target=self._run, name="invalidate", daemon=True)
+        self._token: trio.lowlevel.TrioToken | None = None
+
+    def start(self) -> None:
+        """From the event loop, once mounted."""
+        self._token = trio.lowlevel.current_trio_token()
+        self._thread.start()
+
+    def submit(self, entries: list[tuple[int, bytes]]) -> trio.Event:
+        """Queue entries to invalidate; the event is set once the kernel has dropped them."""
+        done = trio.Event()
+        self._queue.put((entries, done))
+        return done
+
+    def stop(self, timeout: float) -> None:
+        """Before the session closes: the thread must not notify a session that is gone."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        assert self._token is not None
+        while (work := self._queue.get()) is not None:
+            entries, done = work
+            for dir_inode, name in entries:
+                try:
+                    pyfuse3.invalidate_entry(dir_inode, name)
+                except FileNotFoundError:
+                    pass  # the kernel had not cached it
+                except OSError as error:  # the mount is going away
+                    log.warning("invalidating %r: %s", name, error)
+            try:
+                self._token.run_sync_soon(done.set)
+            except trio.RunFinishedError:
+                return
 
 
 def _caller(ctx: pyfuse3.RequestContext) -> Caller:
@@ -97,6 +145,7 @@ class CgroupOperations(pyfuse3.Operations):
         # inode -> open file -> the handle to wake its poller with (one per open file)
         self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}
         self._stale: list[tuple[int, bytes]] = []  # directory entries to invalidate
+        self.invalidator = Invalidator()
         self._next_fh = 1
 
     def consume(self, batch: list[Event]) -> None:
@@ -109,19 +158,19 @@ class CgroupOperations(pyfuse3.Operations):
         self._stale += stale
 
     async def invalidate(self) -> None:
-        """After a request: files that vanished are gone from the kernel's cache before the reply.
-
-        Invalidation blocks until the kernel is done with the entry, so it runs in a thread
-        while this loop goes on serving other requests."""
+        """After a request: files that vanished are gone from the kernel's cache before the
+        reply, unless a request in their directory holds its lock (see the module's doc)."""
         stale, self._stale = self._stale, []
         if stale:
-            await trio.to_thread.run_sync(_invalidate, stale)
+            done = self.invalidator.submit(stale)
+            with trio.move_on_after(INVALIDATION_GRACE):
+                await done.wait()
 
     def invalidate_soon(self) -> None:
         """After a change from elsewhere (process events, the control socket)."""
         stale, self._stale = self._stale, []
-        for dir_inode, name in stale:
-            pyfuse3.invalidate_entry_async(dir_inode, name, ignore_enoent=True)
+        if stale:
+            self.invalidator.submit(stale)
 
     def _entry(self, node: Node) -> pyfuse3.EntryAttributes:
         attr = self.kernfs.attr(node)
