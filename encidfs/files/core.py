@@ -29,7 +29,10 @@ class Processes(Protocol):
     def threads(self, pid: int) -> list[int]: ...
 
     def sync(self) -> None:
-        """Bring the engine up to date with forks that have happened."""
+        """Bring the engine up to date with the forks and exits that have happened."""
+
+    def settle(self) -> None:
+        """Bring the engine up to date with the exits that have happened."""
 
     def joined(self, pid: int) -> None:
         """pid now belongs to a cgroup other than the root: follow its forks and its exit."""

@@ -59,6 +59,7 @@ class Kernfs:
         applies it here (the apply_* methods) or in the engine."""
         self.hierarchy = hierarchy
         self.changes = changes
+        self.processes = processes
         self._controller_names: dict[int, set[str]] = {}
         controller_rows: list[CfType] = []
         for controller, make in zip(hierarchy.controllers, file_tables):
@@ -425,6 +426,7 @@ class OpenFile:
         if cft.show is None:
             raise fail(errno.EINVAL)
         if offset == 0 or not self._text:
+            self.table.processes.settle()  # what exited is gone before anyone can look
             self._text = cft.show(self.node.cgroup).encode()
             if self._text or not cft.records:
                 self._seen = self.table.notifications(self.node.inode)

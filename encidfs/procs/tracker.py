@@ -3,7 +3,10 @@
 Processes are read from /proc of the daemon's PID namespace.  Every process the engine cares
 about (a member of a cgroup other than the root, or a holder of IDs) is watched through a pidfd,
 which becomes readable when it exits; its start time is kept with it, so a PID reused by a new
-process is never taken for the old one.
+process is never taken for the old one.  The pidfds wait in one epoll set: the kernel takes a
+task out of its cgroup in do_exit, before its parent can reap it, so `settle()` applies the
+exits that have happened (one epoll_wait, no waiting) before anything that shows membership
+or holdings is answered; the event loop applies them too, as they come.
 
 A process forked by a member joins its parent's cgroup.  With the privilege for it, fork events
 come from the kernel's process events connector; without it, /proc is scanned for children of
@@ -21,6 +24,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import select
 import signal
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -87,7 +91,8 @@ class ProcessTracker:
         # Watched through a pidfd while the daemon's descriptors allow it; past that budget
         # (or on EMFILE), by looking at /proc on every sync() and every POLL_INTERVAL.
         self._pidfd_budget = pidfd_budget
-        self._pidfds = 0
+        self._exits = select.epoll()
+        self._pidfds: dict[int, tuple[int, int]] = {}  # pidfd -> (PID, start time)
         self._polled: set[int] = set()
         self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
         # For scans: when a member joined (in ticks), and in scan mode the children it had
@@ -99,12 +104,18 @@ class ProcessTracker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._poll_exits)
+            nursery.start_soon(self._wait_exits)
             task_status.started()
             if self._connector is None:
                 await trio.sleep_forever()
             while True:
                 await trio.lowlevel.wait_readable(self._connector)
                 _logged(self.sync)
+
+    async def _wait_exits(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self._exits.fileno())
+            _logged(self.settle)
 
     async def _poll_exits(self) -> None:
         while True:
@@ -116,13 +127,24 @@ class ProcessTracker:
     # -- keeping the engine up to date ---------------------------------------------------------
 
     def sync(self) -> None:
-        """Apply every fork that happened until now (and the exits of polled processes)."""
+        """Apply every fork and exit that happened until now."""
         if self._connector is not None:
             self._drain_connector()
         elif self._members:
             self._scan()
             self.check_threads()
-        self._check_polled()
+        self.settle()
+
+    def settle(self) -> None:
+        """Apply the exits that have happened until now."""
+        for pidfd, _ in self._exits.poll(0):
+            pid, start = self._pidfds.pop(pidfd)
+            self._exits.unregister(pidfd)
+            os.close(pidfd)
+            if self._watched.get(pid) == start:
+                self._exited(pid)
+        if self._polled:
+            self._check_polled()
 
     def _drain_connector(self) -> None:
         assert self._connector is not None
@@ -274,7 +296,7 @@ class ProcessTracker:
             return False
         self._watched[pid] = start = now
         try:
-            pidfd = os.pidfd_open(pid) if self._pidfds < self._pidfd_budget else None
+            pidfd = os.pidfd_open(pid) if len(self._pidfds) < self._pidfd_budget else None
         except ProcessLookupError:
             self._exited(pid)
             return False
@@ -285,19 +307,9 @@ class ProcessTracker:
         if pidfd is None:
             self._polled.add(pid)
             return True
-        self._pidfds += 1
-        assert self._nursery is not None, "the tracker runs before the file system answers"
-        self._nursery.start_soon(self._wait_exit, pid, start, pidfd)
+        self._pidfds[pidfd] = (pid, start)
+        self._exits.register(pidfd, select.EPOLLIN)
         return True
-
-    async def _wait_exit(self, pid: int, start: int, pidfd: int) -> None:
-        try:
-            await trio.lowlevel.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
-            self._pidfds -= 1
-        if self._watched.get(pid) == start:
-            self._exited(pid)
 
     def _check_polled(self) -> None:
         for pid in [pid for pid in self._polled if self.start_time_now(pid) != self._watched[pid]]:
