@@ -91,14 +91,14 @@ class ControlService:
         self._check_may_act_for(peer, holder)
         # Watched from now on, and alive now: an exit still on its way is settled first, so
         # that the charge goes to the cgroup the process is in, or to none (a zombie's).
-        if not self.tracker.watch(holder):
+        start = self.tracker.watch(holder)
+        if start is None:
             raise fail(errno.ESRCH, f"process {holder} has exited")
         cg = self.hierarchy.cgroup_of(holder)
         if cg.is_root and not self._owner(peer):
             raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
                                     "owner charges the root, others' processes are placed first")
-        ids = self.changes.run("allocate", holder, self.tracker.start_time_now(holder),
-                               type_name, count)
+        ids = self.changes.run("allocate", holder, start, type_name, count)
         return {"type": type_name, "ids": ids, "holder": holder, "cgroup": cg.path}
 
     def _free(self, request: dict, peer: Peer) -> dict:

@@ -19,8 +19,6 @@ class Changes(Protocol):
 class Processes(Protocol):
     """What the core files need from process tracking."""
 
-    def start_time_now(self, pid: int) -> int | None: ...
-
     def thread_group(self, pid: int) -> int:
         """The TGID of a PID or TID; ESRCH if there is none, EINVAL if it cannot be moved."""
 
@@ -37,8 +35,9 @@ class Processes(Protocol):
     def joined(self, pid: int) -> None:
         """pid now belongs to a cgroup other than the root: follow its forks and its exit."""
 
-    def watch(self, pid: int) -> bool:
-        """Follow pid's exit, settling first the exit of the one it was; whether it lives."""
+    def watch(self, pid: int) -> int | None:
+        """Follow pid's exit, settling first the exit of the one it was; when it started if it
+        lives, else None."""
 
     def check_signalable(self, pid: int) -> None:
         """EPERM for a process the daemon may not signal (a user's daemon, another's process)."""
@@ -113,15 +112,17 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         return "".join(f"{pid}\n" for pid in pids)
 
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        tgid = processes.thread_group(_parse_pid(text) or caller.pid)
-        processes.check_signalable(tgid)
+        pid = _parse_pid(text) or caller.pid
         processes.sync()
+        tgid = processes.thread_group(pid)
+        processes.check_signalable(tgid)
         # The process the engine knows by this PID may have exited since (its PID reused):
         # its exit comes first.  One that is exiting itself moves nowhere, as in the kernel.
-        if not processes.watch(tgid):
+        start = processes.watch(tgid)
+        if start is None:
             return
         check_migration(hierarchy.cgroup_of(tgid), cg, caller)
-        changes.run("attach", tgid, processes.start_time_now(tgid), cg.id)
+        changes.run("attach", tgid, start, cg.id)
         if not cg.is_root:
             processes.joined(tgid)
         processes.apply_freezer([tgid])
@@ -140,13 +141,14 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
 
     def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
         tid = _parse_pid(text) or caller.pid
+        processes.sync()
         tgid = processes.thread_group(tid)
         processes.check_signalable(tgid)
-        processes.sync()
-        if not processes.watch(tgid):
+        start = processes.watch(tgid)
+        if start is None:
             return
         check_migration(hierarchy.thread_cgroup(tgid, tid), cg, caller)
-        changes.run("attach_thread", tgid, processes.start_time_now(tgid), tid, cg.id,
+        changes.run("attach_thread", tgid, start, tid, cg.id,
                     processes.threads(tgid))
         if tgid in hierarchy.members:
             processes.joined(tgid)

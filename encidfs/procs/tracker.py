@@ -91,9 +91,14 @@ class ProcessTracker:
         # Watched through a pidfd while the daemon's descriptors allow it; past that budget
         # (or on EMFILE), by looking at /proc on every sync() and every POLL_INTERVAL.
         self._pidfd_budget = pidfd_budget
-        self._exits = select.epoll()
+        # The connector and the pidfds of watched processes, readable when there is news.
+        self._events = select.epoll()
+        if self._connector is not None:
+            self._events.register(self._connector, select.EPOLLIN)
         self._pidfds: dict[int, tuple[int, int]] = {}  # pidfd -> (PID, start time)
         self._polled: set[int] = set()
+        # The pidfd and start time thread_group() found for a process not followed yet.
+        self._opened: tuple[int, int, int | None] | None = None
         self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
         # For scans: when a member joined (in ticks), and in scan mode the children it had
         # then, which stay where they were (start times are only as fine as a tick).
@@ -104,18 +109,10 @@ class ProcessTracker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self._poll_exits)
-            nursery.start_soon(self._wait_exits)
             task_status.started()
-            if self._connector is None:
-                await trio.sleep_forever()
             while True:
-                await trio.lowlevel.wait_readable(self._connector)
-                _logged(self.sync)
-
-    async def _wait_exits(self) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(self._exits.fileno())
-            _logged(self.settle)
+                await trio.lowlevel.wait_readable(self._events.fileno())
+                _logged(self.settle)
 
     async def _poll_exits(self) -> None:
         while True:
@@ -128,19 +125,25 @@ class ProcessTracker:
 
     def sync(self) -> None:
         """Apply every fork and exit that happened until now."""
-        if self._connector is not None:
-            self._drain_connector()
-        elif self._members:
+        if self._connector is None and self._members:
             self._scan()
             self.check_threads()
         self.settle()
 
     def settle(self) -> None:
-        """Apply the exits that have happened until now."""
-        for pidfd, _ in self._exits.poll(0):
-            pid, start = self._pidfds.pop(pidfd)
-            self._exits.unregister(pidfd)
+        """Apply what the kernel has told until now: the forks and thread changes the
+        connector reported, then the exits (one epoll_wait when nothing happened)."""
+        ready = self._events.poll(0)
+        if self._connector is not None and any(fd == self._connector.fileno()
+                                               for fd, _ in ready):
+            self._drain_connector()
+        for pidfd, _ in ready:
+            watched = self._pidfds.pop(pidfd, None)
+            if watched is None:
+                continue  # the connector
+            self._events.unregister(pidfd)
             os.close(pidfd)
+            pid, start = watched
             if self._watched.get(pid) == start:
                 self._exited(pid)
         if self._polled:
@@ -278,38 +281,53 @@ class ProcessTracker:
         self._joined[pid] = (_boot_ticks(), children)
         self.watch(pid, start)
 
-    def watch(self, pid: int, start: int | None = None) -> bool:
+    def watch(self, pid: int, start: int | None = None) -> int | None:
         """Call on_exit(pid) when this process exits, at once if it has exited already (a
-        zombie too); return whether it lives.  With `start`, the process is the one that
-        started then (one restored from the journal): another one with its PID means it
-        has exited."""
+        zombie too); return when it started if it lives, else None.  With `start`, the
+        process is the one that started then (one restored from the journal): another one
+        with its PID means it has exited."""
+        if start is None and pid in self._watched:
+            self.settle()  # a pidfd not readable: the process followed still lives
+            if pid in self._watched:
+                return self._watched[pid]
+        opened, self._opened = self._opened, None
+        if opened is not None and opened[0] == pid:
+            _, pidfd, now = opened  # thread_group() found it a moment ago
+        else:
+            if opened is not None:
+                os.close(opened[1])
+            pidfd, now = None, self.start_time_now(pid)
         expected = self._watched.get(pid, start)
-        now = self.start_time_now(pid)
-        if pid in self._watched and now == expected:
-            return True
-        if expected is not None and now != expected:
+        followed = pid in self._watched and now == expected  # a restored process, say
+        if not followed and expected is not None and now != expected:
             self._exited(pid)  # the process known by this PID is gone (the PID may be reused)
-            if start is not None or now is None:
-                return False
-        elif now is None:
-            self._exited(pid)
-            return False
-        self._watched[pid] = start = now
-        try:
-            pidfd = os.pidfd_open(pid) if len(self._pidfds) < self._pidfd_budget else None
-        except ProcessLookupError:
-            self._exited(pid)
-            return False
-        except OSError as error:
-            if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
-                raise
+            if start is not None:
+                now = None
+        elif not followed and now is None:
+            self._exited(pid)  # a zombie: whatever it held is freed
+        if followed or now is None:
+            if pidfd is not None:
+                os.close(pidfd)
+            return now
+        self._watched[pid] = now
+        if pidfd is None and len(self._pidfds) < self._pidfd_budget:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                self._exited(pid)
+                return None
+            except OSError as error:
+                if error.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):
+                    raise
+        elif pidfd is not None and len(self._pidfds) >= self._pidfd_budget:
+            os.close(pidfd)
             pidfd = None
         if pidfd is None:
             self._polled.add(pid)
-            return True
-        self._pidfds[pidfd] = (pid, start)
-        self._exits.register(pidfd, select.EPOLLIN)
-        return True
+        else:
+            self._pidfds[pidfd] = (pid, now)
+            self._events.register(pidfd, select.EPOLLIN)
+        return now
 
     def _check_polled(self) -> None:
         for pid in [pid for pid in self._polled if self.start_time_now(pid) != self._watched[pid]]:
@@ -327,14 +345,42 @@ class ProcessTracker:
     # -- reading /proc -------------------------------------------------------------------------
 
     def thread_group(self, pid: int) -> int:
+        """The TGID of a PID or TID (ESRCH if none, EINVAL for a kernel thread that must stay).
+
+        A process followed costs nothing (sync() settled its exit: its PID is still its own);
+        another, a pidfd (which only a thread group's leader has) and one read of /proc, both
+        kept for the watch() that follows."""
+        if pid in self._watched:
+            return pid
+        try:
+            pidfd = os.pidfd_open(pid)
+        except (ProcessLookupError, OverflowError):  # none, or a number no PID can be
+            raise fail(errno.ESRCH) from None
+        except OSError as error:
+            if error.errno not in (errno.ENOENT, errno.EINVAL):  # not a leader: a thread's TID
+                raise
+            pidfd = None
         try:
             fields = _stat_fields(self._proc, pid)
-            with open(f"{self._proc}/{pid}/status", "rb") as f:
-                tgid = next(int(line.split()[1]) for line in f if line.startswith(b"Tgid:"))
+            if pidfd is None:
+                with open(f"{self._proc}/{pid}/status", "rb") as f:
+                    tgid = next(int(line.split()[1]) for line in f
+                                if line.startswith(b"Tgid:"))
+            else:
+                tgid = pid
         except (FileNotFoundError, ProcessLookupError, StopIteration, ValueError):
+            if pidfd is not None:
+                os.close(pidfd)
             raise fail(errno.ESRCH) from None
         if int(fields[6]) & PF_NO_SETAFFINITY:
+            if pidfd is not None:
+                os.close(pidfd)
             raise fail(errno.EINVAL, "a kernel thread that cannot move")
+        if pidfd is not None:
+            if self._opened is not None:
+                os.close(self._opened[1])
+            start = None if fields[0] in ("Z", "X") else int(fields[19])
+            self._opened = (pid, pidfd, start)
         return tgid
 
     def check_signalable(self, pid: int) -> None:
