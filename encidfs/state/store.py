@@ -282,6 +282,10 @@ class StateStore:
     def _commit(self, records: list[Record], checkpoint: bool) -> None:
         db = self._db
         assert db is not None
+        if len(records) == 1 and not checkpoint:  # one statement: a transaction of its own
+            db.execute("INSERT INTO log (record) VALUES (?)", (json.dumps(records[0]),))
+            self._log_rows += 1
+            return
         db.execute("BEGIN")
         if checkpoint:
             db.execute("DELETE FROM log")
