@@ -23,7 +23,7 @@ import sys
 
 import trio
 
-from ..engine.cgroup import Event
+from ..engine.cgroup import Cgroup, Event
 from ..files.kernfs import Kernfs
 from ..mountinfo import mounted_at
 
@@ -36,9 +36,10 @@ class ModifyNotifier:
     def __init__(self, kernfs: Kernfs, mountpoint: str) -> None:
         self.kernfs = kernfs
         self.mountpoint = os.path.abspath(mountpoint)
-        # The files waiting (in order, each once: a change made twice before its truncate needs
-        # one IN_MODIFY, as kernfs_notify() queues a node once); bounded by the files there are.
-        self._pending: dict[bytes, None] = {}
+        # The changes waiting (in order, each once: a change made twice before its truncate
+        # needs one IN_MODIFY, as kernfs_notify() queues a node once); bounded by the files
+        # there are.  Their paths are made by run(), after the reply to the request.
+        self._pending: dict[tuple[str, Cgroup], None] = {}
         self._wake = trio.Event()
 
     @staticmethod
@@ -51,14 +52,20 @@ class ModifyNotifier:
         return False
 
     def consume(self, batch: list[Event]) -> None:
-        prefix = os.fsencode(self.mountpoint)
         for change, cg in batch:
             if isinstance(change, str):
-                directory = prefix + os.fsencode(cg.path.rstrip("/")) + b"/"
-                names = self.kernfs.files_notified_by(change, cg)
-                self._pending.update(dict.fromkeys(directory + name.encode() for name in names))
+                self._pending[change, cg] = None
         if self._pending:
             self._wake.set()
+
+    def _paths(self, changes: list[tuple[str, Cgroup]]) -> list[bytes]:
+        prefix = os.fsencode(self.mountpoint)
+        paths: dict[bytes, None] = {}
+        for change, cg in changes:
+            directory = prefix + os.fsencode(cg.path.rstrip("/")) + b"/"
+            paths.update(dict.fromkeys(directory + name.encode()
+                                       for name in self.kernfs.files_notified_by(change, cg)))
+        return list(paths)
 
     async def run(self) -> None:
         """Once mounted, for the daemon's lifetime: hand the pending files to the toucher,
@@ -75,7 +82,10 @@ class ModifyNotifier:
                 while True:
                     await self._wake.wait()
                     self._wake = trio.Event()
-                    paths, self._pending = list(self._pending), {}
+                    changes, self._pending = list(self._pending), {}
+                    paths = self._paths(changes)
+                    if not paths:
+                        continue
                     assert toucher.stdin is not None
                     await toucher.stdin.send_all(b"".join(path + b"\0" for path in paths))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
