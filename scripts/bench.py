@@ -1,8 +1,12 @@
-"""Benchmark: encidfs against the kernel's cgroupfs and a bare pyfuse3 file system, and the
-engine's scaling with the number of cgroups.  A measurement, not a test: it prints figures.
+"""Benchmark: encidfs against the kernel's cgroupfs, a bare pyfuse3 file system and LXCFS (where
+it is installed), large trees, and the engine's scaling with the number of cgroups.  A
+measurement, not a test: it prints figures.
 
     python scripts/bench.py [--iterations N] [--baseline REV ...] [--skip-kernel] [--skip-fuse]
-                            [--skip-engine] [--skip-alloc] [--skip-inotify]
+                            [--skip-engine] [--skip-alloc] [--skip-inotify] [--skip-large]
+
+Reads are measured twice: free, and with the client and the daemon (all its threads) pinned to
+one CPU, where a request's cost is not hidden by the other CPU.
 
 --baseline REV (repeatable) measures encidfs as it was at git revision REV beside today's, in
 the same run.
@@ -14,6 +18,7 @@ import os
 import statistics
 import subprocess
 import shutil
+import signal
 import sys
 import tempfile
 import socket
@@ -29,17 +34,19 @@ from encidfs.client import Client  # noqa: E402
 from encidfs.engine import new_engine  # noqa: E402
 
 ENCIDS = 1  # subtree_control mask of the encids controller (the hierarchy's only one)
-OPERATIONS = ("read", "write", "procs", "mkdir+rmdir")
+OPERATIONS = ("read", "read pinned", "write", "procs", "mkdir+rmdir")
+PINNED = "read pinned"
+PIN_CPU = 0
+ALL_CPUS = os.sched_getaffinity(0)
 ROUNDS = 10  # turns in which the targets take their samples
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount before it counts as failed
 SCRAPE_INTERVAL = 0.1  # seconds between scrapes of the --metrics target
 REFERENCE = (
-    "reference figures (issue #2), median read: kernel cgroupfs 6 us; bare pyfuse3 with direct"
-    " I/O 347 us (zero timeouts), 154 us (1 s timeouts); LXCFS (C) 174 us"
+    "reference figures (issue #12), median read, pinned / free: encidfs 83-105 / 126-138 us;"
+    " LXCFS 91-104 / 148-150 us; bare pyfuse3 75-108 / 119-126 us; kernel cgroupfs 5.5 us"
 )
-TARGETS = ("targets: median read and write within 1.3x of bare with the same options,"
-           " mkdir+rmdir within 1.5x; write with the runtime journal within 1.15x of the"
-           " in-memory baseline (issue #7)")
+TARGETS = ("targets (issue #12): read <= 0.8x LXCFS and <= 0.9x bare, pinned and free; write"
+           " <= 1.0x bare; mkdir+rmdir <= 1.3x bare")
 
 
 class Skip(Exception):
@@ -95,6 +102,7 @@ def file_ops(read_path, write_path, write_values, new_dir, procs_paths=None, pid
 
     ops = {
         "read": lambda i: read_file(read_path),
+        PINNED: lambda i: read_file(read_path),
         "write": lambda i: write_file(write_path, write_values[i % 2]),
     }
     if procs_paths:
@@ -142,6 +150,18 @@ def unmount(path):
     return True
 
 
+DAEMONS = {}  # mountpoint -> its daemon's PID, for pinning
+
+
+def pin(pids, cpus):
+    """Every thread of these processes (and of this one) on `cpus`."""
+    os.sched_setaffinity(0, cpus)
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):  # a thread that ended meanwhile
+                os.sched_setaffinity(int(tid), cpus)
+
+
 @contextlib.contextmanager
 def fuse_mount(argv, env=None):
     """Run a daemon, argv(mountpoint), until its mount shows; unmount and reap it on the way out.
@@ -164,8 +184,10 @@ def fuse_mount(argv, env=None):
                 if time.monotonic() > deadline:
                     raise Skip(f"did not mount within {MOUNT_DEADLINE:.0f} s")
                 time.sleep(0.01)
+            DAEMONS[mnt] = proc.pid
             yield mnt
         finally:
+            DAEMONS.pop(mnt, None)
             close_files_on(mnt)
             if unmount(mnt):
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -241,6 +263,20 @@ def bare_target(timeout):
         bare_fs = str(ROOT / "scripts" / "bare_fs.py")
         with fuse_mount(lambda mnt: [sys.executable, bare_fs, mnt, "--timeout", timeout]) as mnt:
             yield file_ops(f"{mnt}/value", f"{mnt}/limit", (b"100", b"200"), f"{mnt}/d")
+    return target
+
+
+def lxcfs_target():
+    """LXCFS (C, libfuse's threaded loop) serving proc/uptime, which it computes per read."""
+    @contextlib.contextmanager
+    def target():
+        if shutil.which("lxcfs") is None:
+            raise Skip("lxcfs is not installed")
+        with tempfile.TemporaryDirectory(prefix="encidfs-bench-lxcfs-") as run:
+            argv = lambda mnt: ["lxcfs", "--foreground", "--pidfile", f"{run}/lxcfs.pid", mnt]
+            with fuse_mount(argv) as mnt:
+                path = f"{mnt}/proc/uptime"
+                yield {"read": lambda i: read_file(path), PINNED: lambda i: read_file(path)}
     return target
 
 
@@ -320,12 +356,14 @@ def ratio(a, b, width, digits):
 
 
 def print_fuse_table(results, iterations, baselines):
-    columns = ("encidfs", *baselines, "--state", "--metrics", "kernel", "bare 0 s", "bare 1 s")
+    columns = ("encidfs", *baselines, "--state", "--metrics", "kernel", "bare 0 s", "bare 1 s",
+               "lxcfs")
     print(f"\nfile operations, microseconds over {iterations} iterations (encidfs: its default "
           "runtime journal; @REV: encidfs at that revision; --state: a durable state file; "
           f"--metrics: exporting, scraped every {SCRAPE_INTERVAL * 1000:.0f} ms; "
-          "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s)")
-    ratios = [*baselines, "--metrics", "bare 1 s", "kernel"]
+          "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s; lxcfs: proc/uptime; "
+          f"{PINNED}: client and daemon on CPU {PIN_CPU})")
+    ratios = [*baselines, "--metrics", "bare 0 s", "bare 1 s", "lxcfs", "kernel"]
     print(f"{'':14}" + "".join(f"{name[:16]:>18}" for name in columns)
           + "".join(f"{'encidfs/':>11}" for _ in ratios))
     print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
@@ -436,7 +474,13 @@ def measure_interleaved(targets, iterations):
             warmup = max(20, iterations // 10) if turn == 0 else 0
             for name, ops in running.items():
                 for op, fn in ops.items():
-                    samples[name][op] += sample(fn, iterations // ROUNDS, warmup)
+                    if op == PINNED:
+                        pin(DAEMONS.values(), {PIN_CPU})
+                    try:
+                        samples[name][op] += sample(fn, iterations // ROUNDS, warmup)
+                    finally:
+                        if op == PINNED:
+                            pin(DAEMONS.values(), ALL_CPUS)
     return {name: {op: summary(values) for op, values in ops.items()}
             for name, ops in samples.items()}
 
@@ -492,6 +536,70 @@ def inotify_latency(iterations):
             print(f"  {name:10} skipped, {e}")
 
 
+# -- large trees ----------------------------------------------------------------------------------
+
+def read_all(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while os.read(fd, 65536):
+            pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def paused_children(count):
+    """`count` forks of this process that wait for SIGKILL; their PIDs."""
+    children = []
+    try:
+        for _ in range(count):
+            pid = os.fork()
+            if pid == 0:
+                while True:
+                    signal.pause()
+            children.append(pid)
+        yield children
+    finally:
+        for pid in children:
+            os.kill(pid, signal.SIGKILL)
+        for pid in children:
+            os.waitpid(pid, 0)
+
+
+def large_tree(cgroups, members, iterations):
+    """What an operator looks at on a big host: milliseconds for `encidfs status` (the whole
+    command, and its request alone), the root's cgroup.procs and cgroup.stat."""
+    fanout = 100  # children of each parent; the parents enable encids
+    print(f"\nlarge tree: {cgroups:,} cgroups ({fanout - 1} leaves under each of "
+          f"{cgroups // fanout} parents), {members:,} member processes; median and p99 "
+          f"milliseconds over {iterations} looks")
+    with fuse_mount(encidfs_argv(ROOT)) as mnt, paused_children(members) as children:
+        write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
+        leaves = []
+        for p in range(cgroups // fanout):
+            os.mkdir(f"{mnt}/p{p}")
+            write_file(f"{mnt}/p{p}/cgroup.subtree_control", b"+encids")
+            for c in range(fanout - 1):
+                os.mkdir(f"{mnt}/p{p}/c{c}")
+                leaves.append(f"{mnt}/p{p}/c{c}")
+        for n, pid in enumerate(children):
+            write_file(f"{leaves[n * len(leaves) // members]}/cgroup.procs", str(pid).encode())
+        client = Client.connect(mount=mnt)
+        command = [sys.executable, "-m", "encidfs", "status", "--mount", mnt]
+        looks = {
+            "encidfs status": lambda i: subprocess.run(command, check=True,
+                                                       stdout=subprocess.DEVNULL),
+            "status request": lambda i: client.status(),
+            "cat cgroup.procs (root)": lambda i: read_all(f"{mnt}/cgroup.procs"),
+            "cat cgroup.stat (root)": lambda i: read_all(f"{mnt}/cgroup.stat"),
+        }
+        for name, look in looks.items():
+            median, p99 = summary(sample(look, iterations, warmup=2))
+            print(f"  {name:26} median {median / 1000:8.1f}   p99 {p99 / 1000:8.1f}")
+        client.close()
+    print("target: each under 100 ms")
+
+
 # -- allocations through the control socket ----------------------------------------------------
 
 def allocation_rate(round_trips, sources):
@@ -535,6 +643,8 @@ def main():
                         help="skip the control socket's allocation rate")
     parser.add_argument("--skip-inotify", action="store_true",
                         help="skip the latency of IN_MODIFY after a move")
+    parser.add_argument("--skip-large", action="store_true",
+                        help="skip the large tree (20,000 cgroups, 5,000 processes)")
     parser.add_argument("--baseline", metavar="REV", action="append", default=[],
                         help="also measure encidfs at this git revision, in the same run "
                              "(repeatable)")
@@ -556,6 +666,7 @@ def main():
         if not args.skip_fuse:
             targets["bare 0 s"] = bare_target("0")
             targets["bare 1 s"] = bare_target("1")
+            targets["lxcfs"] = lxcfs_target()
         if targets:
             print_fuse_table(measure_interleaved(targets, args.iterations), args.iterations,
                              baselines)
@@ -566,6 +677,11 @@ def main():
                 print(f"allocations: skipped, {e}")
     if not args.skip_inotify and not args.skip_fuse:
         inotify_latency(args.iterations)
+    if not args.skip_large:
+        try:
+            large_tree(20_000, 5_000, 20)
+        except (Skip, OSError) as e:
+            print(f"large tree: skipped, {e}")
     if not args.skip_engine:
         engine_scaling(args.iterations)
 
