@@ -190,6 +190,9 @@ class _FlushedSoon:
     def append(self, record: Record) -> None:
         self.store.append(record)
 
+    def append_all(self, records: list[Record]) -> None:
+        self.store.append_all(records)
+
     def stage(self, record: Record) -> None:
         self.store.stage(record)
         self._staged.set()

@@ -104,7 +104,7 @@ async def _serve(stream: trio.SocketStream, service: ControlService, limits: Lim
         while (end := pending.find(b"\n")) >= 0 and end <= MAX_LINE:
             line = bytes(pending[:end])
             del pending[:end + 1]
-            await _reply(stream, encode(_answer(line, service, peer)), limits)
+            await _reply(stream, encode(await _answer(line, service, peer)), limits)
         if len(pending) > MAX_LINE:
             await _reply(stream, encode(error_reply(errno.E2BIG, "request too long")), limits)
             return
@@ -124,9 +124,9 @@ async def _reply(stream: trio.SocketStream, reply: bytes, limits: Limits) -> Non
         limits.reply_bytes -= len(reply)
 
 
-def _answer(line: bytes, service: ControlService, peer: Peer) -> dict:
+async def _answer(line: bytes, service: ControlService, peer: Peer) -> dict:
     try:
         request = decode(line)
     except ValueError:
         return error_reply(errno.EINVAL, "a request is one JSON object on one line")
-    return service.handle(request, peer)
+    return await service.handle(request, peer)

@@ -1,7 +1,12 @@
 """What the control socket does: allocate and free IDs for processes, and report the state.
 
-A request runs to completion synchronously against the engine, so concurrent clients see the
-charges one after the other, as callers of the kernel's misc_cg_try_charge() would.
+Concurrent clients see the charges one after the other, as callers of the kernel's
+misc_cg_try_charge() would.  Allocations and frees are group-committed: the first to come lets
+the event loop turn once, so that the other connections' requests join it; then, without
+yielding again, the whole group is checked, journalled in one transaction, and applied in the
+journal's order, and only then is any of them answered.  A change refused when applied (a
+charge over a limit reached by one before it in the group) is refused again on replay, in the
+same order.
 """
 
 from __future__ import annotations
@@ -11,8 +16,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+import trio
 
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs import ProcessTracker
@@ -34,6 +41,27 @@ class Peer:
     gid: int
 
 
+@dataclass
+class _Change:
+    """A checked allocate or free: its journal record, the holder that must still be alive
+    when it is applied (with its start time), and the reply made of what it returned."""
+
+    record: tuple
+    holder: tuple[int, int] | None
+    reply: Callable[[object], dict]
+
+
+@dataclass
+class _Waiting:
+    """A request in a group commit."""
+
+    op: Callable[[dict, Peer], _Change]
+    request: dict
+    peer: Peer
+    reply: dict = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+
+
 class ControlService:
     def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessTracker,
                  changes: Changes, changed: Callable[[], None],
@@ -50,25 +78,72 @@ class ControlService:
         self.capacity_source = capacity_source  # where the capacities came from
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
-        self._ops = {"allocate": self._allocate, "free": self._free, "status": self._status}
+        self._group: list[_Waiting] = []  # the requests of the group commit under way
         self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
 
-    def handle(self, request: dict, peer: Peer) -> dict:
+    async def handle(self, request: dict, peer: Peer) -> dict:
         name = request.get("op")
-        op = self._ops.get(name) if isinstance(name, str) else None
-        if op is None:
+        if not isinstance(name, str) or name not in ("allocate", "free", "status"):
             return error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}")
-        if self.metrics is None:
-            return self._handle(op, request, peer)
         start = time.perf_counter()
         try:
-            return self._handle(op, request, peer)
+            if name == "status":
+                return self._answer(lambda: self._status(request, peer), request)
+            op = self._allocate if name == "allocate" else self._free
+            return await self._group_commit(_Waiting(op, request, peer))
         finally:
-            self.metrics.observe("control", str(name), time.perf_counter() - start)
+            if self.metrics is not None:
+                self.metrics.observe("control", name, time.perf_counter() - start)
 
-    def _handle(self, op: Callable[[dict, Peer], dict], request: dict, peer: Peer) -> dict:
+    async def _group_commit(self, waiting: _Waiting) -> dict:
+        self._group.append(waiting)
+        # Shielded: a group, once begun, ends (the loop is cancelled only at unmount).
+        with trio.CancelScope(shield=True):
+            if len(self._group) == 1:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # the others join
+                group, self._group = self._group, []
+                self._commit_group(group)
+            else:
+                await waiting.done.wait()
+        return waiting.reply
+
+    def _commit_group(self, group: list[_Waiting]) -> None:
+        """Check, journal, apply, in that order and without yielding; then wake the group."""
         try:
-            return {"ok": True, **op(request, peer)}
+            self.tracker.sync()  # a holder forked a moment ago is charged where it was born
+            checked: list[tuple[_Waiting, _Change]] = []
+            for waiting in group:
+                change = self._answer(lambda: waiting.op(waiting.request, waiting.peer),
+                                      waiting.request)
+                if isinstance(change, _Change):
+                    checked.append((waiting, change))
+                else:
+                    waiting.reply = change
+            # The checks of later requests may have seen an earlier one's holder exit.
+            alive = []
+            for waiting, change in checked:
+                if change.holder is None or self.tracker.follows(*change.holder):
+                    alive.append((waiting, change))
+                else:
+                    waiting.reply = error_reply(errno.ESRCH,
+                                                f"process {change.holder[0]} has exited")
+            outcomes = self.changes.run_all([change.record for _, change in alive])
+            for (waiting, change), outcome in zip(alive, outcomes):
+                waiting.reply = self._answer(lambda: change.reply(outcome.unwrap()),
+                                             waiting.request)
+        finally:
+            self._changed()
+            for waiting in group:
+                if not waiting.reply:
+                    waiting.reply = error_reply(errno.EIO, "internal error (logged by the "
+                                                           "daemon)")
+                waiting.done.set()
+
+    def _answer(self, work: Callable[[], object], request: dict) -> object:
+        """What work() returns (a reply made {"ok": true, ...}), or its error as a reply."""
+        try:
+            result = work()
+            return {"ok": True, **result} if isinstance(result, dict) else result
         except ChargeRefused as refusal:
             return {**error_reply(errno.EBUSY, refusal.strerror, refusal.path),
                     "controller": refusal.controller}
@@ -77,16 +152,15 @@ class ControlService:
         except Exception:  # a bug: this request fails, the daemon goes on
             log.exception("control request %r failed", request)
             return error_reply(errno.EIO, "internal error (logged by the daemon)")
-        finally:
-            self._changed()
 
-    def _allocate(self, request: dict, peer: Peer) -> dict:
+    def _allocate(self, request: dict, peer: Peer) -> _Change:
         type_name = request.get("type")
         count = request.get("count", 1)
         pid = request.get("pid", peer.pid)
-        if not isinstance(type_name, str) or not _whole(count) or not _whole(pid) or pid <= 0:
+        if not isinstance(type_name, str) or not _whole(count) or count < 1 \
+                or not _whole(pid) or pid <= 0:
             raise fail(errno.EINVAL, "allocate takes a type, a count >= 1 and a PID")
-        self.tracker.sync()  # a holder forked a moment ago must be charged where it was born
+        self.types.usable(type_name)  # EINVAL before it is journalled
         holder = self.tracker.thread_group(pid)
         self._check_may_act_for(peer, holder)
         # Watched from now on, and alive now: an exit still on its way is settled first, so
@@ -98,10 +172,11 @@ class ControlService:
         if cg.is_root and not self._owner(peer):
             raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
                                     "owner charges the root, others' processes are placed first")
-        ids = self.changes.run("allocate", holder, start, type_name, count)
-        return {"type": type_name, "ids": ids, "holder": holder, "cgroup": cg.path}
+        return _Change(("allocate", holder, start, type_name, count), (holder, start),
+                       lambda ids: {"type": type_name, "ids": ids, "holder": holder,
+                                    "cgroup": cg.path})
 
-    def _free(self, request: dict, peer: Peer) -> dict:
+    def _free(self, request: dict, peer: Peer) -> _Change:
         """Free IDs of one holder: the holder itself asks, or the mount's owner does."""
         ids = request.get("ids")
         holder = request.get("pid", peer.pid)
@@ -114,8 +189,7 @@ class ControlService:
         foreign = [i for i in ids if self.allocator.holder_of(i) != holder]
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {holder}: {foreign}")
-        self.changes.run("free", ids)
-        return {"ids": ids, "holder": holder}
+        return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": holder})
 
     def _status(self, request: dict, peer: Peer) -> dict:
         self.tracker.sync()

@@ -283,13 +283,12 @@ class ProcessTracker:
 
     def watch(self, pid: int, start: int | None = None) -> int | None:
         """Call on_exit(pid) when this process exits, at once if it has exited already (a
-        zombie too); return when it started if it lives, else None.  With `start`, the
+        zombie too); return when it started if it lives, else None (callers sync() first:
+        a process followed is taken to live until its exit is seen).  With `start`, the
         process is the one that started then (one restored from the journal): another one
         with its PID means it has exited."""
         if start is None and pid in self._watched:
-            self.settle()  # a pidfd not readable: the process followed still lives
-            if pid in self._watched:
-                return self._watched[pid]
+            return self._watched[pid]  # its pidfd not readable at the caller's sync()
         opened, self._opened = self._opened, None
         if opened is not None and opened[0] == pid:
             _, pidfd, now = opened  # thread_group() found it a moment ago
@@ -328,6 +327,10 @@ class ProcessTracker:
             self._pidfds[pidfd] = (pid, now)
             self._events.register(pidfd, select.EPOLLIN)
         return now
+
+    def follows(self, pid: int, start: int) -> bool:
+        """Whether the process that started then is followed still (its exit not seen)."""
+        return self._watched.get(pid) == start
 
     def _check_polled(self) -> None:
         for pid in [pid for pid in self._polled if self.start_time_now(pid) != self._watched[pid]]:

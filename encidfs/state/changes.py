@@ -15,6 +15,8 @@ import logging
 from collections.abc import Iterable
 from typing import Protocol
 
+import outcome
+
 from ..engine import ChargeRefused, Engine, ResourceController
 from ..engine.cgroup import Cgroup, Commit, no_journal
 from ..files.kernfs import Kernfs
@@ -27,6 +29,9 @@ Record = tuple  # (name, *arguments)
 class Journal(Protocol):
     def append(self, record: Record) -> None:
         """Make the record durable now, with the facts before it; OSError if it cannot be."""
+
+    def append_all(self, records: list[Record]) -> None:
+        """Make the records durable now, in one commit, with the facts before them."""
 
     def stage(self, record: Record) -> None:
         """Keep a fact, to be made durable with the next record (or the next flush)."""
@@ -56,6 +61,18 @@ class Changes:
         except ChargeRefused:
             self._stage(record)  # it counted an event: replayed, it refuses and counts again
             raise
+
+    def run_all(self, records: list[Record]) -> list[outcome.Outcome]:
+        """Journal changes checked already in one commit, then apply them in that order; what
+        each returned or raised.  A journal that cannot take them refuses them all, and none
+        is applied.  One refused when applied (an earlier one took what it needed) is refused
+        again on replay."""
+        if records and self.journal is not None:
+            try:
+                self.journal.append_all(records)
+            except OSError as error:
+                return [outcome.Error(error) for _ in records]
+        return [outcome.capture(getattr(self, op), *args) for op, *args in records]
 
     def fact(self, op: str, *args: object) -> None:
         getattr(self, op)(*args)

@@ -234,6 +234,9 @@ class StateStore:
     def append(self, record: Record) -> None:
         self._write([*self._pending, record])
 
+    def append_all(self, records: list[Record]) -> None:
+        self._write([*self._pending, *records])
+
     def stage(self, record: Record) -> None:
         self._pending.append(record)
 
@@ -252,21 +255,20 @@ class StateStore:
 
     def _write(self, records: list[Record], compact: bool = False) -> None:
         """Commit records, or raise OSError with the file as it was.  The first records are the
-        facts waiting (applied already); the last may be a change not applied yet.  So a
+        facts waiting (applied already); the rest are changes not applied yet.  So a
         snapshot, taken now, comes before the change and stands for the facts."""
         if self._failure is not None and time.monotonic() < self._retry_at:
             raise self._failure  # fail fast between tries; a try rewrites the state
         facts = len(self._pending)
         try:
+            # Damage done since the last commit is seen here, and the state written anew from
+            # memory, which holds everything acknowledged.
             if self._db is None or self._damaged():
                 self._rewrite(records[facts:])
             elif compact or self._due():
                 self._commit(records[facts:], checkpoint=True)
             else:
                 self._commit(records, checkpoint=False)
-            if self._damaged():
-                # Committed, but to a file that may be gone: write it all anew before answering.
-                self._rewrite(records[facts:])
         except (sqlite3.Error, OSError) as error:
             self._close()  # a file that failed is written anew at the next try, from memory
             self._pending.clear()
