@@ -695,3 +695,52 @@ def test_status_bigger_than_64k_reaches_the_client(mnt):
     result = encidfs("status", "--mount", str(mnt))
     assert result.returncode == 0, result.stderr
     assert "/c399" in result.stdout
+
+
+# -- group commits --------------------------------------------------------------------------
+
+# Allocates one sev ID at a time until refused, prints what it got, and holds it until its
+# stdin closes.
+GRABBER = r"""
+import errno, sys
+from encidfs.client import Client, ControlError
+got = []
+with Client.connect(mount=sys.argv[1]) as client:
+    sys.stdin.readline()  # all together
+    while True:
+        try:
+            got += client.allocate("sev")
+        except ControlError as error:
+            if error.errno != errno.EBUSY:
+                raise
+            break
+print(" ".join(map(str, got)), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_concurrent_allocations_come_back_from_the_journal_as_answered(encidfs_factory):
+    """Requests of many clients are committed in groups, and applied in the journal's order:
+    every ID is handed out once, and what each client was told (the IDs, the refusals at the
+    end) is what a daemon killed right after replays from its journal."""
+    mount = encidfs_factory(capacity={"sev": 64, "sev_es": 4}, state=True)
+    grabbers = [subprocess.Popen([sys.executable, "-c", GRABBER, str(mount.path)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for _ in range(8)]
+    try:
+        for grabber in grabbers:
+            grabber.stdin.write("go\n")
+            grabber.stdin.flush()
+        told = {grabber.pid: sorted(map(int, grabber.stdout.readline().split()))
+                for grabber in grabbers}
+        assert sorted(i for ids in told.values() for i in ids) == list(range(1, 65))
+        mount.restart()
+        with mount.client() as client:
+            held = {h["pid"]: sorted(h["ids"]) for h in client.status()["holders"]
+                    if h["type"] == "sev"}
+        assert held == {pid: ids for pid, ids in told.items() if ids}
+    finally:
+        for grabber in grabbers:
+            grabber.stdin.close()
+            grabber.wait(timeout=DEADLINE)
+            grabber.stdout.close()
