@@ -84,6 +84,7 @@ async def _connection(stream: trio.SocketStream, service: ControlService,
                 await stream.send_all(encode(refusal))
             return
         limits.connections[uid] += 1
+        service.connected += 1
         try:
             await _serve(stream, service, limits, Peer(pid, uid, gid))
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError):
@@ -92,6 +93,7 @@ async def _connection(stream: trio.SocketStream, service: ControlService,
             log.exception("control connection from pid %d failed", pid)
         finally:
             limits.connections[uid] -= 1
+            service.connected -= 1
             if not limits.connections[uid]:
                 del limits.connections[uid]
 

@@ -2,7 +2,8 @@
 
 Concurrent clients see the charges one after the other, as callers of the kernel's
 misc_cg_try_charge() would.  Allocations and frees are group-committed: the first to come lets
-the event loop turn once, so that the other connections' requests join it; then, without
+the event loop turn once (unless its connection is the only one), so that the other
+connections' requests join it; then, without
 yielding again, the whole group is checked, journalled in one transaction, and applied in the
 journal's order, and only then is any of them answered.  A change refused when applied (a
 charge over a limit reached by one before it in the group) is refused again on replay, in the
@@ -79,6 +80,7 @@ class ControlService:
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
         self._group: list[_Waiting] = []  # the requests of the group commit under way
+        self.connected = 0  # control connections open (the server counts them)
         self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
 
     async def handle(self, request: dict, peer: Peer) -> dict:
@@ -100,7 +102,8 @@ class ControlService:
         # Shielded: a group, once begun, ends (the loop is cancelled only at unmount).
         with trio.CancelScope(shield=True):
             if len(self._group) == 1:
-                await trio.lowlevel.cancel_shielded_checkpoint()  # the others join
+                if self.connected > 1:  # alone, a request has no one to wait for
+                    await trio.lowlevel.cancel_shielded_checkpoint()  # the others join
                 group, self._group = self._group, []
                 self._commit_group(group)
             else:

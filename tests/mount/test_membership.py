@@ -275,7 +275,8 @@ def test_exited_holder_leaves_no_holder_in_status(mnt, procs):
 
 # -- encidfs status and run -------------------------------------------------------------------
 
-def test_status_shows_the_tree_and_the_proc_connector(mnt, procs):
+def test_status_shows_the_tree_and_the_proc_connector(mount_encidfs, procs):
+    mnt = mount_encidfs("--tracking", "auto")
     write(mnt / "cgroup.subtree_control", "+encids")
     a = mnt / "a"
     a.mkdir()
