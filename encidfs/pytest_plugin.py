@@ -161,18 +161,21 @@ class Mount:
 class _Pool:
     """Default mounts started ahead of time: a daemon takes ~0.4 s to start (mostly imports),
     which overlaps with the test that runs meanwhile.  Each test still gets a mount of its own
-    that nothing else has touched."""
+    that nothing else has touched.  `common` options (pytest's --encidfs-option) come first on
+    every daemon's command line, so that a test's own take precedence."""
 
     AHEAD = 1
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, common: tuple[str, ...] = ()) -> None:
         self.base = base
+        self.common = common
         self._names = itertools.count()
         self._waiting: collections.deque[Mount] = collections.deque()
 
     def new(self, options: tuple[str, ...] = (), nofile: tuple[int, int] | None = None) -> Mount:
         n = next(self._names)
-        return Mount(self.base / f"mnt{n}", self.base / f"encidfs{n}.log", options, nofile)
+        return Mount(self.base / f"mnt{n}", self.base / f"encidfs{n}.log",
+                     (*self.common, *options), nofile)
 
     def take(self) -> Mount:
         mount = self._waiting.popleft() if self._waiting else self.new()
@@ -201,6 +204,13 @@ def _options(capacity: dict[str, int] | None = None, controllers: list[str] | No
 
 # -- fixtures -------------------------------------------------------------------------------------
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--encidfs-option", action="append", default=[], metavar="OPTION",
+                     help="an option of `encidfs mount` for every daemon the encidfs fixtures "
+                          "start, before the test's own (repeatable; e.g. "
+                          "--encidfs-option=--tracking=scan)")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "encidfs(capacity=None, controllers=None, state=False, options=()): the "
@@ -208,8 +218,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 @pytest.fixture(scope="session")
-def _encidfs_pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[_Pool]:
-    pool = _Pool(tmp_path_factory.mktemp("encidfs"))
+def _encidfs_pool(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+                  ) -> Iterator[_Pool]:
+    pool = _Pool(tmp_path_factory.mktemp("encidfs"),
+                 tuple(pytestconfig.getoption("encidfs_option")))
     try:
         yield pool
     finally:
