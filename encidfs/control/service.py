@@ -134,6 +134,8 @@ class ControlService:
             for (waiting, change), outcome in zip(alive, outcomes):
                 waiting.reply = self._answer(lambda: change.reply(outcome.unwrap()),
                                              waiting.request)
+        except Exception:  # a bug: these requests fail (EIO below), the daemon goes on
+            log.exception("control requests %r failed", [w.request for w in group])
         finally:
             self._changed()
             for waiting in group:
@@ -160,10 +162,8 @@ class ControlService:
         type_name = request.get("type")
         count = request.get("count", 1)
         pid = request.get("pid", peer.pid)
-        if not isinstance(type_name, str) or not _whole(count) or count < 1 \
-                or not _whole(pid) or pid <= 0:
+        if not isinstance(type_name, str) or not _whole(count) or not _whole(pid) or pid <= 0:
             raise fail(errno.EINVAL, "allocate takes a type, a count >= 1 and a PID")
-        self.types.usable(type_name)  # EINVAL before it is journalled
         holder = self.tracker.thread_group(pid)
         self._check_may_act_for(peer, holder)
         # Watched from now on, and alive now: an exit still on its way is settled first, so
@@ -175,6 +175,9 @@ class ControlService:
         if cg.is_root and not self._owner(peer):
             raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
                                     "owner charges the root, others' processes are placed first")
+        if count < 1:  # the allocator's own checks, before the request is journalled
+            raise fail(errno.EINVAL, "count must be at least 1")
+        self.types.usable(type_name)
         return _Change(("allocate", holder, start, type_name, count), (holder, start),
                        lambda ids: {"type": type_name, "ids": ids, "holder": holder,
                                     "cgroup": cg.path})

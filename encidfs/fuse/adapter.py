@@ -115,6 +115,8 @@ class Invalidator:
                     pass  # the kernel had not cached it
                 except OSError as error:  # the mount is going away
                     log.warning("invalidating %r: %s", name, error)
+                except Exception:  # a bug: the entry stays cached until its timeout
+                    log.exception("invalidating %r failed", name)
             try:
                 self._token.run_sync_soon(done.set)
             except trio.RunFinishedError:

@@ -175,7 +175,8 @@ class ProcessTracker:
                         self._on_threads(event.tgid, [*threads, event.tid])
 
     def _scan(self) -> None:
-        """Children of members that the engine does not know, oldest first."""
+        """Children of members that the engine does not know, oldest first: a child adopted
+        here is a member for its own children further on (a grandchild is younger)."""
         found = []
         for pid in self.all_pids():
             if pid in self._members:
@@ -184,11 +185,9 @@ class ProcessTracker:
                 fields = _stat_fields(self._proc, pid)
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            parent, start = int(fields[1]), int(fields[19])
-            if parent in self._members and self._forked_after_join(parent, pid, start):
-                found.append((start, parent, pid))
+            found.append((int(fields[19]), int(fields[1]), pid))
         for start, parent, child in sorted(found):
-            if parent in self._members:
+            if parent in self._members and self._forked_after_join(parent, child, start):
                 self._adopt(parent, child, start)
 
     def _forked_after_join(self, parent: int, child: int, start: int) -> bool:
@@ -218,9 +217,11 @@ class ProcessTracker:
 
     def _adopt(self, parent: int, child: int, start: int | None = None,
                creator: int | None = None) -> None:
-        self._on_fork(parent, child, self.start_time_now(child) if start is None else start,
-                      creator)
+        start = self.start_time_now(child) if start is None else start
+        self._on_fork(parent, child, start, creator)
         self.joined(child)
+        if start is not None and self._connector is None:
+            self._joined[child] = (start, set())  # a member since its birth: all its children
         self.apply_freezer([child])
 
     # -- the freezer ---------------------------------------------------------------------------

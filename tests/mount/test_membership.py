@@ -159,11 +159,12 @@ def test_grandchildren_are_members_too(mnt, procs, orphans):
     assert not set(descendants) & set(pids(mnt))
 
 
-def test_children_of_a_member_that_exits_at_once_stay_members(daemon, procs, orphans):
+def test_children_of_a_member_that_exits_at_once_stay_members(encidfs_factory, procs, orphans):
     """`echo $$ > a/cgroup.procs; cmd &` in a shell that then exits: the fork happened while
     the shell was a member, so the child belongs to /a even when the daemon learns of the
     shell's exit together with the fork (here forced by stopping the daemon meanwhile; under
-    load it happens by itself)."""
+    load it happens by itself).  The proc connector tells; a /proc scan cannot (README)."""
+    daemon = encidfs_factory(options=("--tracking", "auto"))
     a = daemon.path / "a"
     a.mkdir()
     lost = []
