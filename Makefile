@@ -30,8 +30,8 @@ umount:
 test: install-test
 	$(PYTHON) -m pytest -q
 
-# Baselines measured beside today's: the release before the durable journal (issue #7, in
-# memory) and the one before misc (issue #8).
-BASELINES ?= b913589 48fb314
+# Baselines measured beside today's: the release before one request loop and group commits
+# (issue #12).  LXCFS is measured too where it is installed (apt-get install lxcfs).
+BASELINES ?= eaec08b
 bench: install
 	$(PYTHON) scripts/bench.py $(addprefix --baseline ,$(BASELINES))
