@@ -141,6 +141,10 @@ class Allocator:
                 self.spaces[t].claim(id_)
             self._hold(Allocation(holder, t, origin, charges), ids)
 
+    def origins(self) -> set[Cgroup]:
+        """The cgroups the allocations were charged in."""
+        return {allocation.origin for allocation in self._allocated.values()}
+
     def pins(self) -> list[Css]:
         """The csses the charges pin, one entry a pin."""
         allocations = {id(a): a for a in self._allocated.values()}.values()

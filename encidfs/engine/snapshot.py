@@ -2,7 +2,7 @@
 
 `dump` writes every cgroup still in memory (live, and dying ones that charges pin), every css
 (online, and offline ones still pinned) with its controller's own state, the members, and the
-allocations.  `load` rebuilds exactly that into a fresh engine and counts the pins,
+allocations, with the names of the released cgroups they were charged in.  `load` rebuilds exactly that into a fresh engine and counts the pins,
 descendants, dying and populated counters from it, children before parents: one pass, however
 deep the tree.  Older snapshots (without threaded cgroups or split processes) load as they
 were.  A controller the snapshot does not know starts afresh at the root, its books
@@ -33,6 +33,7 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
         "threads": sorted([pid, tid, cg.id] for pid, threads in h.split.items()
                           for tid, cg in threads.items()),
         "allocations": allocator.dump(css_index),
+        "released": [[cg.id, cg.parent.id, cg.name] for cg in _released_origins(allocator, cgroups)],
     }
 
 
@@ -98,7 +99,13 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
                 if cg.procs is None:
                     cg.procs = set()
                 cg.procs.add(pid)
-    allocator.load(data.get("allocations", []), cgroups, csses)
+    # Released cgroups that allocations were charged in: names for their paths, nothing more.
+    origins = dict(cgroups)
+    for cgid, parent_id, name in data.get("released", []):
+        released = Cgroup(cgid, name, origins[parent_id], len(h.controllers))
+        released.dying, released.refs = True, 0
+        origins[cgid] = released
+    allocator.load(data.get("allocations", []), origins, csses)
     _recount(h, allocator, list(cgroups.values()), list(csses.values()))
 
 
@@ -126,6 +133,20 @@ def _cgroups(h: Hierarchy, csses: list[Css]) -> list[Cgroup]:
                 break
             found.add(cg)
     return sorted(found, key=lambda cg: (cg.level, cg.id))
+
+
+def _released_origins(allocator: Allocator, kept: list[Cgroup]) -> list[Cgroup]:
+    """The cgroups allocations were charged in that are released by now (removed, and pinned
+    by no css: a charge pins the css it went to, which may be an ancestor's), with their
+    released ancestors; parents first."""
+    found = set(kept)
+    released: set[Cgroup] = set()
+    for origin in allocator.origins():
+        for cg in origin.ancestors():
+            if cg in found or cg in released:
+                break
+            released.add(cg)
+    return sorted(released, key=lambda cg: (cg.level, cg.id))
 
 
 def _mask(h: Hierarchy, names: list[str]) -> int:

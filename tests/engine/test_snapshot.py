@@ -35,6 +35,7 @@ def fingerprint(engine):
           tuple(css.events), tuple(css.events_local)) for css in csses],
         sorted(h.by_id), {pid: cg.id for pid, cg in h.members.items()},
         {pid: sorted(ids) for pid, ids in allocator.holdings().items()},
+        sorted((cg.id, cg.path) for cg in allocator.origins()),
     )
 
 
@@ -129,6 +130,22 @@ class SnapshotMachine(RuleBasedStateMachine):
 TestSnapshot = SnapshotMachine.TestCase
 TestSnapshot.settings = settings(max_examples=150, stateful_step_count=40, deadline=None,
                                  database=None)
+
+
+def test_an_allocation_keeps_the_released_cgroup_it_was_charged_in():
+    """Charged in /x/y at the root's csses (no controller enabled below the root), the holder
+    moved out, /x/y and /x removed: nothing pins them, but the allocation names them."""
+    engine = new_engine(CAPACITIES, controllers=BOTH)
+    h, allocator = engine.hierarchy, engine.allocator
+    y = h.mkdir(h.mkdir(h.root, "x"), "y")
+    h.attach(3, y)
+    allocator.allocate(3, "sev", 1)
+    h.attach(3, h.root)
+    h.rmdir(y)
+    h.rmdir(h.by_id[y.parent.id])
+    data, copy = round_trip(engine)
+    assert fingerprint(copy) == fingerprint(engine)
+    assert [cg.path for cg in copy.allocator.origins()] == ["/x/y"]
 
 
 def test_a_loaded_engine_goes_on_as_the_original_would():
