@@ -32,7 +32,8 @@ from .procs import ProcessTracker
 
 log = logging.getLogger(__name__)
 
-# Entries and attributes may be cached this long; whatever changes them is invalidated at once.
+# Entries and attributes may be cached this long; whatever changes them is invalidated at once
+# (see fuse/adapter.py for the one exception).
 CACHE_TIMEOUT = 1.0
 # Descriptors kept for the FUSE device, the journal, /proc reads, threads and logging; the rest
 # go to control connections (a quarter, up to 1024) and pidfds of watched processes.

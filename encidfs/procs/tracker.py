@@ -219,9 +219,11 @@ class ProcessTracker:
                creator: int | None = None) -> None:
         start = self.start_time_now(child) if start is None else start
         self._on_fork(parent, child, start, creator)
-        self.joined(child)
         if start is not None and self._connector is None:
             self._joined[child] = (start, set())  # a member since its birth: all its children
+            self.watch(child)
+        else:
+            self.joined(child)
         self.apply_freezer([child])
 
     # -- the freezer ---------------------------------------------------------------------------
