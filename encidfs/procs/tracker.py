@@ -21,6 +21,7 @@ on every sync() and every POLL_INTERVAL.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -358,36 +359,40 @@ class ProcessTracker:
         kept for the watch() that follows."""
         if pid in self._watched:
             return pid
-        try:
-            pidfd = os.pidfd_open(pid)
-        except (ProcessLookupError, OverflowError):  # none, or a number no PID can be
-            raise fail(errno.ESRCH) from None
-        except OSError as error:
-            if error.errno not in (errno.ENOENT, errno.EINVAL):  # not a leader: a thread's TID
-                raise
-            pidfd = None
-        try:
-            fields = _stat_fields(self._proc, pid)
-            if pidfd is None:
-                with open(f"{self._proc}/{pid}/status", "rb") as f:
-                    tgid = next(int(line.split()[1]) for line in f
-                                if line.startswith(b"Tgid:"))
-            else:
-                tgid = pid
-        except (FileNotFoundError, ProcessLookupError, StopIteration, ValueError):
+        pidfd = None
+        if len(self._pidfds) < self._pidfd_budget:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except (ProcessLookupError, OverflowError):  # none, or a number no PID can be
+                raise fail(errno.ESRCH) from None
+            except OSError as error:  # a thread's TID (not a leader), or no descriptor left
+                if error.errno not in (errno.ENOENT, errno.EINVAL, errno.EMFILE, errno.ENFILE,
+                                       errno.ENOMEM):
+                    raise
+        with contextlib.ExitStack() as on_failure:
             if pidfd is not None:
-                os.close(pidfd)
-            raise fail(errno.ESRCH) from None
-        if int(fields[6]) & PF_NO_SETAFFINITY:
-            if pidfd is not None:
-                os.close(pidfd)
-            raise fail(errno.EINVAL, "a kernel thread that cannot move")
+                on_failure.callback(os.close, pidfd)
+            try:
+                fields = _stat_fields(self._proc, pid)
+                tgid = pid if pidfd is not None else self._tgid(pid)
+            except (FileNotFoundError, ProcessLookupError):
+                raise fail(errno.ESRCH) from None
+            if int(fields[6]) & PF_NO_SETAFFINITY:
+                raise fail(errno.EINVAL, "a kernel thread that cannot move")
+            on_failure.pop_all()
         if pidfd is not None:
             if self._opened is not None:
                 os.close(self._opened[1])
             start = None if fields[0] in ("Z", "X") else int(fields[19])
             self._opened = (pid, pidfd, start)
         return tgid
+
+    def _tgid(self, pid: int) -> int:
+        with open(f"{self._proc}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Tgid:"):
+                    return int(line.split()[1])
+        raise ProcessLookupError(pid)  # a status without it: gone as it was read
 
     def check_signalable(self, pid: int) -> None:
         """A user's daemon acts only on processes it may signal, as kill(2) decides (EPERM)."""
