@@ -3,11 +3,10 @@
 Concurrent clients see the charges one after the other, as callers of the kernel's
 misc_cg_try_charge() would.  Allocations and frees are group-committed: the first to come lets
 the event loop turn once (unless its connection is the only one), so that the other
-connections' requests join it; then, without
-yielding again, the whole group is checked, journalled in one transaction, and applied in the
-journal's order, and only then is any of them answered.  A change refused when applied (a
-charge over a limit reached by one before it in the group) is refused again on replay, in the
-same order.
+connections' requests join it; then, without yielding again, the whole group is checked,
+journalled in one transaction, and applied in the journal's order, and only then is any of
+them answered.  A change refused when applied (a charge over a limit reached by one before it
+in the group) is refused again on replay, in the same order.
 """
 
 from __future__ import annotations
@@ -18,7 +17,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
@@ -31,6 +30,8 @@ if TYPE_CHECKING:
     from ..metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,8 @@ class ControlService:
         start = time.perf_counter()
         try:
             if name == "status":
-                return self._answer(lambda: self._status(request, peer), request)
+                return self._answer(lambda: {"ok": True, **self._status(request, peer)},
+                                    request)
             op = self._allocate if name == "allocate" else self._free
             return await self._group_commit(_Waiting(op, request, peer))
         finally:
@@ -132,8 +134,8 @@ class ControlService:
                                                 f"process {change.holder[0]} has exited")
             outcomes = self.changes.run_all([change.record for _, change in alive])
             for (waiting, change), outcome in zip(alive, outcomes):
-                waiting.reply = self._answer(lambda: change.reply(outcome.unwrap()),
-                                             waiting.request)
+                waiting.reply = self._answer(
+                    lambda: {"ok": True, **change.reply(outcome.unwrap())}, waiting.request)
         except Exception:  # a bug: these requests fail (EIO below), the daemon goes on
             log.exception("control requests %r failed", [w.request for w in group])
         finally:
@@ -144,11 +146,10 @@ class ControlService:
                                                            "daemon)")
                 waiting.done.set()
 
-    def _answer(self, work: Callable[[], object], request: dict) -> object:
-        """What work() returns (a reply made {"ok": true, ...}), or its error as a reply."""
+    def _answer(self, work: Callable[[], T], request: dict) -> T | dict:
+        """What work() returns, or the error reply for what it raised."""
         try:
-            result = work()
-            return {"ok": True, **result} if isinstance(result, dict) else result
+            return work()
         except ChargeRefused as refusal:
             return {**error_reply(errno.EBUSY, refusal.strerror, refusal.path),
                     "controller": refusal.controller}

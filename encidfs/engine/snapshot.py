@@ -2,11 +2,12 @@
 
 `dump` writes every cgroup still in memory (live, and dying ones that charges pin), every css
 (online, and offline ones still pinned) with its controller's own state, the members, and the
-allocations, with the names of the released cgroups they were charged in.  `load` rebuilds exactly that into a fresh engine and counts the pins,
-descendants, dying and populated counters from it, children before parents: one pass, however
-deep the tree.  Older snapshots (without threaded cgroups or split processes) load as they
-were.  A controller the snapshot does not know starts afresh at the root, its books
-holding what is held; one the engine no longer has is left out.
+allocations, with the names of the released cgroups they were charged in.  `load` rebuilds
+exactly that into a fresh engine and counts the pins, descendants, dying and populated
+counters from it, children before parents: one pass, however deep the tree.  Older
+snapshots (without threaded cgroups or split processes) load as they were.  A controller the
+snapshot does not know starts afresh at the root, its books holding what is held; one the
+engine no longer has is left out.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
         "threads": sorted([pid, tid, cg.id] for pid, threads in h.split.items()
                           for tid, cg in threads.items()),
         "allocations": allocator.dump(css_index),
-        "released": [[cg.id, cg.parent.id, cg.name] for cg in _released_origins(allocator, cgroups)],
+        "released": [[cg.id, cg.parent.id, cg.name]  # type: ignore[union-attr]
+                     for cg in _released_origins(allocator, cgroups)],
     }
 
 
