@@ -554,8 +554,12 @@ def paused_children(count):
         for _ in range(count):
             pid = os.fork()
             if pid == 0:
-                while True:
-                    signal.pause()
+                try:  # a fork runs none of the parent's clean-up, Ctrl-C or not
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)
+                    while True:
+                        signal.pause()
+                finally:
+                    os._exit(0)
             children.append(pid)
         yield children
     finally:
@@ -605,6 +609,7 @@ def clients_at_once(mnt, clients, each):
     """Seconds for `clients` processes, connected first and started together, to make `each`
     allocate+free round trips apiece (processes: threads would measure the client's GIL)."""
     start_r, start_w = os.pipe()
+    ready_r, ready_w = os.pipe()
     children = []
     for _ in range(clients):
         pid = os.fork()
@@ -613,6 +618,8 @@ def clients_at_once(mnt, clients, each):
             try:
                 os.close(start_w)
                 client = Client.connect(mount=mnt)
+                os.write(ready_w, b".")
+                os.close(ready_w)
                 os.read(start_r, 1)  # until the parent closes its end
                 for _ in range(each):
                     client.free(client.allocate("sev"))
@@ -621,7 +628,10 @@ def clients_at_once(mnt, clients, each):
                 os._exit(status)
         children.append(pid)
     os.close(start_r)
-    time.sleep(0.2)  # all connected
+    os.close(ready_w)
+    while os.read(ready_r, clients):  # until every client has connected or failed
+        pass
+    os.close(ready_r)
     start = time.perf_counter()
     os.close(start_w)
     failed = sum(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0 for pid in children)
