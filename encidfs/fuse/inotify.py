@@ -9,6 +9,11 @@ notified file is truncated through the mount by a process of its own (fuse/touch
 event loop serves the SETATTR that the truncate sends and never waits for that process, and
 the daemon never waits in a request to itself.
 
+As cgroup_file_notify() does, a file is notified at most once in NOTIFY_MIN_INTERVAL: a change
+within that time of the file's last notification is held until the time is up, and all the
+changes held meanwhile get one IN_MODIFY then.  A watcher learns of every change within 10 ms,
+and a burst of moves costs a few truncates, not two each.
+
 Writing needs permission to write a 0444 file: CAP_DAC_OVERRIDE, which a daemon run as root
 has.  A mount of a user's own is checked likewise; without the capability nothing is truncated
 and `encidfs status` says so.
@@ -17,6 +22,7 @@ and `encidfs status` says so.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -28,6 +34,9 @@ from ..files.kernfs import Kernfs
 from ..mountinfo import mounted_at
 
 log = logging.getLogger("encidfs")
+
+# CGROUP_FILE_NOTIFY_MIN_INTV: "let's not notify more than 100 times per second" (seconds).
+NOTIFY_MIN_INTERVAL = 0.01
 
 
 class ModifyNotifier:
@@ -41,6 +50,10 @@ class ModifyNotifier:
         # there are.  Their paths are made by run(), after the reply to the request.
         self._pending: dict[tuple[str, Cgroup], None] = {}
         self._wake = trio.Event()
+        # When each file was last truncated, oldest first, kept for NOTIFY_MIN_INTERVAL; and
+        # when each file held back is due.  Both are bounded by the files there are.
+        self._notified_at: dict[bytes, float] = {}
+        self._held: dict[bytes, float] = {}
 
     @staticmethod
     def available() -> bool:
@@ -67,6 +80,31 @@ class ModifyNotifier:
                                        for name in self.kernfs.files_notified_by(change, cg)))
         return list(paths)
 
+    def _due(self, now: float) -> list[bytes]:
+        """The files to truncate now: the pending ones not notified within the interval, and
+        the held ones whose time has come.  The others are held."""
+        changes, self._pending = list(self._pending), {}
+        due = []
+        for path in self._paths(changes):
+            last = self._notified_at.get(path)
+            if last is not None and now < last + NOTIFY_MIN_INTERVAL:
+                self._held.setdefault(path, last + NOTIFY_MIN_INTERVAL)
+            elif path not in self._held:
+                due.append(path)
+        for path, at in list(self._held.items()):
+            if at <= now:
+                del self._held[path]
+                due.append(path)
+        for path in due:
+            self._notified_at.pop(path, None)  # to the end: the dict stays oldest first
+            self._notified_at[path] = now
+        while self._notified_at:
+            path, at = next(iter(self._notified_at.items()))
+            if at + NOTIFY_MIN_INTERVAL > now:
+                break
+            del self._notified_at[path]
+        return due
+
     async def run(self) -> None:
         """Once mounted, for the daemon's lifetime: hand the pending files to the toucher,
         started again if it ends.  The truncates go only where this mount is, never to
@@ -80,10 +118,11 @@ class ModifyNotifier:
                  str(mount.device)], stdin=subprocess.PIPE)
             try:
                 while True:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    changes, self._pending = list(self._pending), {}
-                    paths = self._paths(changes)
+                    with trio.move_on_at(min(self._held.values(), default=math.inf)):
+                        await self._wake.wait()
+                    if self._wake.is_set():
+                        self._wake = trio.Event()
+                    paths = self._due(trio.current_time())
                     if not paths:
                         continue
                     assert toucher.stdin is not None
