@@ -11,7 +11,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..engine import Cgroup, Change, Hierarchy, fail
@@ -276,7 +276,7 @@ class Kernfs:
         for child in cg.children.values():
             for row in self._controller_rows:
                 inode, cft = self.file_inode(child, row), self.cftypes[row]
-                self._forget(inode)
+                self._forget((inode,))
                 if cft.present_in(child):
                     self._file_attrs[inode] = NodeAttr(stat.S_IFREG | cft.mode, uid, gid, now,
                                                        now)
@@ -300,9 +300,7 @@ class Kernfs:
                 stale += [(self.dir_inode(cg), self.cftypes[row].name.encode())
                           for row in self._controller_rows]
             elif change is Change.REMOVED:
-                for row in range(len(self.cftypes)):
-                    self._forget(self.file_inode(cg, row))
-                self._forget(self.dir_inode(cg))
+                self._forget(range(self.dir_inode(cg), self.file_inode(cg, len(self.cftypes))))
                 del self._dir_attrs[cg.id], self._file_defaults[cg.id]
                 # The kernel dropped the directory's entry itself: rmdir came through it.
             else:  # a file key: cgroup_file_notify()
@@ -377,10 +375,16 @@ class Kernfs:
         attr = self.attr(Node(self.file_inode(cg, row), cg, self.cftypes[row]))
         return caller.may_write(attr.mode, attr.uid, attr.gid)
 
-    def _forget(self, inode: int) -> None:
-        self._file_attrs.pop(inode, None)
-        self._xattr_bytes -= _xattr_size(self._xattrs.pop(inode, {}))
-        self._notified.pop(inode, None)
+    def _forget(self, inodes: Iterable[int]) -> None:
+        # Most nodes have none of these: an empty table is not searched (rmdir's cost).
+        for table in (self._file_attrs, self._notified):
+            if table:
+                for inode in inodes:
+                    table.pop(inode, None)
+        if self._xattrs:
+            for inode in inodes:
+                if (xattrs := self._xattrs.pop(inode, None)) is not None:
+                    self._xattr_bytes -= _xattr_size(xattrs)
 
     def _dir(self, inode: int) -> Cgroup:
         node = self.node(inode)
