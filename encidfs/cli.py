@@ -48,7 +48,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="lowest SEV ASID; the ones below it are SEV-ES ASIDs")
     mount.add_argument("--config", metavar="FILE.toml")
     mount.add_argument("--state", metavar="FILE",
-                       help="keep the state in this SQLite file and restore it on mount")
+                       help="keep the state in this file (and FILE.log beside it) and restore "
+                            "it on mount")
     mount.add_argument("--tracking", choices=("auto", "scan"), default="auto",
                        help="how forks are followed: the proc connector when the daemon may "
                             "use it (auto), or scanning /proc (scan)")

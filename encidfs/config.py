@@ -29,7 +29,7 @@ class Config:
     first_ids: dict[str, int] | None = None  # None: each type's IDs follow the previous type's
     fuse_options: list[str] = field(default_factory=list)
     control: str | None = None  # the control socket's path; None: derived from the mountpoint
-    state: str | None = None  # the SQLite state file; None: state lives in memory only
+    state: str | None = None  # the state file (and FILE.log); None: a runtime file
     proc_connector: bool = True  # follow forks through the proc connector when permitted
     max_cgroups: int = DEFAULT_MAX_CGROUPS  # below the root, live and dying (mkdir: EAGAIN)
     control_mode: int = 0o600  # the control socket's: by default the mount's owner alone

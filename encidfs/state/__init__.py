@@ -1,1 +1,1 @@
-"""Durable state: a write-ahead journal of changes (changes.py) in a SQLite file (store.py)."""
+"""Durable state: a write-ahead journal of changes (changes.py), and its files (store.py)."""

@@ -53,14 +53,15 @@ def restore(store: StateStore, changes: Changes,
         changes.exit(pid)
     table.consume(h.drain_changes())  # nothing is mounted yet: no cache, nobody polls
     if old is not None:
-        store.upgrade(old)
-        log.info("%s: upgraded from state format 1", store.path)
+        old.close()
+    try:
+        store.checkpoint()  # the file in this release's schema, holding just the state now
+    except OSError as error:
+        log.warning("%s: not compacted (%s); changes are refused until it can be written",
+                    store.path, error.strerror)
     else:
-        try:
-            store.checkpoint()
-        except OSError as error:
-            log.warning("%s: not compacted (%s); changes are refused until it can be written",
-                        store.path, error.strerror)
+        if old is not None:
+            log.info("%s: upgraded from state format 1", store.path)
     changes.journal = store
     log.info("restored %d cgroups and %d processes from %s (%d gone since)", len(h.by_id),
              len(processes) - len(gone), store.path, len(gone))
