@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 
 from .css import Controller, Css
@@ -110,6 +109,28 @@ class Cgroup:
 
     def __repr__(self) -> str:
         return f"<Cgroup {self.path}{' dying' if self.dying else ''}>"
+
+
+class _FrozenFlips:
+    """The context of a change: once it is made, EVENTS for the cgroups above the given ones
+    whose frozen state it flipped.  (A class, not a generator: every move enters one.)"""
+
+    __slots__ = ("_hierarchy", "_before")
+
+    def __init__(self, hierarchy: Hierarchy, cgroups: Iterable[Cgroup]) -> None:
+        self._hierarchy = hierarchy
+        chains = {node for cg in cgroups if hierarchy.effective_freeze(cg)
+                  for node in cg.ancestors()}
+        self._before = {node: hierarchy.frozen(node) for node in chains}
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
+        if error_type is None and self._before:
+            h = self._hierarchy
+            h.changes.extend((EVENTS_FILE, node) for node, was in self._before.items()
+                             if h.frozen(node) != was)
 
 
 class Hierarchy:
@@ -411,7 +432,12 @@ class Hierarchy:
         return total // 1000
 
     def effective_freeze(self, cg: Cgroup) -> bool:
-        return any(ancestor.freeze for ancestor in cg.ancestors())
+        node: Cgroup | None = cg
+        while node is not None:  # a loop, not ancestors(): every move asks, three times
+            if node.freeze:
+                return True
+            node = node.parent
+        return False
 
     def freezing(self, pid: int) -> bool:
         """Whether the freezer covers a process: any cgroup with a thread of it (SIGSTOP
@@ -430,14 +456,9 @@ class Hierarchy:
             else:
                 self.stopped.discard(pid)
 
-    @contextmanager
-    def _watch_frozen(self, *cgroups: Cgroup) -> Iterator[None]:
+    def _watch_frozen(self, *cgroups: Cgroup) -> _FrozenFlips:
         """Log EVENTS for the cgroups above these whose frozen state the change flips."""
-        chains = {node for cg in cgroups if self.effective_freeze(cg) for node in cg.ancestors()}
-        before = {node: self.frozen(node) for node in chains}
-        yield
-        self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
-                            if self.frozen(node) != was)
+        return _FrozenFlips(self, cgroups)
 
     # -- processes and threads ------------------------------------------------------------
 
@@ -446,9 +467,8 @@ class Hierarchy:
         self._check_live(dst)
         if not self.is_valid_domain(dst.dom):
             raise fail(errno.EOPNOTSUPP, "the cgroup cannot host processes (domain invalid)")
-        if self.can_be_thread_root(dst) or dst.is_threaded:
-            return
-        if dst.subtree_control:
+        # A thread root (or one that can become one) and a threaded cgroup are exempt.
+        if dst.subtree_control and not (dst.is_threaded or self.can_be_thread_root(dst)):
             raise fail(errno.EBUSY, "no internal processes: the cgroup enables controllers")
 
     def attach(self, pid: int, dst: Cgroup, commit: Commit = no_journal) -> None:

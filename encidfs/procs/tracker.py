@@ -236,7 +236,8 @@ class ProcessTracker:
         has, and a parent waiting with WUNTRACED sees them."""
         for pid in pids:
             try:
-                if self._frozen(pid) and pid not in self._stopped:
+                frozen = self._frozen(pid)
+                if frozen and pid not in self._stopped:
                     self._stopped.add(pid)
                     if pid in self._exempt:
                         self._on_stopped(pid, True)
@@ -244,7 +245,7 @@ class ProcessTracker:
                     os.kill(pid, signal.SIGSTOP)
                     assert self._nursery is not None
                     self._nursery.start_soon(self._wait_stopped, pid)
-                elif not self._frozen(pid) and pid in self._stopped:
+                elif not frozen and pid in self._stopped:
                     self._stopped.discard(pid)  # only what the freezer stopped, it resumes
                     if pid not in self._exempt:
                         os.kill(pid, signal.SIGCONT)

@@ -272,7 +272,7 @@ class StateStore:
     def _due(self) -> bool:
         """A checkpoint costs the size of the state: it is due after eight times as many
         records, so that it costs at most an eighth of their writing."""
-        return self._log_rows >= max(CHECKPOINT_MIN, 8 * self.size())
+        return self._log_rows >= CHECKPOINT_MIN and self._log_rows >= 8 * self.size()
 
     def _damaged(self) -> bool:
         """Either file deleted or replaced, or the log's length not what this daemon made
