@@ -162,16 +162,17 @@ def pin(pids, cpus):
 
 
 @contextlib.contextmanager
-def fuse_mount(argv, env=None):
-    """Run a daemon, argv(mountpoint), until its mount shows; unmount and reap it on the way out.
-    The mountpoint is in a temporary directory of its own, removed with whatever the daemon put
-    beside it."""
+def fuse_mount(argv, env=None, cwd=ROOT):
+    """Run a daemon, argv(mountpoint), in `cwd` until its mount shows; unmount and reap it on
+    the way out.  The mountpoint is in a temporary directory of its own, removed with whatever
+    the daemon put beside it.  (`python -m` imports from its working directory first, before
+    PYTHONPATH: a checkout's daemon must run in the checkout.)"""
     work = os.path.realpath(tempfile.mkdtemp(prefix="encidfs-bench-"))
     mnt = os.path.join(work, "mnt")
     os.mkdir(mnt)
     with tempfile.TemporaryFile() as log:
         # Its own session: Ctrl-C reaches only us, and we unmount before it goes.
-        proc = subprocess.Popen(argv(mnt), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log,
+        proc = subprocess.Popen(argv(mnt), cwd=cwd, stdout=subprocess.DEVNULL, stderr=log,
                                 start_new_session=True, env=env)
         try:
             deadline = time.monotonic() + MOUNT_DEADLINE
@@ -245,7 +246,8 @@ def encidfs_target(source=ROOT, state=False, metrics=False):
         env = {**os.environ, "PYTHONPATH": str(source)}
         port = free_port()
         options = ("--metrics", f"127.0.0.1:{port}") if metrics else ()
-        with fuse_mount(encidfs_argv(source, state, options), env) as mnt, sleeper() as pid, \
+        with fuse_mount(encidfs_argv(source, state, options), env, source) as mnt, \
+                sleeper() as pid, \
                 (scraper(port) if metrics else contextlib.nullcontext()):
             write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
             for name in ("bench", "bench-a", "bench-b"):
@@ -647,7 +649,7 @@ def allocation_rate(round_trips, sources):
           " target (issue #12): >= 15,000/s with 8 clients)")
     for name, (source, state) in sources.items():
         env = {**os.environ, "PYTHONPATH": str(source)}
-        with fuse_mount(encidfs_argv(source, state), env) as mnt:
+        with fuse_mount(encidfs_argv(source, state), env, source) as mnt:
             for clients in (1, 8):
                 each = round_trips // clients
                 elapsed = clients_at_once(mnt, clients, each)
