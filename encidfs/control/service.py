@@ -1,12 +1,11 @@
 """What the control socket does: allocate and free IDs for processes, and report the state.
 
 Concurrent clients see the charges one after the other, as callers of the kernel's
-misc_cg_try_charge() would.  Allocations and frees are group-committed: the first to come lets
-the event loop turn once (unless its connection is the only one), so that the other
-connections' requests join it; then, without yielding again, the whole group is checked,
-journalled in one transaction, and applied in the journal's order, and only then is any of
-them answered.  A change refused when applied (a charge over a limit reached by one before it
-in the group) is refused again on replay, in the same order.
+misc_cg_try_charge() would.  Allocations and frees are group-committed: the server hands over
+every request its clients sent meanwhile (see server.py), and each run of allocations and
+frees among them is checked, journalled in one commit, and applied in the journal's order, and
+only then is any of it answered.  A change refused when applied (a charge over a limit reached
+by one before it in the group) is refused again on replay, in the same order.
 """
 
 from __future__ import annotations
@@ -16,10 +15,8 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
-
-import trio
 
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs import ProcessTracker
@@ -60,8 +57,11 @@ class _Waiting:
     op: Callable[[dict, Peer], _Change]
     request: dict
     peer: Peer
-    reply: dict = field(default_factory=dict)
-    done: trio.Event = field(default_factory=trio.Event)
+    reply: dict | None = None  # once its group is committed
+
+    def made(self) -> dict:
+        assert self.reply is not None
+        return self.reply
 
 
 class ControlService:
@@ -80,40 +80,44 @@ class ControlService:
         self.capacity_source = capacity_source  # where the capacities came from
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
-        self._group: list[_Waiting] = []  # the requests of the group commit under way
-        self.connected = 0  # control connections open (the server counts them)
         self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
 
-    async def handle(self, request: dict, peer: Peer) -> dict:
-        name = request.get("op")
-        if not isinstance(name, str) or name not in ("allocate", "free", "status"):
-            return error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}")
-        start = time.perf_counter()
-        try:
+    def answer_all(self, requests: list[tuple[dict, Peer]]) -> list[dict]:
+        """The replies to requests that came together, in their order: each run of
+        allocations and frees is one group commit, and a status sees what came before it."""
+        replies: list[dict | _Waiting] = []
+        group: list[_Waiting] = []
+        for request, peer in requests:
+            name = request.get("op")
+            if name in ("allocate", "free"):
+                waiting = _Waiting(self._allocate if name == "allocate" else self._free,
+                                   request, peer)
+                group.append(waiting)
+                replies.append(waiting)
+                continue
+            self._commit_group(group)
+            group = []
             if name == "status":
-                return self._answer(lambda: {"ok": True, **self._status(request, peer)},
-                                    request)
-            op = self._allocate if name == "allocate" else self._free
-            return await self._group_commit(_Waiting(op, request, peer))
-        finally:
-            if self.metrics is not None:
-                self.metrics.observe("control", name, time.perf_counter() - start)
-
-    async def _group_commit(self, waiting: _Waiting) -> dict:
-        self._group.append(waiting)
-        # Shielded: a group, once begun, ends (the loop is cancelled only at unmount).
-        with trio.CancelScope(shield=True):
-            if len(self._group) == 1:
-                if self.connected > 1:  # alone, a request has no one to wait for
-                    await trio.lowlevel.cancel_shielded_checkpoint()  # the others join
-                group, self._group = self._group, []
-                self._commit_group(group)
+                start = time.perf_counter()
+                replies.append(self._answer(
+                    lambda: {"ok": True, **self._status(request, peer)}, request))
+                self._observe(["status"], start)
             else:
-                await waiting.done.wait()
-        return waiting.reply
+                replies.append(error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}"))
+        self._commit_group(group)
+        return [reply if isinstance(reply, dict) else reply.made() for reply in replies]
+
+    def _observe(self, names: list[str], start: float) -> None:
+        if self.metrics is not None:
+            seconds = time.perf_counter() - start
+            for name in names:
+                self.metrics.observe("control", name, seconds)
 
     def _commit_group(self, group: list[_Waiting]) -> None:
-        """Check, journal, apply, in that order and without yielding; then wake the group."""
+        """Check, journal, apply, in that order; then the group's replies are made."""
+        if not group:
+            return
+        start = time.perf_counter()
         try:
             self.tracker.sync()  # a holder forked a moment ago is charged where it was born
             checked: list[tuple[_Waiting, _Change]] = []
@@ -141,10 +145,10 @@ class ControlService:
         finally:
             self._changed()
             for waiting in group:
-                if not waiting.reply:
+                if waiting.reply is None:
                     waiting.reply = error_reply(errno.EIO, "internal error (logged by the "
                                                            "daemon)")
-                waiting.done.set()
+            self._observe([waiting.request["op"] for waiting in group], start)
 
     def _answer(self, work: Callable[[], T], request: dict) -> T | dict:
         """What work() returns, or the error reply for what it raised."""
