@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .control.client import DEFAULT_TIMEOUT, Client, ControlError
+from .control.client import DEFAULT_TIMEOUT, Client, ControlError, figures
 
 DEFAULT_MOUNT = os.environ.get("ENCIDFS_MOUNT", "/run/encidfs")
 
@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     with _connect(args) as client:
         if args.cgroup:
-            mount = args.mount or client.status()["mountpoint"]
+            mount = args.mount or client.status(sparse=True)["mountpoint"]
             procs = os.path.join(mount, args.cgroup.strip("/"), "cgroup.procs")
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
@@ -122,7 +122,7 @@ def _top(args: argparse.Namespace) -> int:
 
 def _status(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        status = client.status()
+        status = client.status(sparse=True)
     print(f"mount: {status['mountpoint']}   process tracking: {status['tracking']}")
     restarts = status.get("restarts", [])
     if restarts:
@@ -142,7 +142,8 @@ def _status(args: argparse.Namespace) -> int:
             f"{controller}: " + "  ".join(
                 f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"
                 + (f" refused {r['events']}" if r["events"] else "")
-                for name, r in cg[controller].items())
+                for name in status["capacities"]
+                for r in [figures(status, cg, controller, name)])
             for controller in status.get("controllers", []) if controller in cg]
         print(f"{cg['path']:<30} {procs:<10} {lines[0] if lines else ''}".rstrip())
         for line in lines[1:]:

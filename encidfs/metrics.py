@@ -9,7 +9,6 @@ own: no lock, a few microseconds at most.
 from __future__ import annotations
 
 import bisect
-import gc
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
+from . import collector
 from .engine import U64_MAX, Engine
 
 # Request latencies: FUSE requests take about 0.1 ms to 1 ms; a slow one, a disk's fsync.
@@ -41,15 +41,8 @@ class Snapshot:
 
 
 def take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> Snapshot:
-    """Without the collector: its passes over the heap, which these copies would set off
-    again and again, took half the time (measured at 10,000 cgroups)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
+    with collector.paused():
         return _take_snapshot(engine, restarts, requests)
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def _take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> Snapshot:
@@ -57,19 +50,14 @@ def _take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> S
     controllers = engine.allocator.controllers
     capacity = [(name, types.capacity[t], controllers[0].used(t) if controllers else 0)
                 for t, name in enumerate(types.names)]
-    # Only copies: the loop waits for this, the scrape's thread renders it.  Paths are built
-    # on the way down (cg.path would walk up from every cgroup).
+    # Only copies: the loop waits for this, the scrape's thread renders it.
     resources = []
-    stack = [(h.root, "/")]
-    while stack:
-        cg, path = stack.pop()
+    for cg, path in h.subtree_paths(h.root):
         for controller in controllers:
             books: Any = cg.css[controller.ssid]  # a resource controller's css
             if books is not None:
                 resources.append((path, controller.name, list(books.usage), list(books.max),
                                   list(books.peak), list(books.events)))
-        prefix = "" if path == "/" else path
-        stack.extend((child, f"{prefix}/{name}") for name, child in cg.children.items())
     return Snapshot(capacity, list(types.names), resources, len(h.by_id), len(h.members),
                     restarts,
                     {key: (count, total, list(buckets))

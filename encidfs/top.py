@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .control.client import Client
+from .control.client import Client, figures
 
 BAR = 10  # characters of a usage bar
 
@@ -44,9 +44,10 @@ def rows(status: dict, previous: dict[str, int]) -> list[Row]:
         controller = next((c for c in status["controllers"] if c in cg), None)
         usage, refusals = [], 0
         if controller is not None:
-            for name, resource in cg[controller].items():
+            for name in status["capacities"]:
+                resource = figures(status, cg, controller, name)
                 usage.append((name, resource["current"],
-                              _effective_limit(by_path, cg["path"], controller, name)))
+                              _effective_limit(status, by_path, cg["path"], controller, name)))
                 refusals += resource["events"]
         found.append(Row(cg["path"], len(cg["procs"]), len(holders.get(cg["path"], ())),
                          usage, refusals, refusals - previous.get(cg["path"], refusals)))
@@ -54,9 +55,10 @@ def rows(status: dict, previous: dict[str, int]) -> list[Row]:
     return sorted(found, key=lambda row: (-row.weight, row.path))
 
 
-def _effective_limit(by_path: dict[str, dict], path: str, controller: str, name: str) -> int:
+def _effective_limit(status: dict, by_path: dict[str, dict], path: str, controller: str,
+                     name: str) -> int:
     """The lowest limit of the cgroup and its ancestors (the root's capacity at most)."""
-    limit = by_path[path][controller][name]["capacity"]
+    limit = status["capacities"][name]
     while True:
         resource = by_path.get(path, {}).get(controller, {}).get(name)
         if resource is not None and resource["max"] != "max":
@@ -102,7 +104,7 @@ def _print(client: Client, delay: float, count: int) -> int:
         if n:
             time.sleep(delay)
             print()
-        status = client.status()
+        status = client.status(sparse=True)
         print("\n".join(lines(status, rows(status, previous), 200)), flush=True)
     return 0
 
@@ -112,7 +114,7 @@ def _live(screen: curses.window, client: Client, delay: float) -> int:
     screen.timeout(int(delay * 1000))  # getch() waits this long: the refresh interval
     previous: dict[str, int] = {}
     while True:
-        status = client.status()
+        status = client.status(sparse=True)
         height, width = screen.getmaxyx()
         screen.erase()
         for y, line in enumerate(lines(status, rows(status, previous), width - 1)[:height]):

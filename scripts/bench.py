@@ -594,7 +594,8 @@ def large_tree(cgroups, members, iterations):
         looks = {
             "encidfs status": lambda i: subprocess.run(command, check=True,
                                                        stdout=subprocess.DEVNULL),
-            "status request": lambda i: client.status(),
+            "status request (sparse)": lambda i: client.status(sparse=True),  # the command's
+            "status request (full)": lambda i: client.status(),
             "cat cgroup.procs (root)": lambda i: read_all(f"{mnt}/cgroup.procs"),
             "cat cgroup.stat (root)": lambda i: read_all(f"{mnt}/cgroup.stat"),
         }

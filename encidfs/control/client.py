@@ -126,8 +126,17 @@ class Client:
             request["pid"] = pid
         self.request(**request)
 
-    def status(self) -> dict:
-        return self.request(op="status")
+    def status(self, sparse: bool = False) -> dict:
+        """`sparse`: each cgroup lists only the types it limits, uses or refused (see
+        figures())."""
+        return self.request(op="status", sparse=True) if sparse else self.request(op="status")
+
+
+def figures(status: dict, cgroup: dict, controller: str, type_name: str) -> dict:
+    """A type's figures in a cgroup's entry of a status reply, sparse or not."""
+    return cgroup[controller].get(type_name) or {
+        "max": "max", "current": 0, "peak": 0, "events": 0, "events_local": 0,
+        "capacity": status["capacities"][type_name]}
 
 
 def control_path(mount: str, timeout: float = DEFAULT_TIMEOUT) -> str:

@@ -16,8 +16,9 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import collector
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs import ProcessTracker
 from ..state.changes import Changes
@@ -99,8 +100,9 @@ class ControlService:
             group = []
             if name == "status":
                 start = time.perf_counter()
-                replies.append(self._answer(
-                    lambda: {"ok": True, **self._status(request, peer)}, request))
+                with collector.paused():  # a large tree's reply is many small objects
+                    replies.append(self._answer(
+                        lambda: {"ok": True, **self._status(request, peer)}, request))
                 self._observe(["status"], start)
             else:
                 replies.append(error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}"))
@@ -203,21 +205,27 @@ class ControlService:
         return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": holder})
 
     def _status(self, request: dict, peer: Peer) -> dict:
+        """With "sparse": true, a type whose figures are all as a new cgroup's (no limit,
+        nothing used or refused) is left out of its controller's entry: a large tree's reply
+        is a quarter of the size, and takes a fifth of the time to make and to read."""
         self.tracker.sync()
         types = self.types
+        sparse = request.get("sparse") is True
         cgroups = []
-        for cg in self.hierarchy.subtree(self.hierarchy.root):
-            entry: dict = {"path": cg.path, "procs": sorted(cg.procs or ()),
+        for cg, path in self.hierarchy.subtree_paths(self.hierarchy.root):
+            entry: dict = {"path": path, "procs": sorted(cg.procs or ()),
                            "populated": cg.populated}
             for controller in self.allocator.controllers:
-                css = cg.css[controller.ssid]
+                css: Any = cg.css[controller.ssid]  # a resource controller's css
                 if css is not None:
                     entry[controller.name] = {
-                        name: {"max": _limit(css.max[t]), "current": css.usage[t],  # type: ignore[attr-defined]
-                               "peak": css.peak[t], "events": css.events[t],  # type: ignore[attr-defined]
-                               "events_local": css.events_local[t],  # type: ignore[attr-defined]
+                        name: {"max": _limit(css.max[t]), "current": css.usage[t],
+                               "peak": css.peak[t], "events": css.events[t],
+                               "events_local": css.events_local[t],
                                "capacity": types.capacity[t]}
-                        for t, name in enumerate(types.names)}
+                        for t, name in enumerate(types.names)
+                        if not sparse or css.max[t] != U64_MAX or css.usage[t] or css.peak[t]
+                        or css.events[t] or css.events_local[t]}
             cgroups.append(entry)
         holders: dict[tuple, list[int]] = {}
         for pid, ids in sorted(self.allocator.holdings().items()):

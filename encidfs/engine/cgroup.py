@@ -554,6 +554,15 @@ class Hierarchy:
             yield node
             stack.extend(node.children.values())
 
+    def subtree_paths(self, cg: Cgroup) -> Iterator[tuple[Cgroup, str]]:
+        """subtree(), each with its path, made on the way down (Cgroup.path walks up)."""
+        stack = [(cg, cg.path)]
+        while stack:
+            node, path = stack.pop()
+            yield node, path
+            prefix = "" if path == "/" else path
+            stack.extend((child, f"{prefix}/{name}") for name, child in node.children.items())
+
     def subtree_pids(self, cg: Cgroup) -> list[int]:
         """PIDs with a thread in cg or its live descendants (the root's implicit members
         excluded), each once."""

@@ -16,7 +16,7 @@ import pytest
 
 from mountutil import DEADLINE, keyed, nested, pids, read, sh, wait_until, write
 
-from encidfs.client import Client, ControlError
+from encidfs.client import Client, ControlError, figures
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]
 NOBODY = 65534
@@ -695,6 +695,41 @@ def test_status_bigger_than_64k_reaches_the_client(mnt):
     result = encidfs("status", "--mount", str(mnt))
     assert result.returncode == 0, result.stderr
     assert "/c399" in result.stdout
+
+
+def test_a_sparse_status_leaves_out_just_the_figures_of_a_new_cgroup(mnt, procs):
+    write(mnt / "cgroup.subtree_control", "+encids +misc")
+    for name in ("limited", "holding", "refused", "new"):
+        (mnt / name).mkdir()
+    write(mnt / "limited/encids.sev_es.max", "3")
+    write(mnt / "refused/misc.max", "sev 0")
+    holder, refused = procs.sleep(), procs.sleep()
+    write(mnt / "holding/cgroup.procs", str(holder.pid))
+    write(mnt / "refused/cgroup.procs", str(refused.pid))
+    with Client.connect(mount=mnt) as client:
+        client.allocate("sev", pid=holder.pid)
+        with pytest.raises(ControlError):
+            client.allocate("sev", pid=refused.pid)
+        full, sparse = client.status(), client.status(sparse=True)
+    listed = {(cg["path"], controller, type_name) for cg in sparse["cgroups"]
+              for controller in sparse["controllers"] if controller in cg
+              for type_name in cg[controller]}
+    assert listed == {("/", "encids", "sev"), ("/", "misc", "sev"),
+                      ("/limited", "encids", "sev_es"),
+                      ("/holding", "encids", "sev"), ("/holding", "misc", "sev"),
+                      ("/refused", "misc", "sev")}
+    assert [cg["path"] for cg in sparse["cgroups"]] == [cg["path"] for cg in full["cgroups"]]
+    for sparse_cg, full_cg in zip(sparse["cgroups"], full["cgroups"]):
+        assert {key: value for key, value in sparse_cg.items()
+                if key not in full["controllers"]} == \
+            {key: value for key, value in full_cg.items() if key not in full["controllers"]}
+        for controller in full["controllers"]:
+            assert (controller in sparse_cg) == (controller in full_cg)
+            for type_name in full["capacities"] if controller in full_cg else ():
+                assert figures(sparse, sparse_cg, controller, type_name) == \
+                    full_cg[controller][type_name]
+    assert {k: v for k, v in sparse.items() if k != "cgroups"} == \
+        {k: v for k, v in full.items() if k != "cgroups"}
 
 
 # -- group commits --------------------------------------------------------------------------
