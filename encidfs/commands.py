@@ -59,6 +59,16 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     top.set_defaults(handler=_top)
 
 
+def main(argv: list[str]) -> int | None:
+    """Run argv if it is a client command, parsed as `encidfs` parses it; None otherwise."""
+    parser = argparse.ArgumentParser(prog="encidfs")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_parsers(commands)
+    if not argv or argv[0] not in commands.choices:
+        return None
+    return run_command(parser.parse_args(argv))
+
+
 def run_command(args: argparse.Namespace) -> int:
     try:
         return args.handler(args)
@@ -136,6 +146,7 @@ def _status(args: argparse.Namespace) -> int:
         capacities = "  ".join(f"{name} {n}" for name, n in status["capacities"].items())
         print(f"capacities: {capacities}   from {status['capacity_source']}")
     print(f"controllers: {' '.join(status.get('controllers', []))}")
+    tree = []  # printed at once: 20,000 cgroups are 40,000 lines
     for cg in status["cgroups"]:
         procs = f"{len(cg['procs'])} procs" if cg["procs"] else ""
         lines = [
@@ -145,9 +156,9 @@ def _status(args: argparse.Namespace) -> int:
                 for name in status["capacities"]
                 for r in [figures(status, cg, controller, name)])
             for controller in status.get("controllers", []) if controller in cg]
-        print(f"{cg['path']:<30} {procs:<10} {lines[0] if lines else ''}".rstrip())
-        for line in lines[1:]:
-            print(f"{'':41} {line}")
+        tree.append(f"{cg['path']:<30} {procs:<10} {lines[0] if lines else ''}".rstrip())
+        tree.extend(f"{'':41} {line}" for line in lines[1:])
+    print("\n".join(tree))
     if status["holders"]:
         print("holders:")
     for holder in status["holders"]:
