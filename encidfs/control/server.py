@@ -146,10 +146,15 @@ class _Server:
             if connection is None:
                 continue  # closed earlier in this round
             touched[connection] = None
-            if connection.replies:  # writable, or hung up: either way, try
-                self._flush(connection)
-            elif events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
-                self._receive(connection, requests)
+            try:
+                if connection.replies:  # writable, or hung up: either way, try
+                    self._flush(connection)
+                elif events & (select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR):
+                    self._receive(connection, requests)
+            except Exception:  # a bug: this connection fails alone
+                log.exception("control connection from pid %d failed", connection.peer.pid)
+                if not connection.closed:
+                    self._close(connection)
         self._answer(requests, touched)
         now = trio.current_time()
         if self._accept_at and now >= self._accept_at:
