@@ -36,6 +36,7 @@ MAX_CONNECTIONS_PER_UID = 64
 SEND_TIMEOUT = 5.0  # seconds a client has to take a reply
 REPLY_BUDGET = 64 << 20  # bytes of replies waiting for their readers, over all connections
 ACCEPTS_PER_ROUND = 16
+ROUNDS_PER_WAKEUP = 4
 ACCEPT_RETRY = 0.1  # seconds before accepting again after accept(2) failed
 _TOO_LONG = None  # in a round's requests: a line over MAX_LINE
 
@@ -118,10 +119,16 @@ class _Server:
             while True:
                 with trio.move_on_at(self._next_deadline()):
                     await trio.lowlevel.wait_readable(self._epoll.fileno())
-                try:
-                    self._round()
-                except Exception:  # a bug: what this round read fails, the daemon goes on
-                    log.exception("control socket: a round failed")
+                # A client answered early in a round often asks again before it ends: the next
+                # rounds follow without a turn of the event loop, a few at most (the file
+                # system's requests wait meanwhile).
+                for _ in range(ROUNDS_PER_WAKEUP):
+                    try:
+                        if not self._round():
+                            break
+                    except Exception:  # a bug: what this round read fails, the daemon goes on
+                        log.exception("control socket: a round failed")
+                        break
         finally:
             for connection in list(self._connections.values()):
                 self._close(connection)
@@ -134,11 +141,13 @@ class _Server:
             deadlines.append(self._accept_at)
         return min(deadlines, default=math.inf)
 
-    def _round(self) -> None:
+    def _round(self) -> bool:
+        """One round; whether anything was ready."""
         requests: list[tuple[_Connection, bytes | None]] = []
         touched: dict[_Connection, None] = {}
         accept = False
-        for fd, events in self._epoll.poll(0):
+        ready = self._epoll.poll(0)
+        for fd, events in ready:
             if fd == self.listener.fileno():
                 accept = True
                 continue
@@ -168,6 +177,7 @@ class _Server:
                 self._update(connection)
         if accept:  # last: the connections that ended in this round no longer count
             self._accept()
+        return bool(ready)
 
     def _accept(self) -> None:
         """A few connections a round: one a client has closed already still counts until a
