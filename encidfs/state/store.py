@@ -318,6 +318,8 @@ class StateStore:
                 # No -wal or -journal of an older file may be taken for the new one's.
                 self._remove_files(keep_main=True)
                 os.rename(fresh, self.path)
+                if self.durable:  # before the log's: a new log beside the old snapshot is ignored
+                    _fsync_directory(os.path.dirname(self.path))
                 os.rename(fresh_log, self.log_path)
                 if self.durable:
                     _fsync_directory(os.path.dirname(self.path))
