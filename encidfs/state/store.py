@@ -130,8 +130,7 @@ class StateStore:
                 if not (self.runtime and meta.get("boot") != boot_id()):
                     # An older snapshot is read as it is (restore.py upgrades it); the first
                     # checkpoint writes it, and the schema, anew.
-                    self._generation = int(meta.get("generation", "0"))
-                    snapshot, records = self._read(db, meta["schema"])
+                    snapshot, records = self._read(db, meta)
                     self._log_rows = len(records)
                     _make_private(self.path)
                     return snapshot, records, None
@@ -176,10 +175,12 @@ class StateStore:
             raise StateError(problem)
         return meta
 
-    def _read(self, db: sqlite3.Connection, schema: str) -> tuple[dict | None, list[Record]]:
+    def _read(self, db: sqlite3.Connection,
+              meta: dict[str, str]) -> tuple[dict | None, list[Record]]:
         try:
+            self._generation = int(meta.get("generation", "0"))
             row = db.execute("SELECT data FROM snapshot").fetchone()
-            if schema in ("2", "3"):  # the records were a table of the file
+            if meta["schema"] in ("2", "3"):  # the records were a table of the file
                 records = [tuple(json.loads(text)) for (text,) in
                            db.execute("SELECT record FROM log ORDER BY seq")]
             else:

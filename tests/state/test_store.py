@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from encidfs.state.store import StateStore
+from encidfs.state.store import StateError, StateStore
 
 LAYOUT = {"sev": 4}
 
@@ -126,3 +126,18 @@ def test_damage_between_commits_is_seen_before_the_next(path, damage):
     store.append(("mkdir", 1, "b"))
     crashed(store)
     assert reopened(path) == ({"n": "all"}, [("mkdir", 1, "b")])
+
+
+def test_a_damaged_file_is_refused_with_one_line_and_left_as_it_is(path):
+    store = store_at(path)
+    store.open()
+    store.append(("mkdir", 1, "a"))
+    crashed(store)
+    with open(f"{path}.log", "ab") as log:
+        log.write(b"not json\n")  # a whole line, not a commit cut short
+    before = open(f"{path}.log", "rb").read()
+    store = store_at(path)
+    with pytest.raises(StateError, match="cannot be read"):
+        store.open()
+    os.close(store._lock)
+    assert open(f"{path}.log", "rb").read() == before
