@@ -635,6 +635,24 @@ def test_several_requests_in_one_write_get_replies_in_order(mnt, raw):
     assert replies[2]["ids"] == [2]
 
 
+def test_thousands_of_requests_in_one_write_are_all_answered_in_order(mnt, raw):
+    """The daemon takes a few dozen lines of a connection a round (the rest wait in its
+    buffer): all of them are answered, in order, and other clients are served meanwhile."""
+    connection = raw()
+    pairs = 1500
+    batch = b'{"op":"allocate","type":"sev"}\n{"op":"free","ids":[1]}\n' * pairs
+    sender = threading.Thread(target=connection.send, args=(batch + b'{"op":"stat',))
+    sender.start()
+    with Client.connect(mount=mnt) as other:
+        assert other.status()["ok"]
+    for _ in range(pairs):
+        assert connection.reply()["ids"] == [1]
+        assert connection.reply() == {"ok": True, "ids": [1], "holder": os.getpid()}
+    sender.join(timeout=DEADLINE)
+    assert connection.ask(b'us"}\n')["ok"]  # the line cut at the end of the batch, whole
+    assert used(mnt) == 0
+
+
 def test_free_of_some_unallocated_ids_frees_nothing(mnt):
     with Client.connect(mount=mnt) as client:
         client.allocate("sev", count=2)
