@@ -26,6 +26,7 @@ from .state.store import StateStore, runtime_state_path
 from .supervisor import restarts, supervisor_pid
 from .fuse.adapter import CgroupOperations, mount_options
 from .fuse.inotify import ModifyNotifier
+from .fuse import loop
 from . import metrics
 from .notify import notify
 from .procs import ProcessTracker
@@ -150,6 +151,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             capacities = " ".join(f"{name} {n}" for name, n in config.capacities.items())
             notify("READY=1", f"STATUS=mounted on {mountpoint}: {capacities}; "
                               f"{len(hierarchy.by_id)} cgroups; {tracker.mode}")
+            loop.install()
             await pyfuse3.main(min_tasks=1, max_tasks=1)  # see fuse/adapter.py
             clean = True
             nursery.cancel_scope.cancel()

@@ -4,9 +4,9 @@ It translates and nothing more: inode numbers and names go to the file table, OS
 back as FUSE errors, and entries the file table reports stale are invalidated in the kernel.
 No cgroup rule lives here.
 
-The daemon serves its requests one at a time (one pyfuse3 worker, no lock handed between
-workers: 13% faster on a bare pyfuse3 file system, within noise on encidfs), so nothing a
-request waits for may itself wait for another request.  A kernel invalidation can:
+The daemon serves its requests one at a time (one pyfuse3 worker, whose read lock is taken
+without a pass of the scheduler: see loop.py), so nothing a request waits for may itself wait
+for another request.  A kernel invalidation can:
 it takes the directory's lock, which a lookup in that directory holds until we answer it.
 Invalidations therefore run in a thread of their own, and a reply waits for them only a
 moment (INVALIDATION_GRACE): time enough when nothing holds the lock, so that a file gone is
