@@ -147,15 +147,19 @@ def _status(args: argparse.Namespace) -> int:
         print(f"capacities: {capacities}   from {status['capacity_source']}")
     print(f"controllers: {' '.join(status.get('controllers', []))}")
     tree = []  # printed at once: 20,000 cgroups are 40,000 lines
+    plain: dict[str, str] = {}  # a controller's line for a new cgroup's figures, as most are
     for cg in status["cgroups"]:
-        procs = f"{len(cg['procs'])} procs" if cg["procs"] else ""
-        lines = [
-            f"{controller}: " + "  ".join(
-                f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"
-                + (f" refused {r['events']}" if r["events"] else "")
-                for name in status["capacities"]
-                for r in [figures(status, cg, controller, name)])
-            for controller in status.get("controllers", []) if controller in cg]
+        procs = f"{len(cg['procs'])} procs" if cg.get("procs") else ""
+        lines = []
+        for controller in status.get("controllers", []):
+            if controller not in cg:
+                continue
+            if cg[controller] or cg["path"] == "/":
+                lines.append(_figures_line(status, cg, controller))
+                continue
+            if controller not in plain:
+                plain[controller] = _figures_line(status, cg, controller)
+            lines.append(plain[controller])
         tree.append(f"{cg['path']:<30} {procs:<10} {lines[0] if lines else ''}".rstrip())
         tree.extend(f"{'':41} {line}" for line in lines[1:])
     print("\n".join(tree))
@@ -165,3 +169,12 @@ def _status(args: argparse.Namespace) -> int:
         ids = " ".join(map(str, holder["ids"]))
         print(f"  pid {holder['pid']:<8} {holder['type']:<8} {holder['cgroup']:<24} {ids}")
     return 0
+
+
+def _figures_line(status: dict, cg: dict, controller: str) -> str:
+    """A controller's figures in a cgroup: per type, used/limit (the root's: of the capacity)
+    and the refusals."""
+    return f"{controller}: " + "  ".join(
+        f"{name} {r['current']}/{r['capacity'] if cg['path'] == '/' else r['max']}"
+        + (f" refused {r['events']}" if r["events"] else "")
+        for name in status["capacities"] for r in [figures(status, cg, controller, name)])

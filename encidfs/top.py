@@ -49,7 +49,7 @@ def rows(status: dict, previous: dict[str, int]) -> list[Row]:
                 usage.append((name, resource["current"],
                               _effective_limit(status, by_path, cg["path"], controller, name)))
                 refusals += resource["events"]
-        found.append(Row(cg["path"], len(cg["procs"]), len(holders.get(cg["path"], ())),
+        found.append(Row(cg["path"], len(cg.get("procs", ())), len(holders.get(cg["path"], ())),
                          usage, refusals, refusals - previous.get(cg["path"], refusals)))
         previous[cg["path"]] = refusals
     return sorted(found, key=lambda row: (-row.weight, row.path))

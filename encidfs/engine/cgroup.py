@@ -560,8 +560,9 @@ class Hierarchy:
         while stack:
             node, path = stack.pop()
             yield node, path
-            prefix = "" if path == "/" else path
-            stack.extend((child, f"{prefix}/{name}") for name, child in node.children.items())
+            if node.children:  # most are leaves: nothing to set up for them
+                prefix = "" if path == "/" else path
+                stack.extend((child, f"{prefix}/{name}") for name, child in node.children.items())
 
     def subtree_pids(self, cg: Cgroup) -> list[int]:
         """PIDs with a thread in cg or its live descendants (the root's implicit members

@@ -738,9 +738,11 @@ def test_a_sparse_status_leaves_out_just_the_figures_of_a_new_cgroup(mnt, procs)
                       ("/refused", "misc", "sev")}
     assert [cg["path"] for cg in sparse["cgroups"]] == [cg["path"] for cg in full["cgroups"]]
     for sparse_cg, full_cg in zip(sparse["cgroups"], full["cgroups"]):
+        # No processes and not populated, as a new cgroup: said by leaving them out.
         assert {key: value for key, value in sparse_cg.items()
                 if key not in full["controllers"]} == \
-            {key: value for key, value in full_cg.items() if key not in full["controllers"]}
+            {key: value for key, value in full_cg.items()
+             if key not in full["controllers"] and value not in ([], False)}
         for controller in full["controllers"]:
             assert (controller in sparse_cg) == (controller in full_cg)
             for type_name in full["capacities"] if controller in full_cg else ():
@@ -748,6 +750,11 @@ def test_a_sparse_status_leaves_out_just_the_figures_of_a_new_cgroup(mnt, procs)
                     full_cg[controller][type_name]
     assert {k: v for k, v in sparse.items() if k != "cgroups"} == \
         {k: v for k, v in full.items() if k != "cgroups"}
+    assert {"path": "/new", "encids": {}, "misc": {}} in sparse["cgroups"]
+    holding = next(cg for cg in full["cgroups"] if cg["path"] == "/holding")
+    assert {"path": "/holding", "procs": [holder.pid], "populated": True,
+            "encids": {"sev": holding["encids"]["sev"]},
+            "misc": {"sev": holding["misc"]["sev"]}} in sparse["cgroups"]
 
 
 # -- group commits --------------------------------------------------------------------------
