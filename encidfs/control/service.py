@@ -211,7 +211,7 @@ class ControlService:
         """With "sparse": true, what a new cgroup has is left out: a type whose figures are
         all as a new cgroup's (no limit, nothing used or refused), and `procs` and `populated`
         when it has no processes and is not populated.  A large tree's reply is mostly made of
-        such cgroups: sparse, it takes a third of the time to make and to read."""
+        such cgroups: sparse, it takes a quarter of the time to make and to read."""
         self.tracker.sync()
         types = self.types
         sparse = request.get("sparse") is True
