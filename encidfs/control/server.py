@@ -280,8 +280,14 @@ class _Server:
             log.exception("control requests %r failed", asked)
             failed = error_reply(errno.EIO, "internal error (logged by the daemon)")
             answers = iter([failed] * len(asked))
+        # By id (every reply lives until the loop ends): a reply requests share, encoded once.
+        encoded: dict[int, bytes] = {}
         for (connection, _), reply in zip(requests, replies):
-            self._send(connection, encode(reply if reply is not None else next(answers)))
+            answer = reply if reply is not None else next(answers)
+            line = encoded.get(id(answer))
+            if line is None:
+                line = encoded[id(answer)] = encode(answer)
+            self._send(connection, line)
             touched[connection] = None
 
     def _send(self, connection: _Connection, reply: bytes) -> None:

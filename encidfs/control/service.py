@@ -88,9 +88,14 @@ class ControlService:
 
     def answer_all(self, requests: list[tuple[dict, Peer]]) -> list[dict]:
         """The replies to requests that came together, in their order: each run of
-        allocations and frees is one group commit, and a status sees what came before it."""
+        allocations and frees is one group commit, and a status sees what came before it.
+
+        Statuses with no change between them share one reply: the state is the same for all,
+        and a status costs the size of the tree, so that many clients asking at once cost
+        the event loop one status a round, not one each."""
         replies: list[dict | _Waiting] = []
         group: list[_Waiting] = []
+        statuses: dict[bool, dict] = {}  # made since the last change, by sparseness
         for request, peer in requests:
             name = request.get("op")
             if name in ("allocate", "free"):
@@ -99,13 +104,18 @@ class ControlService:
                 group.append(waiting)
                 replies.append(waiting)
                 continue
-            self._commit_group(group)
-            group = []
+            if group:
+                self._commit_group(group)
+                group = []
+                statuses.clear()
             if name == "status":
                 start = time.perf_counter()
-                with collector.paused():  # a large tree's reply is many small objects
-                    replies.append(self._answer(
-                        lambda: {"ok": True, **self._status(request, peer)}, request))
+                sparse = request.get("sparse") is True
+                if sparse not in statuses:
+                    with collector.paused():  # a large tree's reply is many small objects
+                        statuses[sparse] = self._answer(
+                            lambda: {"ok": True, **self._status(sparse)}, request)
+                replies.append(statuses[sparse])
                 self._observe(["status"], start)
             else:
                 replies.append(error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}"))
@@ -207,14 +217,13 @@ class ControlService:
             raise fail(errno.EINVAL, f"not held by process {holder}: {foreign}")
         return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": holder})
 
-    def _status(self, request: dict, peer: Peer) -> dict:
-        """With "sparse": true, what a new cgroup has is left out: a type whose figures are
+    def _status(self, sparse: bool) -> dict:
+        """Sparse, what a new cgroup has is left out: a type whose figures are
         all as a new cgroup's (no limit, nothing used or refused), and `procs` and `populated`
         when it has no processes and is not populated.  A large tree's reply is mostly made of
         such cgroups: sparse, it takes a quarter of the time to make and to read."""
         self.tracker.sync()
         types = self.types
-        sparse = request.get("sparse") is True
         controllers = [(c.name, c.ssid) for c in self.allocator.controllers]
         cgroups = []
         for cg, path in self.hierarchy.subtree_paths(self.hierarchy.root):

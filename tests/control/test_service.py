@@ -1,0 +1,69 @@
+"""The control service's answers to requests that arrive together (encidfs/control/service.py),
+on an engine of its own, with a stand-in for process tracking."""
+
+from __future__ import annotations
+
+import os
+
+from encidfs.control.service import ControlService, Peer
+from encidfs.engine import new_engine
+from encidfs.state.changes import Changes
+
+ROOT_PEER = Peer(os.getpid(), 0, 0)
+
+
+class Tracker:
+    """Every process is alive, started at tick 1, and its own thread group."""
+
+    mode = "stand-in"
+
+    def sync(self) -> None:
+        pass
+
+    def thread_group(self, pid: int) -> int:
+        return pid
+
+    def watch(self, pid: int) -> int:
+        return 1
+
+    def follows(self, pid: int, start: int) -> bool:
+        return True
+
+
+def service_counting_walks() -> tuple[ControlService, list[int]]:
+    engine = new_engine({"sev": 4, "sev_es": 2})
+    for name in ("a", "b"):
+        engine.hierarchy.mkdir(engine.hierarchy.root, name)
+    walks = [0]
+    walk = engine.hierarchy.subtree_paths
+
+    def counted(cg):
+        walks[0] += 1
+        return walk(cg)
+
+    engine.hierarchy.subtree_paths = counted  # type: ignore[method-assign]
+    return ControlService("/mnt", engine, Tracker(), Changes(engine), lambda: None), walks
+
+
+def test_statuses_with_no_change_between_them_share_one_reply_of_each_form() -> None:
+    service, walks = service_counting_walks()
+    asked = [{"op": "status"}, {"op": "status", "sparse": True}] * 3
+    replies = service.answer_all([(request, ROOT_PEER) for request in asked])
+    assert walks[0] == 2
+    assert replies[0] is replies[2] is replies[4]
+    assert replies[1] is replies[3] is replies[5]
+    assert [cg["path"] for cg in replies[0]["cgroups"]] == ["/", "/a", "/b"]
+    assert replies[1]["cgroups"][1] == {"path": "/a"}  # no css, no processes: nothing else
+
+
+def test_a_status_after_a_change_in_the_same_round_sees_it() -> None:
+    service, walks = service_counting_walks()
+    replies = service.answer_all([({"op": "status"}, ROOT_PEER),
+                                  ({"op": "allocate", "type": "sev"}, ROOT_PEER),
+                                  ({"op": "status"}, ROOT_PEER),
+                                  ({"op": "status"}, ROOT_PEER)])
+    assert replies[1]["ok"], replies[1]
+    assert walks[0] == 2
+    assert replies[0]["holders"] == []
+    assert [holder["ids"] for holder in replies[2]["holders"]] == [replies[1]["ids"]]
+    assert replies[3] is replies[2]
