@@ -72,6 +72,12 @@ def test_threaded_descendants_join_the_new_domain_as_cgroup_enable_threaded_does
     copy = new_engine({"sev": 8})
     snapshot.load(copy.hierarchy, copy.allocator, snapshot.dump(h, engine.allocator))
     assert copy.hierarchy.by_id[cgs["/a/b/c"].id].dom is copy.hierarchy.root
+    # A process joins /a/b/c, whose domain is valid: the invalid /a/b between is populated
+    # (so on this machine's cgroup2: "domain invalid", "populated 1"), but takes none itself.
+    h.attach(10, cgs["/a/b/c"])
+    assert cgs["/a/b"].populated and not cgs["/a/b"].procs
+    with raises_errno(errno.EOPNOTSUPP):
+        h.attach(20, cgs["/a/b"])
 
 
 def test_removing_the_last_threaded_child_makes_the_parent_a_domain_again(h):
@@ -343,8 +349,8 @@ class ThreadsMachine(RuleBasedStateMachine):
             if cg.parent is not None:
                 expected = {pid for pid in h.members if cg in h.cgroups_of(pid)}
                 assert (cg.procs or set()) == expected
-            if h.type_of(cg) == "domain invalid":
-                assert not cg.populated
+            if h.type_of(cg) == "domain invalid":  # populated only by threaded descendants
+                assert not cg.procs
         for pid, placed in h.split.items():
             assert len(set(placed.values())) > 1
             assert len({cg.dom for cg in placed.values()}) == 1
