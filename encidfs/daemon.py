@@ -66,19 +66,14 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         bus.deliver()
         operations.invalidate_soon()
 
-    @_process_event
     def on_fork(parent: int, child: int, start: int | None, creator: int | None) -> None:
         changes.fact("fork", parent, child, start, creator)
 
-    @_process_event
     def on_threads(pid: int, threads: list[int]) -> None:
         changes.fact("threads", pid, threads)
-        changed()
 
-    @_process_event
     def on_exit(pid: int) -> None:
         changes.fact("exit", pid)
-        changed()
 
     def frozen(pid: int) -> bool:
         return hierarchy.freezing(pid)
@@ -94,7 +89,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                              use_connector=config.proc_connector,
                              exempt=frozenset({os.getpid(), supervisor_pid() or 0}),
                              pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections),
-                             split=hierarchy.split, on_threads=on_threads)
+                             split=hierarchy.split, on_threads=on_threads, on_settled=changed)
     kernfs = Kernfs(hierarchy, tracker, changes, [files for _, files in offered])
     changes.kernfs = kernfs
     control = config.control or default_control_path(mountpoint)

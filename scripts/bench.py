@@ -4,6 +4,7 @@ measurement, not a test: it prints figures.
 
     python scripts/bench.py [--iterations N] [--baseline REV ...] [--skip-kernel] [--skip-fuse]
                             [--skip-engine] [--skip-alloc] [--skip-inotify] [--skip-large]
+                            [--skip-tracking]
 
 Reads are measured twice: free, and with the client and the daemon (all its threads) pinned to
 one CPU, where a request's cost is not hidden by the other CPU.
@@ -151,6 +152,7 @@ def unmount(path):
 
 
 DAEMONS = {}  # mountpoint -> its daemon's PID, for pinning
+LOGS = {}  # mountpoint -> its daemon's log (a file)
 
 
 def pin(pids, cpus):
@@ -186,9 +188,11 @@ def fuse_mount(argv, env=None, cwd=ROOT):
                     raise Skip(f"did not mount within {MOUNT_DEADLINE:.0f} s")
                 time.sleep(0.01)
             DAEMONS[mnt] = proc.pid
+            LOGS[mnt] = log
             yield mnt
         finally:
             DAEMONS.pop(mnt, None)
+            LOGS.pop(mnt, None)
             close_files_on(mnt)
             if unmount(mnt):
                 with contextlib.suppress(subprocess.TimeoutExpired):
@@ -614,6 +618,101 @@ def large_tree(cgroups, members, iterations, sources):
     print("target: each under 100 ms")
 
 
+# -- process tracking ----------------------------------------------------------------------------
+
+STORMS = (("flat", 20_000), ("exec", 3_000), ("wide", 1_500), ("chain", 2_000),
+          ("threads", 6_400), ("daemons", 300))
+
+
+def daemon_cpu_ns(pid):
+    """CPU time of every thread of a process, in nanoseconds (schedstat: finer than stat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+            total += int(f.read().split()[0])
+    return total
+
+
+@contextlib.contextmanager
+def storm_program():
+    """tests/mount/storm.c, compiled."""
+    with tempfile.TemporaryDirectory(prefix="encidfs-storm-") as work:
+        program = os.path.join(work, "storm")
+        subprocess.run(["gcc", "-O2", "-pthread", "-o", program,
+                        str(ROOT / "tests" / "mount" / "storm.c")], check=True)
+        yield program
+
+
+def run_storm(program, mode, n, cgroup=None):
+    """One storm, in `cgroup` if given: (seconds it took, what the cgroup listed while its
+    daemons lived and the expected count, what it listed once all was gone)."""
+    proc = subprocess.Popen([program, mode, str(n)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        if cgroup:
+            write_file(f"{cgroup}/cgroup.procs", str(proc.pid).encode())
+        start = time.perf_counter()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        alive = proc.stdout.readline().split()[1:]
+        seconds = time.perf_counter() - start
+        listed = len(read_text(f"{cgroup}/cgroup.procs").split()) if cgroup else 0
+    finally:
+        proc.stdin.close()
+        proc.wait()
+    after = len(read_text(f"{cgroup}/cgroup.procs").split()) if cgroup else 0
+    return seconds, listed, 1 + len(alive), after
+
+
+def read_text(path):
+    with open(path) as f:
+        return f.read()
+
+
+def tracking(sources):
+    """What following the host's processes costs the daemon (CPU per process, C fork loops)
+    and whether storms in a member cgroup leave the books exact, for each of `sources`."""
+    flat = STORMS[0][1]
+    print(f"\nprocess tracking: daemon CPU per process, {flat:,} forks of a C loop (target "
+          "(issue #20): <= 5 us a host process, <= 40 us a member); storms in a member cgroup "
+          "(listed while alive / expected, then listed once gone: 0)")
+    with storm_program() as program:
+        for name, source in sources.items():
+            for tracking_mode in ("auto", "scan"):
+                env = {**os.environ, "PYTHONPATH": str(source)}
+                argv = encidfs_argv(source, options=("--tracking", tracking_mode))
+                with fuse_mount(argv, env, source) as mnt:
+                    daemon = DAEMONS[mnt]
+                    os.mkdir(f"{mnt}/member")
+                    os.mkdir(f"{mnt}/storm")
+
+                    def cpu_per_process(cgroup=None):
+                        before = daemon_cpu_ns(daemon)
+                        run_storm(program, "flat", flat, cgroup)
+                        time.sleep(0.2)  # what is left of the batch
+                        return (daemon_cpu_ns(daemon) - before) / flat / 1000
+
+                    alone = cpu_per_process()
+                    with sleeper() as pid:
+                        write_file(f"{mnt}/member/cgroup.procs", str(pid).encode())
+                        beside = cpu_per_process()
+                        member = cpu_per_process(f"{mnt}/storm")
+                        label = f"{name} {tracking_mode}"
+                        print(f"  {label:18} host process: {alone:6.1f} us with no member, "
+                              f"{beside:6.1f} us beside one; member process: {member:6.1f} us")
+                        storms = []
+                        for mode, n in STORMS:
+                            seconds, listed, expected, after = run_storm(program, mode, n,
+                                                                         f"{mnt}/storm")
+                            storms.append(f"{mode} {n / seconds:,.0f}/s {listed}/{expected} "
+                                          f"{after}")
+                        print(f"  {'':18} " + ";  ".join(storms))
+                    log = LOGS[mnt].fileno()  # read at an offset: the daemon shares the file's
+                    lost = os.pread(log, os.fstat(log).st_size, 0).count(
+                        b"process events were lost")
+                    print(f"  {'':18} lost events noticed: {lost} times")
+
+
 # -- allocations through the control socket ----------------------------------------------------
 
 def clients_at_once(mnt, clients, each):
@@ -683,6 +782,8 @@ def main():
                         help="skip the control socket's allocation rate")
     parser.add_argument("--skip-inotify", action="store_true",
                         help="skip the latency of IN_MODIFY after a move")
+    parser.add_argument("--skip-tracking", action="store_true",
+                        help="skip process tracking (its CPU cost and storms)")
     parser.add_argument("--skip-large", action="store_true",
                         help="skip the large tree (20,000 cgroups, 5,000 processes)")
     parser.add_argument("--baseline", metavar="REV", action="append", default=[],
@@ -715,6 +816,12 @@ def main():
                 allocation_rate(args.iterations, sources)
             except (Skip, OSError) as e:
                 print(f"allocations: skipped, {e}")
+        if not args.skip_tracking:
+            try:
+                tracking({name: source for name, (source, state) in sources.items()
+                          if not state})
+            except (Skip, OSError) as e:
+                print(f"tracking: skipped, {e}")
         if not args.skip_large:
             try:
                 large_tree(20_000, 5_000, 20, {name: source for name, (source, state)

@@ -11,6 +11,7 @@ did, and a daemon that logged an error or did not exit cleanly fails the test.
 - `procs`: processes the test starts (`procs.pool()`: one whose threads come and go on order);
   killed and reaped in teardown.
 - `user`: a user to act as.
+- `storm`: the compiled process storm (storm.c), as `Storm`s started on order.
 """
 
 from __future__ import annotations
@@ -206,6 +207,48 @@ def procs() -> Iterator[Processes]:
         yield processes
     finally:
         processes.cleanup()
+
+
+# -- process storms ------------------------------------------------------------------------------
+
+class Storm:
+    """A running storm.c: moved where the test wants it, then told to go."""
+
+    def __init__(self, process: subprocess.Popen) -> None:
+        self.process = process
+        self.pid = process.pid
+
+    def go(self) -> list[int]:
+        """Make the storm; return the PIDs it left alive (its daemons)."""
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        words = self.process.stdout.readline().split()
+        assert words[:1] == ["done"], f"the storm failed: {words}"
+        return [int(word) for word in words[1:]]
+
+    def end(self) -> None:
+        """Close its stdin: it exits, and so do its daemons."""
+        self.process.stdin.close()
+        self.process.wait(timeout=DEADLINE)
+
+
+@pytest.fixture(scope="session")
+def storm_program(tmp_path_factory) -> str:
+    program = tmp_path_factory.mktemp("storm") / "storm"
+    subprocess.run(["gcc", "-O2", "-pthread", "-o", str(program),
+                    str(Path(__file__).with_name("storm.c"))], check=True)
+    return str(program)
+
+
+@pytest.fixture
+def storm(storm_program: str, procs: Processes) -> Callable[[str, int], Storm]:
+    """storm(mode, n): a storm.c waiting for the test to say go (see storm.c for the modes)."""
+
+    def start(mode: str, n: int) -> Storm:
+        return Storm(procs.start([storm_program, mode, str(n)], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True))
+
+    return start
 
 
 # -- users ------------------------------------------------------------------------------------

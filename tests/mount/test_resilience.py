@@ -336,7 +336,8 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
-def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays_out(daemon):
+def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays_out(daemon,
+                                                                                     storm):
     mnt = daemon.path
     with Client.connect(mount=str(mnt)) as client:
         if client.status()["tracking"] != "proc connector":
@@ -350,15 +351,13 @@ def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays
         # A tick later, so that start times tell the child from a fork after the join.
         wait_until(lambda: boot_ticks() > start_ticks(child) + 1, "a tick to pass")
         write(mnt / "a/cgroup.procs", str(parent.pid))
-        # Far more process events than the connector's socket holds (8 MiB, some 50,000
-        # events), while the daemon sleeps: threads that start and end, two events each.
+        # More process events than the connector's socket holds (some 80,000), while the
+        # daemon sleeps: threads that start and end.
+        threads = storm("threads", 120_000)
         os.kill(daemon.process.pid, signal.SIGSTOP)
         try:
-            subprocess.run([sys.executable, "-c", "import threading\n"
-                            "for _ in range(30000):\n"
-                            "    thread = threading.Thread(target=int)\n"
-                            "    thread.start()\n"
-                            "    thread.join()\n"], check=True, timeout=60)
+            threads.go()
+            threads.end()
         finally:
             os.kill(daemon.process.pid, signal.SIGCONT)
         wait_until(lambda: "process events were lost" in daemon.log,
