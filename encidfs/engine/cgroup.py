@@ -398,10 +398,15 @@ class Hierarchy:
             return
         commit()
         before = {node: self.frozen(node) for node in self.subtree(cg)}
+        applied = cg.parent is None or not self.effective_freeze(cg.parent)
         cg.freeze = freeze
         self._account_freezing(cg, self.clock() if at is None else at)
         self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
                             if self.frozen(node) != was)
+        if not applied:
+            # cgroup_freeze(): an ancestor decides, so nothing changes; the writer is told
+            # there is nothing to wait for.
+            self.changes.append((EVENTS_FILE, cg))
 
     def _account_freezing(self, cg: Cgroup, now: int) -> None:
         """Start or end the freezing time of every cgroup of the subtree whose effective

@@ -503,3 +503,19 @@ def test_operations_at_depth_64_do_the_same_work_with_20k_cgroups_as_with_1k():
     assert encids.used(0) == 0
     assert large.root.nr_descendants == 4 * 63 * 80
     assert large.root.nr_dying_descendants == 0
+
+
+def test_a_freeze_that_an_ancestor_decides_still_notifies_the_cgroup(h):
+    """cgroup_freeze(): a write that changes no cgroup's effective state notifies the cgroup
+    itself ("nothing to wait for"); one that changes nothing at all notifies nobody."""
+    a, b = chain(h, h.root, "a", "b")
+    h.set_freeze(a, True)
+    assert events_logged(h) == Counter({"/a": 1, "/a/b": 1})  # both frozen (no processes)
+    h.set_freeze(b, True)
+    assert events_logged(h) == Counter({"/a/b": 1})
+    h.set_freeze(b, True)
+    assert events_logged(h) == Counter()
+    h.set_freeze(b, False)
+    assert events_logged(h) == Counter({"/a/b": 1})
+    h.set_freeze(a, False)
+    assert events_logged(h) == Counter({"/a": 1, "/a/b": 1})

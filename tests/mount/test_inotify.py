@@ -98,6 +98,19 @@ def test_frozen_changes_raise_in_modify(mnt, procs, watches):
     watches.seen_until(cg / "cgroup.events", "populated 1\nfrozen 0\n")
 
 
+def test_a_freeze_an_ancestor_decides_still_raises_in_modify(mnt, watches):
+    """cgroup_freeze() notifies even when an ancestor's freeze leaves nothing to change
+    ("nothing to wait for"): the kernel's test_cgfreezer_tree waits for that event."""
+    (mnt / "a/b").mkdir(parents=True)
+    watches.add(mnt / "a/b/cgroup.events")
+    write(mnt / "a/cgroup.freeze", "1")
+    watches.seen_until(mnt / "a/b/cgroup.events", "populated 0\nfrozen 1\n")
+    write(mnt / "a/b/cgroup.freeze", "1")
+    assert watches.next_modified() == mnt / "a/b/cgroup.events"
+    write(mnt / "a/b/cgroup.freeze", "0")
+    assert watches.next_modified() == mnt / "a/b/cgroup.events"
+
+
 def test_a_refusal_raises_in_modify_on_the_events_files_it_changed_only(mnt, procs, watches):
     write(mnt / "cgroup.subtree_control", "+encids +misc")
     cg = mnt / "a"
