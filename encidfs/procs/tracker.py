@@ -39,6 +39,7 @@ import trio
 
 from ..engine import fail
 from .connector import Connector, Fork, Thread
+from .freezer import Freezer
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,12 +102,11 @@ class ProcessTracker:
         self._on_fork = on_fork
         self._on_exit = on_exit
         self._on_settled = on_settled  # once after a batch of forks, exits and thread changes
-        self._frozen = frozen  # whether the freezer covers a process's cgroup
-        self._on_stopped = on_stopped
         self._proc = proc
-        # The daemon's own processes: never stopped or killed (the kernel never freezes
-        # itself); the freezer counts them as stopped, so that `frozen` is reached.
+        # The daemon's own processes: never stopped or killed (the kernel never freezes or
+        # kills itself).
         self._exempt = exempt
+        self._freezer = Freezer(frozen, on_stopped, exempt, proc)
         self._connector = Connector.open() if use_connector else None
         self.mode = "proc connector" if self._connector else "/proc scan"
         # What the daemon would do but cannot, for `status` to say once.
@@ -130,20 +130,18 @@ class ProcessTracker:
         self._lost = 0  # times events were lost since
         # The pidfd and start time thread_group() found for a process not followed yet.
         self._opened: tuple[int, int, int | None] | None = None
-        self._stopped: set[int] = set()  # PIDs the freezer sent SIGSTOP (seen stopped or not)
         # For scans: when a member joined (in ticks), and in scan mode the children it had
         # then, which stay where they were (start times are only as fine as a tick).
         self._joined: dict[int, tuple[int, set[int] | None]] = {}
-        self._nursery: trio.Nursery | None = None
         self._poll_wanted = trio.Event()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             nursery.start_soon(self._follow_exits)
             if self._connector is not None:
                 nursery.start_soon(self._follow_forks, self._connector)
             nursery.start_soon(self._poll)
+            nursery.start_soon(self._freezer.run)
             task_status.started()
 
     async def _follow_exits(self) -> None:
@@ -179,11 +177,13 @@ class ProcessTracker:
     # -- keeping the engine up to date ---------------------------------------------------------
 
     def sync(self) -> None:
-        """Apply every fork and exit that happened until now."""
+        """Apply every fork and exit that happened until now, and stop again a frozen process
+        that was resumed (where the freezer could not trace it)."""
         if self._connector is None and self._members:
             _each(self._scan_for_children(), self._adopt_found)
             self.check_threads()
         self.settle()
+        self._freezer.check(signalled_only=True)
 
     def settle(self) -> None:
         """Apply what the kernel has told until now: the exits of watched processes, after the
@@ -377,7 +377,7 @@ class ProcessTracker:
             del self._pidfds[pidfd]
             self._exited.unregister(pidfd)
             os.close(pidfd)
-        self._stopped.discard(pid)
+        self._freezer.exited(pid)
         self._joined.pop(pid, None)
         self._on_exit(pid)
         self._news = True
@@ -385,44 +385,8 @@ class ProcessTracker:
     # -- the freezer ---------------------------------------------------------------------------
 
     def apply_freezer(self, pids: Iterable[int]) -> None:
-        """Stop the processes the freezer covers and resume the ones it no longer does.
-
-        The kernel's freezer is invisible to the frozen; SIGSTOP/SIGCONT are what user space
-        has, and a parent waiting with WUNTRACED sees them."""
-        for pid in pids:
-            try:
-                frozen = self._frozen(pid)
-                if frozen and pid not in self._stopped:
-                    self._stopped.add(pid)
-                    if pid in self._exempt:
-                        self._on_stopped(pid, True)
-                        continue
-                    os.kill(pid, signal.SIGSTOP)
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._wait_stopped, pid)
-                elif not frozen and pid in self._stopped:
-                    self._stopped.discard(pid)  # only what the freezer stopped, it resumes
-                    if pid not in self._exempt:
-                        os.kill(pid, signal.SIGCONT)
-                    self._on_stopped(pid, False)
-            except ProcessLookupError:
-                pass  # its exit is on its way
-            except PermissionError:  # a user's daemon, and a child that became setuid
-                log.warning("the freezer cannot signal process %d", pid)
-
-    async def _wait_stopped(self, pid: int) -> None:
-        """Report the process stopped once /proc says so (SIGSTOP takes effect asynchronously)."""
-        delay = 0.0005
-        while pid in self._stopped:
-            try:
-                state = _stat_fields(self._proc, pid)[0]
-            except (FileNotFoundError, ProcessLookupError):
-                return  # its exit is on its way
-            if state in ("T", "t"):
-                self._on_stopped(pid, True)
-                return
-            await trio.sleep(delay)
-            delay = min(delay * 2, 0.05)
+        """Stop the processes the freezer covers and let go of the ones it no longer does."""
+        self._freezer.apply(pids)
 
     def start_time_now(self, pid: int) -> int | None:
         """When the process started (ticks since boot), as /proc says now: None for no

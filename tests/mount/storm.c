@@ -11,6 +11,8 @@
  *   chain    a chain of N orphans: each forks the next and exits unreaped
  *   threads  N threads made and joined, 64 alive at a time
  *   daemons  N daemons (fork, setsid, fork, the middle one exits): they live until stdin closes
+ *   vfork    (N ignored) vfork(): the child prints "done" and its PID, and exits at the next
+ *            line on stdin; the parent, back from vfork(), spins until it is killed
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -166,13 +168,29 @@ static void daemons(long n)
 	fflush(stdout);
 }
 
+/* The vfork() child may only make system calls: it writes with write(2). */
+static void vforked(void)
+{
+	char line[64];
+	int length;
+
+	if (vfork() == 0) {
+		length = snprintf(line, sizeof(line), "done %d\n", getpid());
+		if (write(1, line, length) != length || read(0, line, 1) < 0)
+			_exit(2);
+		_exit(0);
+	}
+	for (;;)
+		;
+}
+
 int main(int argc, char **argv)
 {
 	char line[64];
 	long n;
 
 	if (argc != 3 || (n = atol(argv[2])) <= 0) {
-		fprintf(stderr, "usage: storm flat|exec|wide|chain|threads|daemons N\n");
+		fprintf(stderr, "usage: storm flat|exec|wide|chain|threads|daemons|vfork N\n");
 		return 2;
 	}
 	if (!fgets(line, sizeof(line), stdin))
@@ -189,6 +207,8 @@ int main(int argc, char **argv)
 		threads(n);
 	else if (!strcmp(argv[1], "daemons"))
 		daemons(n);
+	else if (!strcmp(argv[1], "vfork"))
+		vforked();
 	else
 		return 2;
 	if (strcmp(argv[1], "daemons")) {

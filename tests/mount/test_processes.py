@@ -7,15 +7,22 @@ the daemon notices asynchronously (an exit) is waited for by polling with a dead
 
 from __future__ import annotations
 
+import ctypes
 import os
 import select
 import signal
 import subprocess
+import time
 
 import pytest
 
 from mountutil import (DEADLINE, events, outcome, pids, read, sh, wait_until, write,
                        write_result)
+
+
+PTRACE_DETACH = 17
+PTRACE_SEIZE = 0x4206
+PTRACE_INTERRUPT = 0x4207
 
 
 def move(pid, cgroup):
@@ -338,6 +345,114 @@ def test_cgroup_stat_local_counts_the_time_spent_freezing(cg):
     totals = [frozen_usec(cg / name) for name in ("", "a", "b")]
     assert totals[0] > 0 and totals[2] > 0
     assert [frozen_usec(cg / name) for name in ("", "a", "b")] == totals  # stopped counting
+
+
+def state(pid):
+    """The process's state letter in /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def cpu_ticks(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def spinner(procs):
+    return procs.start(["sh", "-c", "while :; do :; done"])
+
+
+def frozen(cg):
+    wait_until(lambda: events(cg)["frozen"] == 1, f"{cg.name} to be frozen")
+
+
+def test_a_frozen_process_does_not_run_whoever_sends_sigcont(cg, procs):
+    """The kernel's frozen tasks ignore SIGCONT: no CPU time at all, and frozen stays 1."""
+    busy = spinner(procs)
+    move(busy.pid, cg)
+    write(cg / "cgroup.freeze", "1")
+    frozen(cg)
+    os.kill(busy.pid, signal.SIGCONT)
+    ticks = cpu_ticks(busy.pid)
+    deadline = time.monotonic() + 0.5  # a spinning process would take 50 ticks meanwhile
+    while time.monotonic() < deadline:
+        assert events(cg)["frozen"] == 1
+        time.sleep(0.05)
+    assert cpu_ticks(busy.pid) == ticks
+    write(cg / "cgroup.freeze", "0")
+    wait_until(lambda: cpu_ticks(busy.pid) > ticks, "the thawed process to run")
+
+
+def test_a_parent_does_not_see_its_child_frozen(cg, procs):
+    """waitpid(WUNTRACED) reports no stop: the kernel's freezer is invisible to the parent."""
+    child = procs.sleep()
+    move(child.pid, cg)
+    write(cg / "cgroup.freeze", "1")
+    frozen(cg)
+    assert os.waitpid(child.pid, os.WNOHANG | os.WUNTRACED) == (0, 0)
+    write(cg / "cgroup.freeze", "0")
+    wait_until(lambda: events(cg)["frozen"] == 0, "the cgroup to thaw")
+    assert os.waitpid(child.pid, os.WNOHANG | os.WUNTRACED | os.WCONTINUED) == (0, 0)
+
+
+def test_a_process_stopped_before_the_freeze_stays_stopped_after_the_thaw(cg, procs):
+    """test_cgfreezer_stopped: SIGSTOP, freeze, thaw: still stopped (T), as the kernel leaves
+    it; the freezer never resumes what it did not stop."""
+    stopped = procs.sleep()
+    move(stopped.pid, cg)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    wait_until(lambda: state(stopped.pid) == "T", "the process to stop")
+    assert events(cg)["frozen"] == 0
+    write(cg / "cgroup.freeze", "1")
+    frozen(cg)
+    write(cg / "cgroup.freeze", "0")
+    wait_until(lambda: events(cg)["frozen"] == 0, "the cgroup to thaw")
+    wait_until(lambda: state(stopped.pid) == "T", "the process to be stopped as before")
+    os.kill(stopped.pid, signal.SIGCONT)
+    wait_until(lambda: state(stopped.pid) == "S", "the process to run again")
+
+
+def test_a_process_another_tracer_holds_counts_as_frozen_and_is_left_to_it(cg, procs):
+    """test_cgfreezer_ptraced: a process held in a trace stop by a debugger is frozen as it is
+    (the freezer cannot trace it), and the thaw leaves it to the debugger."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_long, ctypes.c_void_p, ctypes.c_void_p)
+    traced = procs.sleep()
+    move(traced.pid, cg)
+    assert libc.ptrace(PTRACE_SEIZE, traced.pid, None, None) == 0
+    try:
+        assert libc.ptrace(PTRACE_INTERRUPT, traced.pid, None, None) == 0
+        os.waitpid(traced.pid, 0)
+        assert events(cg)["frozen"] == 0
+        write(cg / "cgroup.freeze", "1")
+        frozen(cg)
+        write(cg / "cgroup.freeze", "0")
+        wait_until(lambda: events(cg)["frozen"] == 0, "the cgroup to thaw")
+        assert state(traced.pid) == "t"  # still the debugger's
+    finally:
+        assert libc.ptrace(PTRACE_DETACH, traced.pid, None, None) == 0
+    wait_until(lambda: state(traced.pid) == "S", "the process to run again")
+
+
+def test_a_parent_waiting_in_vfork_counts_as_frozen_and_stops_as_it_returns(cg, procs,
+                                                                          storm, shared_mnt):
+    """test_cgfreezer_vfork: a parent in vfork() cannot take a signal, and the kernel counts it
+    as frozen; back from vfork(), it does not run until the thaw."""
+    parent = storm("vfork", 1)
+    move(parent.pid, cg)
+    (child,) = parent.go()
+    move(child, shared_mnt)  # the child is not frozen: it goes on, and ends the vfork()
+    write(cg / "cgroup.freeze", "1")
+    frozen(cg)
+    assert state(parent.pid) == "D"
+    parent.process.stdin.write("exit\n")  # the child exits; the parent returns from vfork()
+    parent.process.stdin.flush()
+    wait_until(lambda: state(parent.pid) == "t", "the parent to stop as it returns")
+    ticks = cpu_ticks(parent.pid)
+    assert events(cg)["frozen"] == 1
+    write(cg / "cgroup.freeze", "0")
+    wait_until(lambda: cpu_ticks(parent.pid) > ticks, "the parent to spin once thawed")
 
 
 def test_a_frozen_cgroup_can_still_be_killed(cg, procs):
