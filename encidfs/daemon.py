@@ -117,7 +117,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     journal = _FlushedSoon(store)
     restored = restore(store, changes, tracker.start_time_now)
     changes.journal = journal
-    pyfuse3.init(operations, mountpoint, mount_options("encidfs", config.fuse_options))
+    pyfuse3.init(operations, mountpoint,
+                 mount_options("encidfs", config.fuse_options, everyone=os.geteuid() == 0))
     clean = False
     try:
         operations.invalidator.start()

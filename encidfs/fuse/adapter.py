@@ -340,7 +340,10 @@ class CgroupOperations(pyfuse3.Operations):
         self._pollers.get(open_file.node.inode, {}).pop(fh, None)
 
 
-def mount_options(fsname: str, extra: list[str]) -> set[str]:
-    """FUSE options: the kernel checks permissions against our modes, as it does on cgroupfs."""
-    return {f"fsname={fsname}", "subtype=encidfs", "default_permissions", *extra}
+def mount_options(fsname: str, extra: list[str], everyone: bool) -> set[str]:
+    """FUSE options: the kernel checks permissions against our modes, as it does on cgroupfs;
+    with `everyone` (root's mount), every user may ask, as on cgroupfs (FUSE's default refuses
+    all but the mounting user before the modes are looked at)."""
+    return {f"fsname={fsname}", "subtype=encidfs", "default_permissions",
+            *(["allow_other"] if everyone else []), *extra}
 

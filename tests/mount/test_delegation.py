@@ -292,12 +292,20 @@ def current(cg: Path) -> int:
 
 # -- reaching the mount ---------------------------------------------------------------------------
 
-def test_without_allow_other_the_user_cannot_use_the_mount(mnt, traversable, agent):
-    """FUSE refuses other users unless mounted with allow_other (the kernel answers EACCES)."""
+def test_roots_mount_answers_every_user_as_cgroupfs_does(mnt, traversable, user, agent, procs):
+    """Mounted by root without -o allow_other: FUSE's default would refuse every other user
+    before the modes are looked at; cgroupfs checks only the modes, so root's mount does too."""
     traversable(mnt)
-    assert agent.outcome("stat", mnt) == "EACCES"
-    assert agent.outcome("read", mnt / "cgroup.procs") == "EACCES"
-    assert agent.outcome("stat", mnt.parent) == "OK"  # the path to it was traversable
+    assert agent.read(mnt / "encids.sev.stat") == "total 509\nused 0\n"
+    (mnt / "a").mkdir()
+    delegated = delegate(mnt / "a", user.uid, user.gid)
+    assert agent.mkdir(delegated / "x") == "OK"
+    mine = user_sleep(procs, user)
+    # Her cgroup.procs opens; the move out of the root needs the root's (the common ancestor).
+    assert agent.write(delegated / "cgroup.procs", mine) == "EACCES at write"
+    write(delegated / "cgroup.procs", str(mine))
+    assert agent.write(delegated / "x" / "cgroup.procs", mine) == "OK"
+    assert pids(delegated / "x") == [mine]
 
 
 def test_with_allow_other_the_user_reads_but_cannot_write_roots_files(umnt, agent):
