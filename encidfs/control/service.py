@@ -115,7 +115,7 @@ class ControlService:
                     with collector.paused():  # a large tree's reply is many small objects
                         statuses[sparse] = self._answer(
                             lambda: {"ok": True, **self._status(sparse)}, request)
-                replies.append(statuses[sparse])
+                replies.append(self._seen_by(peer, statuses[sparse]))
                 self._observe(["status"], start)
             else:
                 replies.append(error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}"))
@@ -184,6 +184,8 @@ class ControlService:
         pid = request.get("pid", peer.pid)
         if not isinstance(type_name, str) or not _whole(count) or not _whole(pid) or pid <= 0:
             raise fail(errno.EINVAL, "allocate takes a type, a count >= 1 and a PID")
+        if "pid" in request:  # named in the client's PID namespace
+            pid = self.tracker.pid_from(peer.pid, pid)
         holder = self.tracker.thread_group(pid)
         self._check_may_act_for(peer, holder)
         # Watched from now on, and alive now: an exit still on its way is settled first, so
@@ -198,24 +200,27 @@ class ControlService:
         if count < 1:  # the allocator's own checks, before the request is journalled
             raise fail(errno.EINVAL, "count must be at least 1")
         self.types.usable(type_name)
+        (named,) = self.tracker.pids_for(peer.pid, [holder])
         return _Change(("allocate", holder, start, type_name, count), (holder, start),
-                       lambda ids: {"type": type_name, "ids": ids, "holder": holder,
+                       lambda ids: {"type": type_name, "ids": ids, "holder": named,
                                     "cgroup": cg.path})
 
     def _free(self, request: dict, peer: Peer) -> _Change:
         """Free IDs of one holder: the holder itself asks, or the mount's owner does."""
         ids = request.get("ids")
-        holder = request.get("pid", peer.pid)
+        named = holder = request.get("pid", peer.pid)
         if not isinstance(ids, list) or not ids or not all(_whole(i) for i in ids) \
                 or not _whole(holder):
             raise fail(errno.EINVAL, "free takes a list of IDs and their holder's PID")
+        if "pid" in request:  # named in the client's PID namespace
+            holder = self.tracker.pid_from(peer.pid, holder)
         if holder != peer.pid and not self._owner(peer):
             raise fail(errno.EPERM, "only the holder or the mount's owner frees its IDs")
         # A stale request (its holder gone, the IDs handed out again) names the wrong holder.
         foreign = [i for i in ids if self.allocator.holder_of(i) != holder]
         if foreign:
-            raise fail(errno.EINVAL, f"not held by process {holder}: {foreign}")
-        return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": holder})
+            raise fail(errno.EINVAL, f"not held by process {named}: {foreign}")
+        return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": named})
 
     def _status(self, sparse: bool) -> dict:
         """Sparse, what a new cgroup has is left out: a type whose figures are
@@ -255,6 +260,16 @@ class ControlService:
                 "holders": [{"pid": pid, "type": t, "cgroup": origin, "charged": dict(charged),
                              "ids": ids}
                             for (pid, t, origin, charged), ids in holders.items()]}
+
+    def _seen_by(self, peer: Peer, reply: dict) -> dict:
+        """A status as the client's PID namespace sees it: its PIDs, 0 for those outside."""
+        if not reply.get("ok") or not self.tracker.foreign(peer.pid):
+            return reply
+        cgroups = [{**entry, "procs": self.tracker.pids_for(peer.pid, entry["procs"])}
+                   if "procs" in entry else entry for entry in reply["cgroups"]]
+        pids = self.tracker.pids_for(peer.pid, [holder["pid"] for holder in reply["holders"]])
+        holders = [{**holder, "pid": pid} for holder, pid in zip(reply["holders"], pids)]
+        return {**reply, "cgroups": cgroups, "holders": holders}
 
     def _figures(self, css: ResourceCss, sparse: bool) -> dict:
         types = self.types

@@ -38,13 +38,14 @@ class Caller(NamedTuple):
 
 
 Show = Callable[[Cgroup], str]
+ShowTo = Callable[[Cgroup, Caller], str]  # what the reader sees depends on who it is
 Write = Callable[[Cgroup, bytes, Caller], None]
 
 
 @dataclass(frozen=True)
 class CfType:
     name: str
-    show: Show | None = None
+    show: Show | ShowTo | None = None
     write: Write | None = None  # gets the written text up to its first NUL, unstripped
     placement: Placement = Placement.EVERYWHERE
     controller: Controller | None = None  # present only where that controller has a css
@@ -54,6 +55,8 @@ class CfType:
     # Shown a record at a time (seq_start/seq_next): a read that finds no record never runs
     # kernfs_seq_show(), so it does not catch up with the notifications, as poll(2) then shows.
     records: bool = False
+    # show takes the reader (the opener) too: PIDs are shown as its PID namespace sees them.
+    to_reader: bool = False
 
     @property
     def mode(self) -> int:

@@ -39,6 +39,13 @@ class Processes(Protocol):
         """Follow pid's exit, settling first the exit of the one it was; when it started if it
         lives, else None."""
 
+    def pid_from(self, caller: int, pid: int, thread: bool = False) -> int:
+        """The PID (TID) that process `caller` names `pid`, in the daemon's PID namespace;
+        ESRCH if the caller can see no such process."""
+
+    def pids_for(self, caller: int, pids: list[int]) -> list[int]:
+        """PIDs (TIDs) as process `caller` sees them: 0 for one outside its namespace."""
+
     def check_signalable(self, pid: int) -> None:
         """EPERM for a process the daemon may not signal (a user's daemon, another's process)."""
 
@@ -101,7 +108,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         """The processes the root has implicitly: every one not attached elsewhere."""
         return [pid for pid in processes.all_pids() if pid not in hierarchy.members]
 
-    def show_procs(cg: Cgroup) -> str:
+    def show_procs(cg: Cgroup, reader: Caller) -> str:
         # All processes of a threaded subtree belong to its thread root (cgroup_procs_start()).
         if cg.is_threaded:
             raise fail(errno.EOPNOTSUPP, "cgroup.procs of a threaded cgroup")
@@ -109,10 +116,11 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         pids = hierarchy.domain_pids(cg)
         if cg.is_root:
             pids = sorted(set(root_pids()).union(pids))
-        return "".join(f"{pid}\n" for pid in pids)
+        return "".join(f"{pid}\n" for pid in processes.pids_for(reader.pid, pids))
 
     def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        pid = _parse_pid(text) or caller.pid
+        pid = _parse_pid(text)
+        pid = processes.pid_from(caller.pid, pid) if pid else caller.pid
         processes.sync()
         tgid = processes.thread_group(pid)
         processes.check_signalable(tgid)
@@ -127,7 +135,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
             processes.joined(tgid)
         processes.apply_freezer([tgid])
 
-    def show_threads(cg: Cgroup) -> str:
+    def show_threads(cg: Cgroup, reader: Caller) -> str:
         processes.sync()
         if cg.is_root:
             pids = root_pids() + [pid for pid in hierarchy.split if pid in hierarchy.members]
@@ -137,10 +145,11 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         for pid in pids:
             placed = hierarchy.threads_in(cg, pid)
             tids += processes.threads(pid) if placed is None else placed
-        return "".join(f"{tid}\n" for tid in sorted(tids))
+        return "".join(f"{tid}\n" for tid in processes.pids_for(reader.pid, sorted(tids)))
 
     def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        tid = _parse_pid(text) or caller.pid
+        tid = _parse_pid(text)
+        tid = processes.pid_from(caller.pid, tid, thread=True) if tid else caller.pid
         processes.sync()
         tgid = processes.thread_group(tid)
         processes.check_signalable(tgid)
@@ -213,8 +222,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
     not_on_root = Placement.NOT_ON_ROOT
     return [
         CfType("cgroup.type", lambda cg: f"{hierarchy.type_of(cg)}\n", write_type, not_on_root),
-        CfType("cgroup.procs", show_procs, write_procs, records=True),
-        CfType("cgroup.threads", show_threads, write_threads, records=True),
+        CfType("cgroup.procs", show_procs, write_procs, records=True, to_reader=True),
+        CfType("cgroup.threads", show_threads, write_threads, records=True, to_reader=True),
         CfType("cgroup.controllers",
                lambda cg: _mask_line(hierarchy.names(hierarchy.controllers_of(cg)))),
         CfType("cgroup.subtree_control",

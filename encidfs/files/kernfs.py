@@ -433,7 +433,9 @@ class OpenFile:
             raise fail(errno.EINVAL)
         if offset == 0 or not self._text:
             self.table.processes.settle()  # what exited is gone before anyone can look
-            self._text = cft.show(self.node.cgroup).encode()
+            cg = self.node.cgroup
+            text = cft.show(cg, self.caller) if cft.to_reader else cft.show(cg)  # type: ignore
+            self._text = text.encode()
             if self._text or not cft.records:
                 self._seen = self.table.notifications(self.node.inode)
         return self._text[offset:offset + size]

@@ -40,6 +40,7 @@ import trio
 from ..engine import fail
 from .connector import Connector, Fork, Thread
 from .freezer import Freezer
+from .pidns import PidNamespaces
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,6 +108,7 @@ class ProcessTracker:
         # kills itself).
         self._exempt = exempt
         self._freezer = Freezer(frozen, on_stopped, exempt, proc)
+        self._namespaces = PidNamespaces(proc)
         self._connector = Connector.open() if use_connector else None
         self.mode = "proc connector" if self._connector else "/proc scan"
         # What the daemon would do but cannot, for `status` to say once.
@@ -491,6 +493,29 @@ class ProcessTracker:
                 if line.startswith(b"Tgid:"):
                     return int(line.split()[1])
         raise ProcessLookupError(pid)  # a status without it: gone as it was read
+
+    def pid_from(self, caller: int, pid: int, thread: bool = False) -> int:
+        """The PID (TID) that process `caller` names `pid`, in the daemon's PID namespace;
+        ESRCH if the caller can see no such process."""
+        ns = self._namespaces.of(caller)
+        return pid if ns is None else self._namespaces.to_ours(ns, pid, thread)
+
+    def foreign(self, caller: int) -> bool:
+        """Whether process `caller` lives in a PID namespace other than the daemon's (or is
+        gone: it sees nothing)."""
+        try:
+            return self._namespaces.of(caller) is not None
+        except ProcessLookupError:
+            return True
+
+    def pids_for(self, caller: int, pids: list[int]) -> list[int]:
+        """PIDs (TIDs) as process `caller` sees them: 0 for one outside its namespace (or
+        all, for a caller gone since)."""
+        try:
+            ns = self._namespaces.of(caller)
+        except ProcessLookupError:
+            return [0] * len(pids)
+        return pids if ns is None else self._namespaces.from_ours(ns, pids)
 
     def check_signalable(self, pid: int) -> None:
         """A user's daemon acts only on processes it may signal, as kill(2) decides (EPERM)."""
