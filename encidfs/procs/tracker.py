@@ -171,10 +171,9 @@ class ProcessTracker:
                 self._poll_wanted = trio.Event()
                 await self._poll_wanted.wait()
             await trio.sleep(POLL_INTERVAL)
-            if self._polled:
-                _logged(self.settle)
             if self._connector is None:
                 _logged(self.check_threads)
+            _logged(self.settle)  # the exits seen, and what changed told
 
     # -- keeping the engine up to date ---------------------------------------------------------
 

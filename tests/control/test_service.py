@@ -10,12 +10,23 @@ from encidfs.engine import new_engine
 from encidfs.state.changes import Changes
 
 ROOT_PEER = Peer(os.getpid(), 0, 0)
+FOREIGN_PEER = Peer(os.getpid() + 1, 0, 0)  # in a PID namespace of its own
 
 
 class Tracker:
-    """Every process is alive, started at tick 1, and its own thread group."""
+    """Every process is alive, started at tick 1, and its own thread group; FOREIGN_PEER's
+    PID namespace sees PID p as p + 1000, the others see the daemon's."""
 
     mode = "stand-in"
+
+    def foreign(self, caller: int) -> bool:
+        return caller == FOREIGN_PEER.pid
+
+    def pid_from(self, caller: int, pid: int) -> int:
+        return pid - 1000 if self.foreign(caller) else pid
+
+    def pids_for(self, caller: int, pids: list[int]) -> list[int]:
+        return [pid + 1000 for pid in pids] if self.foreign(caller) else pids
 
     def sync(self) -> None:
         pass
@@ -67,3 +78,15 @@ def test_a_status_after_a_change_in_the_same_round_sees_it() -> None:
     assert replies[0]["holders"] == []
     assert [holder["ids"] for holder in replies[2]["holders"]] == [replies[1]["ids"]]
     assert replies[3] is replies[2]
+
+
+def test_a_status_is_told_in_each_clients_pid_namespace() -> None:
+    service, walks = service_counting_walks()
+    replies = service.answer_all([({"op": "allocate", "type": "sev", "pid": 1001},
+                                   FOREIGN_PEER),
+                                  ({"op": "status"}, ROOT_PEER),
+                                  ({"op": "status"}, FOREIGN_PEER)])
+    assert replies[0]["holder"] == 1001  # as its client named it
+    assert walks[0] == 1  # made once, told twice
+    assert [holder["pid"] for holder in replies[1]["holders"]] == [1]
+    assert [holder["pid"] for holder in replies[2]["holders"]] == [1001]

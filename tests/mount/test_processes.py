@@ -459,7 +459,7 @@ def test_a_frozen_cgroup_can_still_be_killed(cg, procs):
     sleeper = procs.sleep()
     move(sleeper.pid, cg)
     write(cg / "cgroup.freeze", "1")
-    wait_until(lambda: events(cg)["frozen"] == 1, "the cgroup to be frozen")
+    frozen(cg)
     write(cg / "cgroup.kill", "1")
     assert sleeper.wait(timeout=DEADLINE) == -signal.SIGKILL
     unpopulated(cg)
