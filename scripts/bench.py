@@ -15,6 +15,7 @@ the same run.
 
 import argparse
 import contextlib
+import errno
 import os
 import statistics
 import subprocess
@@ -656,17 +657,22 @@ def run_storm(program, mode, n, cgroup=None):
         proc.stdin.flush()
         alive = proc.stdout.readline().split()[1:]
         seconds = time.perf_counter() - start
-        listed = len(read_text(f"{cgroup}/cgroup.procs").split()) if cgroup else 0
+        listed = count_listed(cgroup)
     finally:
         proc.stdin.close()
         proc.wait()
-    after = len(read_text(f"{cgroup}/cgroup.procs").split()) if cgroup else 0
-    return seconds, listed, 1 + len(alive), after
+    return seconds, listed, 1 + len(alive), count_listed(cgroup)
 
 
-def read_text(path):
-    with open(path) as f:
-        return f.read()
+def count_listed(cgroup):
+    """How many processes cgroup.procs lists (0 without a cgroup), or the error reading it."""
+    if cgroup is None:
+        return 0
+    try:
+        with open(f"{cgroup}/cgroup.procs") as f:
+            return len(f.read().split())
+    except OSError as error:
+        return errno.errorcode.get(error.errno, str(error.errno))
 
 
 def tracking(sources):
