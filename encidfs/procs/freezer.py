@@ -54,6 +54,10 @@ def _ptrace(request: int, tid: int, data: int = 0) -> None:
         raise OSError(code, os.strerror(code))
 
 
+def _taken(signum: int, frame: object) -> None:
+    """A SIGCHLD no receiver is waiting for: the freezer's next check reaps what it tells."""
+
+
 class _Held:
     """A process the freezer holds."""
 
@@ -96,6 +100,9 @@ class Freezer:
                 delay = min(delay * 2, CHECK_MOST) if waited.cancelled_caught else CHECK_FIRST
 
     async def _on_sigchld(self) -> None:
+        # What the receiver gives back as it closes: a Python handler, so that a SIGCHLD that
+        # comes as it closes is taken (left to no handler, CPython reports a "race").
+        signal.signal(signal.SIGCHLD, _taken)
         with trio.open_signal_receiver(signal.SIGCHLD) as signals:
             async for _ in signals:
                 if self._held:

@@ -326,13 +326,12 @@ class ProcessTracker:
             # The kernel gave the PID to a new process: the one it was is gone, its own forks
             # told already (they came before its exit).
             self._apply_exit((child, self._watched[child]))
-        pidfd = self._open_pidfd(child)
         if start is None:
             start = self.start_time_now(child)
         self._on_fork(parent, child, start, creator)
         self._news = True
         self._joined[child] = (start or 0, set())  # a member since its birth: all its children
-        self._follow(child, start, pidfd)
+        self._follow(child, start, None if start is None else self._open_pidfd(child))
         if start is not None:
             self.apply_freezer([child])
 
