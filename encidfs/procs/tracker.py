@@ -273,9 +273,9 @@ class ProcessTracker:
                 self.check_threads()
 
     def _scan_for_children(self) -> list[tuple[int, int, int]]:
-        """Children of members that the engine does not know, each (start time, parent PID,
-        PID), oldest first: a child adopted first is a member for its own children further on
-        (a grandchild is younger)."""
+        """Processes not followed yet, each (start time, parent PID, PID), oldest first: a
+        child adopted first is a member for its own children further on (a grandchild is
+        younger).  One followed already was placed once, and may have been moved since."""
         found = []
         for pid in self.all_pids():
             if pid in self._members:
@@ -284,7 +284,9 @@ class ProcessTracker:
                 fields = _stat_fields(self._proc, pid)
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            found.append((int(fields[19]), int(fields[1]), pid))
+            start = int(fields[19])
+            if self._watched.get(pid) != start:
+                found.append((start, int(fields[1]), pid))
         found.sort()
         return found
 

@@ -159,6 +159,25 @@ def test_grandchildren_are_members_too(mnt, procs, orphans):
     assert not set(descendants) & set(pids(mnt))
 
 
+@pytest.mark.parametrize("tracking", ["auto", "scan"])
+def test_a_members_child_moved_to_the_root_stays_there(encidfs_factory, procs, tracking):
+    """A child is placed once, at its fork: a later look at /proc (scan mode finds children
+    by their parent) must not take it back to its parent's cgroup."""
+    mnt = encidfs_factory(options=("--tracking", tracking)).path
+    (mnt / "a").mkdir()
+    shell = procs.start(["bash", "-c", "read go; sleep 600 & echo $!; read done"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    move(shell.pid, mnt / "a")
+    shell.stdin.write("go\n")
+    shell.stdin.flush()
+    child = int(shell.stdout.readline())
+    assert pids(mnt / "a") == sorted([shell.pid, child])
+    move(child, mnt)  # to the root, where members are not listed
+    for _ in range(2):
+        assert pids(mnt / "a") == [shell.pid] and child in pids(mnt)
+    os.kill(child, signal.SIGKILL)
+
+
 def test_children_of_a_member_that_exits_at_once_stay_members(encidfs_factory, procs, orphans):
     """`echo $$ > a/cgroup.procs; cmd &` in a shell that then exits: the fork happened while
     the shell was a member, so the child belongs to /a even when the daemon learns of the
