@@ -120,6 +120,12 @@ class ProcessTracker:
         # (or on EMFILE), by looking at /proc on every sync() and every POLL_INTERVAL.
         self._pidfd_budget = pidfd_budget
         self._exited = select.epoll()  # the pidfds of watched processes: readable once exited
+        # Whether there is news at all (exits, or events): what settle() asks when there is
+        # none, as before every read, costs one epoll_wait.
+        self._news_ready = select.epoll()
+        self._news_ready.register(self._exited.fileno(), select.EPOLLIN)
+        if self._connector is not None:
+            self._news_ready.register(self._connector.fileno(), select.EPOLLIN)
         self._pidfds: dict[int, tuple[int, int]] = {}  # pidfd -> (PID, start time)
         self._pidfd_of: dict[int, int] = {}  # PID -> its pidfd
         self._polled: set[int] = set()
@@ -190,16 +196,17 @@ class ProcessTracker:
         """Apply what the kernel has told until now: the exits of watched processes, after the
         forks and thread changes the connector has queued (those made before the exits, so a
         child forked by a process that has exited since still joins its cgroup)."""
-        self._take_exited()
-        for _ in range(SETTLE_ROUNDS):
-            seen = len(self._exits)
-            if self._connector is not None:
-                self._drain_connector()
-            exits, self._exits = self._exits, self._exits[seen:]
-            if seen:
-                _each(exits[:seen], self._apply_exit)
-            if not self._exits:  # no child was found exited as it was adopted
-                break
+        if self._news_ready.poll(0) or self._exits or self._polled:
+            self._take_exited()
+            for _ in range(SETTLE_ROUNDS):
+                seen = len(self._exits)
+                if self._connector is not None:
+                    self._drain_connector()
+                exits, self._exits = self._exits, self._exits[seen:]
+                if seen:
+                    _each(exits[:seen], self._apply_exit)
+                if not self._exits:  # no child was found exited as it was adopted
+                    break
         if self._connector is not None and self._connector.forks:
             self._listen_for_thread_exits()
         elif self._connector is None and self._split:
