@@ -238,6 +238,7 @@ class Kernfs:
 
     def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
         parent = self._dir(parent_inode)
+        self.processes.settle()  # an exit may release dying cgroups that count in the limits
         cg = self.changes.run("mkdir", parent.id, os.fsdecode(name), stat.S_IMODE(mode),
                               caller.uid, caller.gid, self.hierarchy.clock())
         return Node(self.dir_inode(cg), cg, None)  # type: ignore[arg-type]
@@ -257,6 +258,7 @@ class Kernfs:
         node = self.lookup(parent_inode, name)
         if node.cftype is not None:
             raise fail(errno.ENOTDIR)
+        self.processes.settle()  # a process that has exited is gone from the cgroup
         self.changes.run("rmdir", node.cgroup.id)
 
     def check_file_collisions(self, cg: Cgroup, enable: int) -> None:
@@ -447,6 +449,7 @@ class OpenFile:
             raise fail(errno.E2BIG)
         if cft.write is None:
             raise fail(errno.EINVAL)
+        self.table.processes.settle()  # its checks see the processes as they are
         cft.write(self.node.cgroup, written_text(buf), self.caller)
         return len(buf)
 
