@@ -690,6 +690,8 @@ class Tree:
             self.stop(home)
         for rel in sorted(NOT_ROOT, key=lambda r: -r.count("/")):
             (self.mnt / rel).rmdir()
+        for limit in ("cgroup.max.depth", "cgroup.max.descendants"):  # a write may have set
+            write(self.mnt / limit, "max")
         for rel in NOT_ROOT:
             (self.mnt / rel).mkdir()
 
