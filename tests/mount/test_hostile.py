@@ -1031,6 +1031,19 @@ def charges(mnt: Path) -> dict[str, int]:
     return {type_name: used(mnt, type_name) for type_name in CAPACITY}
 
 
+def pidfd_targets(pid: int) -> list[str]:
+    """What each pidfd of the daemon refers to, as fdinfo tells (Pid:, -1 once reaped)."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:[pidfd]":
+                with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+                    targets += [line.split()[1] for line in f if line.startswith("Pid:")]
+        except FileNotFoundError:
+            pass  # closed meanwhile
+    return targets
+
+
 def daemon_fds(pid: int) -> collections.Counter[str]:
     """The daemon's open files, by what they are (sockets by inode, pidfds counted)."""
     found: collections.Counter[str] = collections.Counter()
@@ -1466,7 +1479,9 @@ def test_connections_closed_abruptly_mid_request_leave_nothing_charged(daemon, p
                            "the daemon to close the abandoned connections")
             except AssertionError as error:
                 left = daemon_fds(daemon.process.pid) - base_fds
-                raise AssertionError(f"{error}: still open: {dict(left)}") from None
+                raise AssertionError(f"{error}: still open: {dict(left)}; the pidfds' processes:"
+                                     f" {pidfd_targets(daemon.process.pid)}, the holder "
+                                     f"{holder.pid}") from None
         # Unfinished requests charge nothing; each whole one charged its one ID, held by the
         # holder (not by the connection) until it exits.
         wait_until(lambda: used(mnt) == complete, f"{complete} IDs charged")
