@@ -125,7 +125,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         async with trio.open_nursery() as nursery:
             await nursery.start(tracker.run)
             if notifier:
-                nursery.start_soon(notifier.run)
+                await nursery.start(notifier.run)
             for pid in restored:  # the processes as they were, even if their PID is reused
                 if pid in hierarchy.members:
                     tracker.joined(pid, changes.starts[pid])

@@ -105,17 +105,23 @@ class ModifyNotifier:
             del self._notified_at[path]
         return due
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
         """Once mounted, for the daemon's lifetime: hand the pending files to the toucher,
-        started again if it ends.  The truncates go only where this mount is, never to
-        whatever might later be mounted over its mountpoint."""
+        started again if it ends (started once the first toucher is, so that the mount is
+        said ready with its notifications).  The truncates go only where this mount is, never
+        to whatever might later be mounted over its mountpoint."""
         mount = mounted_at(self.mountpoint)
         if mount is None:
+            task_status.started()
             return
+        started = task_status.started
         while True:
             toucher = await trio.lowlevel.open_process(
                 [sys.executable, "-m", "encidfs.fuse.toucher", self.mountpoint,
                  str(mount.device)], stdin=subprocess.PIPE)
+            started()
+            started = trio.TASK_STATUS_IGNORED.started  # a toucher started again says nothing
             try:
                 while True:
                     with trio.move_on_at(min(self._held.values(), default=math.inf)):
