@@ -367,6 +367,12 @@ def frozen(cg):
     wait_until(lambda: events(cg)["frozen"] == 1, f"{cg.name} to be frozen")
 
 
+def runs_once_thawed(cg, pid, ticks):
+    """Thaw cg: the process, which had taken `ticks` so far, runs again."""
+    write(cg / "cgroup.freeze", "0")
+    wait_until(lambda: cpu_ticks(pid) > ticks, f"process {pid} to run once thawed")
+
+
 def test_a_frozen_process_does_not_run_whoever_sends_sigcont(cg, procs):
     """The kernel's frozen tasks ignore SIGCONT: no CPU time at all, and frozen stays 1."""
     busy = spinner(procs)
@@ -380,8 +386,7 @@ def test_a_frozen_process_does_not_run_whoever_sends_sigcont(cg, procs):
         assert events(cg)["frozen"] == 1
         time.sleep(0.05)
     assert cpu_ticks(busy.pid) == ticks
-    write(cg / "cgroup.freeze", "0")
-    wait_until(lambda: cpu_ticks(busy.pid) > ticks, "the thawed process to run")
+    runs_once_thawed(cg, busy.pid, ticks)
 
 
 def test_a_parent_does_not_see_its_child_frozen(cg, procs):
@@ -449,10 +454,8 @@ def test_a_parent_waiting_in_vfork_counts_as_frozen_and_stops_as_it_returns(cg, 
     parent.process.stdin.write("exit\n")  # the child exits; the parent returns from vfork()
     parent.process.stdin.flush()
     wait_until(lambda: state(parent.pid) == "t", "the parent to stop as it returns")
-    ticks = cpu_ticks(parent.pid)
     assert events(cg)["frozen"] == 1
-    write(cg / "cgroup.freeze", "0")
-    wait_until(lambda: cpu_ticks(parent.pid) > ticks, "the parent to spin once thawed")
+    runs_once_thawed(cg, parent.pid, cpu_ticks(parent.pid))
 
 
 def test_a_frozen_cgroup_can_still_be_killed(cg, procs):
