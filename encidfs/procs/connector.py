@@ -164,6 +164,3 @@ class Connector:
                 if length < _NLMSGHDR.size:
                     break
                 offset += (length + 3) & ~3  # NLMSG_ALIGN
-
-    def close(self) -> None:
-        self._sock.close()

@@ -29,6 +29,8 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from .procfs import thread_state
+
 log = logging.getLogger(__name__)
 
 PTRACE_DETACH = 17
@@ -180,7 +182,7 @@ class Freezer:
                 pass  # exiting: its exit is reaped
 
     def _stop_by_signal(self, held: _Held) -> None:
-        state = self._state(held.pid, held.pid)
+        state = thread_state(self._proc, held.pid, held.pid)
         if state in ("T", "t") or self._in_vfork(held.pid, held.pid, state):
             return  # stopped by another, or stops as it returns: counted as it is
         os.kill(held.pid, signal.SIGSTOP)
@@ -218,7 +220,7 @@ class Freezer:
         if held.pid in self._exempt:
             return
         if held.signalled:
-            state = self._state(held.pid, held.pid)
+            state = thread_state(self._proc, held.pid, held.pid)
             if state is None or state in ("Z", "X"):
                 return  # its exit is on its way
             if state in ("T", "t") or self._in_vfork(held.pid, held.pid, state):
@@ -267,17 +269,10 @@ class Freezer:
         except FileNotFoundError:
             raise ProcessLookupError(pid) from None
 
-    def _state(self, pid: int, tid: int) -> str | None:
-        try:
-            with open(f"{self._proc}/{pid}/task/{tid}/stat", "rb") as f:
-                return f.read().rsplit(b")", 1)[1].split()[0].decode()
-        except (OSError, IndexError):
-            return None
-
     def _in_vfork(self, pid: int, tid: int, state: str | None = None) -> bool:
         """Whether the thread waits in vfork() for its child (uninterruptibly: the kernel
         counts it as frozen)."""
-        if (state or self._state(pid, tid)) != "D":
+        if (state or thread_state(self._proc, pid, tid)) != "D":
             return False
         try:
             with open(f"{self._proc}/{pid}/task/{tid}/syscall", "rb") as f:

@@ -41,6 +41,7 @@ from ..engine import fail
 from .connector import Connector, Fork, Thread
 from .freezer import Freezer
 from .pidns import PidNamespaces
+from .procfs import stat_fields, thread_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,13 +56,6 @@ SETTLE_ROUNDS = 16  # connector drains a settle() makes for children found exite
 EPOLL_BATCH = 1023  # what epoll.poll() returns at most (FD_SETSIZE - 1)
 LOST_LOG_INTERVAL = 5.0  # seconds: lost events are logged at most this often
 _TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _stat_fields(proc: str, pid: int) -> list[str]:
-    """/proc/PID/stat fields from the state on (the command name may hold anything)."""
-    with open(f"{proc}/{pid}/stat", "rb") as f:
-        data = f.read()
-    return data[data.rindex(b")") + 2:].decode().split()
 
 
 def _logged(step: Callable[[], None]) -> None:
@@ -288,7 +282,7 @@ class ProcessTracker:
             if pid in self._members:
                 continue
             try:
-                fields = _stat_fields(self._proc, pid)
+                fields = stat_fields(self._proc, pid)
             except (FileNotFoundError, ProcessLookupError):
                 continue
             start = int(fields[19])
@@ -321,12 +315,7 @@ class ProcessTracker:
                 self._news = True
 
     def _thread_lives(self, pid: int, tid: int) -> bool:
-        try:
-            with open(f"{self._proc}/{pid}/task/{tid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return False
-        return state not in (b"Z", b"X")
+        return thread_state(self._proc, pid, tid) not in (None, "Z", "X")
 
     def _adopt(self, parent: int, child: int, start: int | None = None,
                creator: int | None = None) -> None:
@@ -401,7 +390,7 @@ class ProcessTracker:
         """When the process started (ticks since boot), as /proc says now: None for no
         process, or one that has exited (a zombie)."""
         try:
-            fields = _stat_fields(self._proc, pid)
+            fields = stat_fields(self._proc, pid)
         except (FileNotFoundError, ProcessLookupError):
             return None
         return None if fields[0] in ("Z", "X") else int(fields[19])
@@ -480,7 +469,7 @@ class ProcessTracker:
             if pidfd is not None:
                 on_failure.callback(os.close, pidfd)
             try:
-                fields = _stat_fields(self._proc, pid)
+                fields = stat_fields(self._proc, pid)
                 tgid = pid if pidfd is not None else self._tgid(pid)
             except (FileNotFoundError, ProcessLookupError):
                 raise fail(errno.ESRCH) from None
