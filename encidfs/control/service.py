@@ -193,7 +193,7 @@ class ControlService:
         start = self.tracker.watch(holder)
         if start is None:
             raise fail(errno.ESRCH, f"process {holder} has exited")
-        cg = self.hierarchy.cgroup_of(holder)
+        cg = self.hierarchy.membership.cgroup_of(holder)
         if cg.is_root and not self._owner(peer):
             raise fail(errno.EPERM, f"process {holder} is in the root cgroup: only the mount's "
                                     "owner charges the root, others' processes are placed first")
@@ -201,7 +201,7 @@ class ControlService:
             raise fail(errno.EINVAL, "count must be at least 1")
         self.types.usable(type_name)
         (named,) = self.tracker.pids_for(peer.pid, [holder])
-        return _Change(("allocate", holder, start, type_name, count), (holder, start),
+        return _Change(("allocate", holder, start, type_name, count, cg.id), (holder, start),
                        lambda ids: {"type": type_name, "ids": ids, "holder": named,
                                     "cgroup": cg.path})
 

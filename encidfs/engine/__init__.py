@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .allocator import Allocation, Allocator
-from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy
+from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
 from .encids import EncidsController
 from .errors import ChargeRefused, fail
 from .misc import MiscController
@@ -14,7 +14,7 @@ from .resource import U64_MAX, Charge, ResourceController, Types
 
 __all__ = [
     "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
-    "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "MiscController",
+    "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "Membership", "MiscController",
     "ResourceController", "Types", "fail", "new_engine",
 ]
 

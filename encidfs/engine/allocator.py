@@ -37,14 +37,15 @@ class Allocator:
         self._allocated: dict[int, Allocation] = {}  # ID -> its allocation
         self._held: dict[int, set[int]] = {}  # holder PID -> its IDs
 
-    def allocate(self, holder: int, type_name: str, count: int,
-                 commit: Commit = no_journal) -> list[int]:
-        """Charge `count` IDs to the holder's cgroup now, in every controller, and hand out the
-        lowest free ones."""
+    def allocate(self, holder: int, type_name: str, count: int, commit: Commit = no_journal,
+                 origin: Cgroup | None = None) -> list[int]:
+        """Charge `count` IDs to `origin`, by default the cgroup the holder is in now, in every
+        controller, and hand out the lowest free ones."""
         if count < 1:
             raise fail(errno.EINVAL, "count must be at least 1")
         t = self.types.usable(type_name)
-        origin = self.hierarchy.cgroup_of(holder)
+        if origin is None:
+            origin = self.hierarchy.membership.cgroup_of(holder)
         csses = [controller.effective_css(origin) for controller in self.controllers]
         for controller, css in zip(self.controllers, csses):
             refusing = controller.refusing_level(css, t, count)

@@ -19,6 +19,7 @@ import errno
 import time
 from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
+from typing import Protocol
 
 from .css import Controller, Css
 from .errors import fail
@@ -133,13 +134,31 @@ class _FrozenFlips:
                              if h.frozen(node) != was)
 
 
+class Membership(Protocol):
+    """Where processes are: the one seam between the engine and what keeps membership.  The
+    standalone tree's is the hierarchy itself (its members, as process tracking reports them);
+    under --over it is the kernel's own cgroup v2 tree."""
+
+    def cgroup_of(self, pid: int) -> Cgroup:
+        """The cgroup of a process (of its leader, if its threads are split)."""
+
+    def has_tasks(self, cg: Cgroup) -> bool:
+        """Whether processes are in cg itself (cgroup_has_tasks())."""
+
+    def type_of(self, cg: Cgroup) -> str:
+        """What cg's cgroup.type reads (not asked of the root)."""
+
+
 class Hierarchy:
     def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX,
-                 clock: Callable[[], int] = time.monotonic_ns) -> None:
+                 clock: Callable[[], int] = time.monotonic_ns,
+                 membership: Membership | None = None) -> None:
         """`max_cgroups` caps the cgroups below the root, live and dying, as the root's
         cgroup.max.descendants would (the daemon's memory is the limit a kernel would have).
-        `clock` is the kernel's ktime_get_ns(): nanoseconds, the same for every process."""
+        `clock` is the kernel's ktime_get_ns(): nanoseconds, the same for every process.
+        `membership`: where processes are, if not in this hierarchy's own books."""
         self.controllers = controllers
+        self.membership: Membership = self if membership is None else membership
         self.clock = clock
         self.max_cgroups = max_cgroups
         for ssid, controller in enumerate(controllers):
@@ -178,6 +197,9 @@ class Hierarchy:
     def cgroup_of(self, pid: int) -> Cgroup:
         """The cgroup of a process (of its leader, if its threads are split)."""
         return self.members.get(pid, self.root)
+
+    def has_tasks(self, cg: Cgroup) -> bool:
+        return bool(cg.procs)
 
     def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
         threads = self.split.get(tgid)
@@ -349,18 +371,21 @@ class Hierarchy:
         return enable, disable
 
     def _vet_enable(self, cg: Cgroup, enable: int) -> None:
-        """cgroup_vet_subtree_control_enable(): where controllers may be enabled."""
-        if not self.is_valid_domain(cg.dom):
-            raise fail(errno.EOPNOTSUPP, "the cgroup cannot host resources")
+        """cgroup_vet_subtree_control_enable(): where controllers may be enabled.  The
+        membership tells the cgroup's type (a threaded cgroup's domain, the thread root above,
+        is valid by construction) and whether it has processes of its own."""
         if cg.parent is None:
-            return  # the root is exempt from the no-internal-process rule
+            return  # a valid domain, exempt from the no-internal-process rule
+        kind = self.membership.type_of(cg)
+        if kind == "domain invalid":
+            raise fail(errno.EOPNOTSUPP, "the cgroup cannot host resources")
         if enable & ~self.threaded_controllers:
-            if self.is_thread_root(cg) or cg.is_threaded:
+            if kind != "domain":
                 raise fail(errno.EOPNOTSUPP, "no domain controllers in a threaded subtree")
-        elif self.can_be_thread_root(cg) or cg.is_threaded:
+        elif kind == "threaded" or self.can_be_thread_root(cg):
             return  # threaded controllers compete with processes
         # The no-internal-process rule (disabling is always allowed).
-        if cg.procs:
+        if self.membership.has_tasks(cg):
             raise fail(errno.EBUSY, "the cgroup has processes")
 
     def write_subtree_control(self, cg: Cgroup, enable: int, disable: int,

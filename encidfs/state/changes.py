@@ -170,8 +170,11 @@ class Changes:
         self._started(pid, start)
 
     def allocate(self, holder: int, start: int, type_name: str, count: int,
-                 commit: Commit = no_journal) -> list[int]:
-        ids = self.allocator.allocate(holder, type_name, count, commit)
+                 cgroup: int | None = None, commit: Commit = no_journal) -> list[int]:
+        """Charged to `cgroup`, the holder's when it asked (a journal of an older release
+        has none: the holder's cgroup as replayed)."""
+        origin = None if cgroup is None else self._cgroup(cgroup)
+        ids = self.allocator.allocate(holder, type_name, count, commit, origin)
         self._started(holder, start)
         return ids
 
