@@ -21,6 +21,7 @@ import itertools
 import os
 import pwd
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -252,6 +253,29 @@ def storm(storm_program: str, procs: Processes) -> Callable[[str, int], Storm]:
 
 
 # -- users ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def traversable() -> Iterator:
+    """traversable(path): let every user traverse the directories above a mountpoint.  pytest's
+    temporary directories (/tmp/pytest-of-root/pytest-N/mounts0) are 0700; o+x (no listing) is
+    added to each of them for the test, and their modes are put back afterwards."""
+    changed: list[tuple[Path, int]] = []
+
+    def make(mountpoint: Path) -> Path:
+        for directory in Path(mountpoint).parents:
+            mode = stat.S_IMODE(os.stat(directory).st_mode)
+            if not mode & stat.S_IXOTH:
+                os.chmod(directory, mode | stat.S_IXOTH)
+                changed.append((directory, mode))
+        return mountpoint
+
+    try:
+        yield make
+    finally:
+        for directory, mode in reversed(changed):
+            os.chmod(directory, mode)
+
+
 
 USER_NAME = "encidfs-test"
 GROUP_NAME = "encidfs-test-g"

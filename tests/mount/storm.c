@@ -13,6 +13,8 @@
  *   daemons  N daemons (fork, setsid, fork, the middle one exits): they live until stdin closes
  *   vfork    (N ignored) vfork(): the child prints "done" and its PID, and exits at the next
  *            line on stdin; the parent, back from vfork(), spins until it is killed
+ *   siblings N children made with clone(CLONE_PARENT), as runc starts a container: the
+ *            storm's parent is theirs; they live until stdin closes
  */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -20,6 +22,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -168,6 +171,27 @@ static void daemons(long n)
 	fflush(stdout);
 }
 
+/* The parent of these is the storm's; the kernel places them in the storm's cgroup. */
+static void siblings(long n)
+{
+	printf("done");
+	for (long i = 0; i < n; i++) {
+		pid_t pid = syscall(SYS_clone, CLONE_PARENT | SIGCHLD, 0, 0, 0, 0);
+		char byte;
+
+		if (pid < 0)
+			die("clone");
+		if (pid == 0) {
+			while (read(0, &byte, 1) > 0)
+				;
+			_exit(0);
+		}
+		printf(" %d", pid);
+	}
+	printf("\n");
+	fflush(stdout);
+}
+
 /* The vfork() child may only make system calls: it writes with write(2). */
 static void vforked(void)
 {
@@ -190,7 +214,7 @@ int main(int argc, char **argv)
 	long n;
 
 	if (argc != 3 || (n = atol(argv[2])) <= 0) {
-		fprintf(stderr, "usage: storm flat|exec|wide|chain|threads|daemons|vfork N\n");
+		fprintf(stderr, "usage: storm flat|exec|wide|chain|threads|daemons|vfork|siblings N\n");
 		return 2;
 	}
 	if (!fgets(line, sizeof(line), stdin))
@@ -209,9 +233,11 @@ int main(int argc, char **argv)
 		daemons(n);
 	else if (!strcmp(argv[1], "vfork"))
 		vforked();
+	else if (!strcmp(argv[1], "siblings"))
+		siblings(n);
 	else
 		return 2;
-	if (strcmp(argv[1], "daemons")) {
+	if (strcmp(argv[1], "daemons") && strcmp(argv[1], "siblings")) {
 		printf("done\n");
 		fflush(stdout);
 	}

@@ -112,28 +112,6 @@ while line := sys.stdin.readline():
 # -- the test user ------------------------------------------------------------------------------
 
 @pytest.fixture
-def traversable() -> Iterator:
-    """traversable(path): let every user traverse the directories above a mountpoint.  pytest's
-    temporary directories (/tmp/pytest-of-root/pytest-N/mounts0) are 0700; o+x (no listing) is
-    added to each of them for the test, and their modes are put back afterwards."""
-    changed: list[tuple[Path, int]] = []
-
-    def make(mountpoint: Path) -> Path:
-        for directory in Path(mountpoint).parents:
-            mode = stat.S_IMODE(os.stat(directory).st_mode)
-            if not mode & stat.S_IXOTH:
-                os.chmod(directory, mode | stat.S_IXOTH)
-                changed.append((directory, mode))
-        return mountpoint
-
-    try:
-        yield make
-    finally:
-        for directory, mode in reversed(changed):
-            os.chmod(directory, mode)
-
-
-@pytest.fixture
 def umnt(mount_encidfs, traversable) -> Path:
     """A fresh instance mounted with allow_other, reachable by the test user: its mountpoint is
     in pytest's 0700 temporary directories, which `traversable` opens to o+x for the test."""
