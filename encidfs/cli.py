@@ -50,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--state", metavar="FILE",
                        help="keep the state in this file (and FILE.log beside it) and restore "
                             "it on mount")
+    mount.add_argument("--over", metavar="DIR",
+                       help="show DIR's cgroup v2 tree, the encryption-ID controllers added; "
+                            "membership is the kernel's (default: a standalone tree)")
     mount.add_argument("--tracking", choices=("auto", "scan"), default="auto",
                        help="how forks are followed: the proc connector when the daemon may "
                             "use it (auto), or scanning /proc (scan)")
@@ -128,7 +131,8 @@ def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
                                 options, args.control, args.state, args.max_cgroups,
-                                args.control_mode, args.control_group, args.controllers)
+                                args.control_mode, args.control_group, args.controllers,
+                                args.over)
     config.proc_connector = args.tracking == "auto"
     if args.metrics:
         config.metrics = _metrics_address(args.metrics)
@@ -318,6 +322,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--control-group", args.control_group]
     if args.state:
         argv += ["--state", os.path.abspath(args.state)]
+    if args.over:
+        argv += ["--over", os.path.abspath(args.over)]
     if args.max_cgroups is not None:
         argv += ["--max-cgroups", str(args.max_cgroups)]
     if args.metrics:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from . import host
 from .controllers import CONTROLLERS
+from .mountinfo import cgroup2_mount_of
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
 CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in this order
@@ -38,6 +39,9 @@ class Config:
     metrics: tuple[str, int] | None = None  # where /metrics is served (ADDRESS, PORT)
     # Where the capacities came from, for the log and status (None: not given; the host's).
     capacity_source: str | None = None
+    # A directory of a cgroup v2 hierarchy whose tree the mount shows, the encryption-ID
+    # controllers added (None: the standalone tree).
+    over: str | None = None
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""
@@ -79,7 +83,7 @@ def load(path: str | None, capacities: list[str], asids: int | None,
          min_sev_asid: int | None, fuse_options: list[str], control: str | None = None,
          state: str | None = None, max_cgroups: int | None = None,
          control_mode: str | None = None, control_group: str | None = None,
-         controllers: str | None = None) -> Config:
+         controllers: str | None = None, over: str | None = None) -> Config:
     """The file first, then the command line over it; without capacities from either (or
     with `--capacity auto`), the host's."""
     config = Config()
@@ -107,7 +111,23 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.control_group = _parse_group(control_group)
     if controllers is not None:
         config.controllers = _check_controllers(controllers.split(","))
+    if over is not None:
+        config.over = over
+    if config.over is not None:
+        config.over = _check_over(config.over)
     return config
+
+
+def _check_over(path: object) -> str:
+    """A directory of a mounted cgroup v2 hierarchy, as a real path."""
+    if not isinstance(path, str) or not path:
+        raise ConfigError(f"over must be a directory of a cgroup v2 hierarchy, got {path!r}")
+    real = os.path.realpath(path)
+    if not os.path.isdir(real):
+        raise ConfigError(f"over: {path} is not a directory")
+    if cgroup2_mount_of(real) is None:
+        raise ConfigError(f"over: {path} is not in a cgroup v2 hierarchy")
+    return real
 
 
 def _use_host(config: Config) -> None:
@@ -165,7 +185,7 @@ def _load_file(config: Config, path: str) -> None:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
                            "state", "max_cgroups", "control_mode", "control_group",
-                           "controllers"}
+                           "controllers", "over"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -202,3 +222,5 @@ def _load_file(config: Config, path: str) -> None:
         config.control_group = _parse_group(data["control_group"])
     if "controllers" in data:
         config.controllers = _check_controllers(data["controllers"])
+    if "over" in data:
+        config.over = data["over"]

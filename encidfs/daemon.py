@@ -29,6 +29,9 @@ from .fuse.inotify import ModifyNotifier
 from .fuse import loop
 from . import metrics
 from .notify import notify
+from .over.kernfs import OverKernfs
+from .over.membership import KernelMembership
+from .over.tree import KernelTree, kernel_controllers
 from .procs import ProcessTracker
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,10 @@ def raise_fd_limit() -> int:
 
 async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
     """Mount, call ready(), and serve until unmounted or told to stop by SIGTERM/SIGINT."""
-    offered = [CONTROLLERS[name] for name in config.controllers]
+    names = config.controllers
+    if config.over is not None:
+        names = [name for name in names if name not in kernel_controllers(config.over)]
+    offered = [CONTROLLERS[name] for name in names]
     engine = new_engine(config.capacities, config.first_ids,
                         tuple(controller for controller, _ in offered), config.max_cgroups)
     hierarchy = engine.hierarchy
@@ -85,12 +91,22 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
 
     fd_limit = raise_fd_limit()
     max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
-    tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
-                             use_connector=config.proc_connector,
-                             exempt=frozenset({os.getpid(), supervisor_pid() or 0}),
-                             pidfd_budget=max(0, fd_limit - FD_RESERVE - max_connections),
-                             split=hierarchy.split, on_threads=on_threads, on_settled=changed)
-    kernfs = Kernfs(hierarchy, tracker, changes, [files for _, files in offered])
+    exempt = frozenset({os.getpid(), supervisor_pid() or 0})
+    pidfd_budget = max(0, fd_limit - FD_RESERVE - max_connections)
+    tables = [files for _, files in offered]
+    tree: KernelTree | None = None
+    kernfs: Kernfs
+    if config.over is None:
+        tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
+                                 use_connector=config.proc_connector, exempt=exempt,
+                                 pidfd_budget=pidfd_budget, split=hierarchy.split,
+                                 on_threads=on_threads, on_settled=changed)
+        kernfs = Kernfs(hierarchy, tracker, changes, tables)
+    else:
+        tree = KernelTree(config.over, hierarchy, changes.fact)
+        tracker = membership = KernelMembership(tree, on_exit, exempt, pidfd_budget, changed)
+        hierarchy.membership = membership
+        kernfs = OverKernfs(hierarchy, tree, membership, changes, tables)
     changes.kernfs = kernfs
     control = config.control or default_control_path(mountpoint)
     kernfs.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
@@ -117,6 +133,11 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     journal = _FlushedSoon(store)
     restored = restore(store, changes, tracker.start_time_now)
     changes.journal = journal
+    if tree is not None:
+        gone = tree.reconcile()  # the kernel's tree as it is now
+        log.info("over %s: %d cgroups; %d of those restored were gone", tree.top,
+                 len(hierarchy.by_id), gone)
+        kernfs.consume(hierarchy.drain_changes())  # nothing is mounted yet
     pyfuse3.init(operations, mountpoint,
                  mount_options("encidfs", config.fuse_options, everyone=os.geteuid() == 0))
     clean = False

@@ -43,3 +43,20 @@ def mounted_at(mountpoint: str | os.PathLike) -> Mount | None:
 def cgroup2_mounts() -> list[str]:
     """Where the root of the cgroup2 hierarchy is mounted (its root-only files are there)."""
     return [path for path, root, mount in _mounts() if mount.fstype == "cgroup2" and root == "/"]
+
+
+class Cgroup2Mount(NamedTuple):
+    mountpoint: str
+    root: str  # the directory of the hierarchy mounted there ("/" for all of it)
+
+
+def cgroup2_mount_of(path: str) -> Cgroup2Mount | None:
+    """The cgroup2 mount a real path lies in (the last mounted on the longest prefix)."""
+    best: tuple[str, str, Mount] | None = None
+    for mountpoint, root, mount in _mounts():
+        inside = path == mountpoint or path.startswith(mountpoint.rstrip("/") + "/")
+        if inside and (best is None or len(mountpoint) >= len(best[0])):
+            best = (mountpoint, root, mount)
+    if best is None or best[2].fstype != "cgroup2":
+        return None
+    return Cgroup2Mount(best[0], best[1])

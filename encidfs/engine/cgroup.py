@@ -146,7 +146,11 @@ class Membership(Protocol):
         """Whether processes are in cg itself (cgroup_has_tasks())."""
 
     def type_of(self, cg: Cgroup) -> str:
-        """What cg's cgroup.type reads (not asked of the root)."""
+        """What cg's cgroup.type reads (not asked of the hierarchy's root)."""
+
+    def is_hierarchy_root(self, cg: Cgroup) -> bool:
+        """Whether cg is the root of the kernel's hierarchy, exempt from the no-internal-process
+        rule (the tree's root is, unless it is a cgroup below the kernel's root)."""
 
 
 class Hierarchy:
@@ -200,6 +204,9 @@ class Hierarchy:
 
     def has_tasks(self, cg: Cgroup) -> bool:
         return bool(cg.procs)
+
+    def is_hierarchy_root(self, cg: Cgroup) -> bool:
+        return cg.parent is None
 
     def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
         threads = self.split.get(tgid)
@@ -318,7 +325,18 @@ class Hierarchy:
             depth += 1
             ancestor = ancestor.parent
         commit()
-        cg = self._new_cgroup(name, parent)
+        return self._add_child(parent, name, None, at)
+
+    def mirror(self, parent: Cgroup, name: str, cgid: int) -> Cgroup:
+        """A cgroup the kernel has made (under --over), known by the kernel's cgroup ID: its
+        limits were the kernel's to check."""
+        self._check_live(parent)
+        if name in parent.children or cgid in self.by_id:
+            raise fail(errno.EEXIST)
+        return self._add_child(parent, name, cgid, None)
+
+    def _add_child(self, parent: Cgroup, name: str, cgid: int | None, at: int | None) -> Cgroup:
+        cg = self._new_cgroup(name, parent, cgid)
         parent.children[name] = cg
         parent.refs += 1
         if parent.freeze_since is not None:  # the parent is freezing (set while it is)
@@ -374,7 +392,7 @@ class Hierarchy:
         """cgroup_vet_subtree_control_enable(): where controllers may be enabled.  The
         membership tells the cgroup's type (a threaded cgroup's domain, the thread root above,
         is valid by construction) and whether it has processes of its own."""
-        if cg.parent is None:
+        if self.membership.is_hierarchy_root(cg):
             return  # a valid domain, exempt from the no-internal-process rule
         kind = self.membership.type_of(cg)
         if kind == "domain invalid":
@@ -612,9 +630,11 @@ class Hierarchy:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _new_cgroup(self, name: str, parent: Cgroup | None) -> Cgroup:
-        cg = Cgroup(self._next_id, name, parent, len(self.controllers))
-        self._next_id += 1
+    def _new_cgroup(self, name: str, parent: Cgroup | None, cgid: int | None = None) -> Cgroup:
+        if cgid is None:
+            cgid = self._next_id
+            self._next_id += 1
+        cg = Cgroup(cgid, name, parent, len(self.controllers))
         self.by_id[cg.id] = cg
         return cg
 

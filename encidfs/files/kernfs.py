@@ -21,11 +21,13 @@ from .core import Changes, Processes, core_files
 from .parse import written_text
 
 FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
-
-FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
+# (hierarchy, processes, changes, may_write) -> the rows every cgroup has besides its controllers'
+CoreTableMaker = Callable[..., list[CfType]]
 
 ROOT_INODE = 1
-_STRIDE = 256  # inode numbers per cgroup: its directory, then one per file row
+# Inode numbers per cgroup: its directory, then one per file row (and under --over, one per
+# name of the kernel's files).
+_STRIDE = 4096
 _FILE_BASE = 2
 WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
 XATTRS_MAX = 128  # kernfs's limits on user xattrs per node
@@ -48,15 +50,20 @@ class NodeAttr:
 class Node:
     inode: int
     cgroup: Cgroup
-    cftype: CfType | None  # None for the cgroup's directory
+    cftype: CfType | None  # None for the cgroup's directory (or a kernel file)
+    real: str | None = None  # under --over, the name of a kernel file passed through
+
+    @property
+    def is_dir(self) -> bool:
+        return self.cftype is None and self.real is None
 
 
 class Kernfs:
     def __init__(self, hierarchy: Hierarchy, processes: Processes, changes: Changes,
-                 file_tables: list[FileTableMaker]) -> None:
-        """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`.  Every
-        change a request makes goes through `changes`, which makes it durable first and then
-        applies it here (the apply_* methods) or in the engine."""
+                 file_tables: list[FileTableMaker], core: CoreTableMaker = core_files) -> None:
+        """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`, `core` the
+        cgroup.* rows.  Every change a request makes goes through `changes`, which makes it
+        durable first and then applies it here (the apply_* methods) or in the engine."""
         self.hierarchy = hierarchy
         self.changes = changes
         self.processes = processes
@@ -66,7 +73,7 @@ class Kernfs:
             rows = make(controller, changes)
             self._controller_names[controller.ssid] = {cft.name for cft in rows}
             controller_rows += rows
-        self.cftypes = core_files(hierarchy, processes, changes, self._may_write)
+        self.cftypes = core(hierarchy, processes, changes, self._may_write)
         self.cftypes += controller_rows
         assert len(self.cftypes) <= _STRIDE - _FILE_BASE
         self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
@@ -148,8 +155,13 @@ class Kernfs:
         return NodeAttr(stat.S_IFREG | node.cftype.mode, default.uid, default.gid,
                         default.mtime_ns, default.ctime_ns)
 
+    def entry_cached(self, node: Node) -> bool:
+        """Whether the kernel may keep the node's directory entry (for the daemon's cache
+        timeout): yes, whatever removes it is the daemon's doing, and invalidated."""
+        return True
+
     def nlink(self, node: Node) -> int:
-        return 2 + len(node.cgroup.children) if node.cftype is None else 1
+        return 2 + len(node.cgroup.children) if node.is_dir else 1
 
     def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, mtime_ns: int | None = None) -> None:
@@ -256,7 +268,7 @@ class Kernfs:
 
     def rmdir(self, parent_inode: int, name: bytes) -> None:
         node = self.lookup(parent_inode, name)
-        if node.cftype is not None:
+        if not node.is_dir:
             raise fail(errno.ENOTDIR)
         self.processes.settle()  # a process that has exited is gone from the cgroup
         self.changes.run("rmdir", node.cgroup.id)
@@ -285,8 +297,8 @@ class Kernfs:
 
     # -- file contents ------------------------------------------------------------------------
 
-    def open(self, node: Node, caller: Caller) -> OpenFile:
-        if node.cftype is None:
+    def open(self, node: Node, caller: Caller, flags: int = os.O_RDONLY) -> OpenFile:
+        if node.is_dir:
             raise fail(errno.EISDIR)
         return OpenFile(self, node, caller)
 
@@ -302,15 +314,22 @@ class Kernfs:
                 stale += [(self.dir_inode(cg), self.cftypes[row].name.encode())
                           for row in self._controller_rows]
             elif change is Change.REMOVED:
-                self._forget(range(self.dir_inode(cg), self.file_inode(cg, len(self.cftypes))))
-                del self._dir_attrs[cg.id], self._file_defaults[cg.id]
-                # The kernel dropped the directory's entry itself: rmdir came through it.
+                self._forget(range(self.dir_inode(cg), self.file_inode(cg, self._slots())))
+                self._removed(cg, stale)
             else:  # a file key: cgroup_file_notify()
                 for row in self._rows_by_notify.get(change, ()):  # type: ignore[arg-type]
                     inode = self.file_inode(cg, row)
                     self._notified[inode] = self._notified.get(inode, 0) + 1
                     notified.append(inode)
         return stale, notified
+
+    def _slots(self) -> int:
+        """File slots in use per cgroup."""
+        return len(self.cftypes)
+
+    def _removed(self, cg: Cgroup, stale: list[tuple[int, bytes]]) -> None:
+        del self._dir_attrs[cg.id], self._file_defaults[cg.id]
+        # The kernel dropped the directory's entry itself: rmdir came through it.
 
     def notifications(self, inode: int) -> int:
         return self._notified.get(inode, 0)
@@ -392,7 +411,7 @@ class Kernfs:
 
     def _dir(self, inode: int) -> Cgroup:
         node = self.node(inode)
-        if node.cftype is not None:
+        if not node.is_dir:
             raise fail(errno.ENOTDIR)
         return node.cgroup
 
@@ -417,6 +436,9 @@ class OpenFile:
     def _css_now(self) -> object:
         controller = self.node.cftype.controller  # type: ignore[union-attr]
         return None if controller is None else self.node.cgroup.css[controller.ssid]
+
+    def close(self) -> None:
+        """The last release of the file: nothing to let go of."""
 
     def changed(self) -> bool:
         """Not read yet, or notified since last read (poll reports POLLPRI|POLLERR)."""

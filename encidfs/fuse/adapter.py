@@ -180,7 +180,7 @@ class CgroupOperations(pyfuse3.Operations):
         entry = pyfuse3.EntryAttributes()
         entry.st_ino = node.inode
         entry.generation = 0
-        entry.entry_timeout = self.cache_timeout
+        entry.entry_timeout = self.cache_timeout if self.kernfs.entry_cached(node) else 0.0
         entry.attr_timeout = self.cache_timeout
         entry.st_mode = attr.mode
         entry.st_nlink = self.kernfs.nlink(node)
@@ -308,7 +308,7 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext):
-        open_file = self.kernfs.open(self.kernfs.node(inode), _caller(ctx))
+        open_file = self.kernfs.open(self.kernfs.node(inode), _caller(ctx), flags)
         fh = self._new_fh()
         self._open_files[fh] = open_file
         # Contents are generated per read and the size is 0: the page cache must stay out.
@@ -338,6 +338,7 @@ class CgroupOperations(pyfuse3.Operations):
     async def release(self, fh: int):
         open_file = self._open_files.pop(fh)
         self._pollers.get(open_file.node.inode, {}).pop(fh, None)
+        open_file.close()
 
 
 def mount_options(fsname: str, extra: list[str], everyone: bool) -> set[str]:

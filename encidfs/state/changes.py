@@ -40,7 +40,8 @@ class Journal(Protocol):
 class Changes:
     NAMES = frozenset({"mkdir", "rmdir", "subtree_control", "threaded", "set", "set_max",
                        "setattr", "setxattr", "removexattr", "attach", "attach_thread",
-                       "allocate", "free", "fork", "threads", "exit"})
+                       "allocate", "free", "fork", "threads", "exit", "appeared",
+                       "vanished"})
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -110,16 +111,33 @@ class Changes:
     def rmdir(self, cgroup: int, commit: Commit = no_journal) -> None:
         self.hierarchy.rmdir(self._cgroup(cgroup), commit)
 
+    def appeared(self, parent: int, name: str, cgroup: int) -> None:
+        """A cgroup the kernel has made (--over), by its cgroup ID."""
+        self.hierarchy.mirror(self._cgroup(parent), name, cgroup)
+
+    def vanished(self, cgroup: int) -> None:
+        """A cgroup the kernel has removed (--over), and what the mirror had below it."""
+        h = self.hierarchy
+        for cg in reversed(list(h.subtree(self._cgroup(cgroup)))):
+            h.rmdir(cg)
+
     def subtree_control(self, cgroup: int, enable: list[str], disable: list[str], uid: int,
                         gid: int, commit: Commit = no_journal) -> None:
+        cg, h = self._cgroup(cgroup), self.hierarchy
+        enable_mask, disable_mask = self.vet_subtree_control(cgroup, enable, disable)
+        h.write_subtree_control(cg, enable_mask, disable_mask, commit)
+        self.kernfs.controller_files_made(cg, uid, gid)
+
+    def vet_subtree_control(self, cgroup: int, enable: list[str],
+                            disable: list[str]) -> tuple[int, int]:
+        """The checks of a subtree_control change, as masks; nothing is changed."""
         cg, h = self._cgroup(cgroup), self.hierarchy
         enable_mask, disable_mask = (sum(1 << c.ssid for c in h.controllers if c.name in names)
                                      for names in (enable, disable))
         # The kernel meets a name taken by a directory only when it makes the files.
         self.kernfs.check_file_collisions(cg, h.vet_subtree_control(cg, enable_mask,
                                                                    disable_mask)[0])
-        h.write_subtree_control(cg, enable_mask, disable_mask, commit)
-        self.kernfs.controller_files_made(cg, uid, gid)
+        return enable_mask, disable_mask
 
     def threaded(self, cgroup: int, commit: Commit = no_journal) -> None:
         """"threaded" written to cgroup.type."""

@@ -10,7 +10,10 @@ did, and a daemon that logged an error or did not exit cleanly fails the test.
   many tests that need no untouched root (a daemon start costs ~0.25 s of CPU).
 - `procs`: processes the test starts (`procs.pool()`: one whose threads come and go on order);
   killed and reaped in teardown.
-- `user`: a user to act as.
+- `user`: a user to act as; `traversable(path)`: the directories above a mountpoint opened
+  to every user for the test.
+- `scratch`: a cgroup of the test's own below the root of this machine's cgroup v2 hierarchy,
+  removed afterwards with whatever is in it.
 - `storm`: the compiled process storm (storm.c), as `Storm`s started on order.
 """
 
@@ -29,8 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from mountutil import DEADLINE, NOBODY, User, write
+from mountutil import DEADLINE, NOBODY, User, events, wait_until, write
 
+from encidfs.mountinfo import cgroup2_mounts
 from encidfs.pytest_plugin import Mount
 
 
@@ -250,6 +254,40 @@ def storm(storm_program: str, procs: Processes) -> Callable[[str, int], Storm]:
                                  stdout=subprocess.PIPE, text=True))
 
     return start
+
+
+# -- the kernel's cgroup v2 hierarchy --------------------------------------------------------------
+
+_scratch_names = itertools.count()
+
+
+def _remove_tree(top: Path) -> None:
+    """Kill what is left in a scratch cgroup and remove it, children first (no recursion)."""
+    if not top.exists():
+        return
+    write(top / "cgroup.kill", "1")
+    wait_until(lambda: events(top)["populated"] == 0, f"{top} to empty", timeout=DEADLINE)
+    dirs = [top]
+    for index in itertools.count():
+        if index == len(dirs):
+            break
+        dirs += [child for child in dirs[index].iterdir() if child.is_dir()]
+    for directory in reversed(dirs):
+        directory.rmdir()
+
+
+@pytest.fixture
+def scratch() -> Iterator[Path]:
+    """A cgroup of the test's own, directly below the cgroup v2 hierarchy's root."""
+    roots = cgroup2_mounts()
+    if not roots:
+        pytest.skip("no cgroup v2 hierarchy is mounted")
+    top = Path(roots[0]) / f"encidfs-test.{os.getpid()}.{next(_scratch_names)}"
+    top.mkdir()
+    try:
+        yield top
+    finally:
+        _remove_tree(top)
 
 
 # -- users ------------------------------------------------------------------------------------

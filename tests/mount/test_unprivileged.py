@@ -148,8 +148,8 @@ def namespace() -> Iterator[Namespace]:
         shutil.rmtree(base, ignore_errors=True)
 
 
-def user_mountpoint(namespace: Namespace, user: User) -> Path:
-    mnt = namespace.base / f"mnt-{user.uid}"
+def user_mountpoint(namespace: Namespace, user: User, name: str = "mnt") -> Path:
+    mnt = namespace.base / f"{name}-{user.uid}"
     mnt.mkdir()
     os.chown(mnt, user.uid, user.gid)
     return mnt
@@ -233,3 +233,90 @@ def test_exec_as_a_user_where_user_namespaces_are_refused_says_so(daemon, user, 
     assert done.returncode == 1
     assert done.stderr.startswith("encidfs: this kernel does not let users make user namespaces")
     assert done.stderr.count("\n") == 1
+
+
+OVER_SCRIPT = r"""
+import json, os, subprocess, sys, time
+from encidfs.client import Client, ControlError
+
+mnt, top = sys.argv[1], sys.argv[2]
+encidfs = [sys.executable, "-m", "encidfs"]
+out = {}
+
+def write(path, text):
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as error:
+        return os.strerror(error.errno)
+    try:
+        os.write(fd, text.encode())
+        return "OK"
+    except OSError as error:
+        return os.strerror(error.errno)
+    finally:
+        os.close(fd)
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def until(condition):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+mounted = subprocess.run([*encidfs, "mount", mnt, "--over", top, "--capacity", "sev=4"],
+                         capture_output=True, text=True)
+out["mount"] = mounted.returncode, mounted.stderr.strip()
+out["enable"] = write(mnt + "/cgroup.subtree_control", "+encids")
+os.mkdir(mnt + "/a")
+out["owner"] = os.stat(top + "/a").st_uid == os.getuid()
+out["limit"] = write(mnt + "/a/encids.sev.max", "1")
+sleeper = subprocess.Popen(["sleep", "600"])
+out["move"] = write(mnt + "/a/cgroup.procs", str(sleeper.pid))
+out["kernel"] = read(f"/proc/{sleeper.pid}/cgroup").strip().endswith("/a")
+out["init"] = write(mnt + "/a/cgroup.procs", "1")  # from the root cgroup: not the user's
+with Client.connect(mount=mnt) as client:
+    out["allocated"] = list(client.allocate("sev", pid=sleeper.pid))
+    try:
+        client.allocate("sev", pid=sleeper.pid)
+        out["refused"] = None
+    except ControlError as error:
+        out["refused"] = [error.errno, error.cgroup]
+out["freeze"] = write(mnt + "/a/cgroup.freeze", "1")
+until(lambda: "frozen 1" in read(top + "/a/cgroup.events"))
+out["kill"] = write(mnt + "/a/cgroup.kill", "1")
+out["killed"] = sleeper.wait(timeout=10)
+until(lambda: read(mnt + "/encids.sev.stat") == "total 4\nused 0\n")
+os.rmdir(mnt + "/a")
+out["removed"] = not os.path.exists(top + "/a")
+unmounted = subprocess.run([*encidfs, "umount", mnt], capture_output=True, text=True)
+out["umount"] = unmounted.returncode, unmounted.stderr.strip()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_user_mounts_over_a_subtree_chowned_to_them(namespace, user, scratch):
+    """A directory of the kernel's hierarchy chowned to the user: the user's own daemon mounts
+    over it, and the user works in it within the kernel's rules."""
+    (scratch / "home").mkdir()
+    for directory, _, files in os.walk(scratch):
+        for name in ["", *files]:
+            os.chown(os.path.join(directory, name), user.uid, user.gid)
+    mnt = user_mountpoint(namespace, user, "over")
+    # The user's processes start in the subtree (a systemd unit's would), below its top.
+    argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(scratch / "home" / "cgroup.procs"),
+            *namespace.argv(user, OVER_SCRIPT, str(mnt), str(scratch))]
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["nsenter", f"--target={namespace.pid}", "--mount", "umount", "-l",
+                        str(mnt)], capture_output=True)
+    out = json.loads(done.stdout or "{}")
+    assert out == {
+        "mount": [0, ""], "enable": "OK", "owner": True, "limit": "OK", "move": "OK",
+        "kernel": True, "init": "Permission denied", "allocated": [1],
+        "refused": [16, "/a"], "freeze": "OK", "kill": "OK", "killed": -9, "removed": True,
+        "umount": [0, ""],
+    }, done.stderr[-3000:]

@@ -1,0 +1,1 @@
+"""--over DIR: the encryption-ID controllers over the kernel's own cgroup v2 tree."""
