@@ -35,7 +35,7 @@ from encidfs.client import Client  # noqa: E402
 from encidfs.engine import new_engine  # noqa: E402
 
 ENCIDS = 1  # subtree_control mask of the encids controller (the hierarchy's only one)
-OPERATIONS = ("read", "read pinned", "write", "procs", "mkdir+rmdir")
+OPERATIONS = ("read", "read pinned", "read events", "write", "procs", "mkdir+rmdir")
 PINNED = "read pinned"
 PIN_CPU = 0
 ALL_CPUS = os.sched_getaffinity(0)
@@ -96,8 +96,10 @@ def write_file(path, data):
         os.close(fd)
 
 
-def file_ops(read_path, write_path, write_values, new_dir, procs_paths=None, pid=None):
-    """name -> op(i) for one target; `procs` alternates the PID between two cgroups."""
+def file_ops(read_path, write_path, write_values, new_dir, procs_paths=None, pid=None,
+             events_path=None):
+    """name -> op(i) for one target; `procs` alternates the PID between two cgroups; `read
+    events` reads a cgroup.events (under --over, a kernel file passed through)."""
     def mkdir_rmdir(i):
         os.mkdir(new_dir)
         os.rmdir(new_dir)
@@ -107,6 +109,8 @@ def file_ops(read_path, write_path, write_values, new_dir, procs_paths=None, pid
         PINNED: lambda i: read_file(read_path),
         "write": lambda i: write_file(write_path, write_values[i % 2]),
     }
+    if events_path:
+        ops["read events"] = lambda i: read_file(events_path)
     if procs_paths:
         ops["procs"] = lambda i: write_file(procs_paths[i % 2], str(pid).encode())
     ops["mkdir+rmdir"] = mkdir_rmdir
@@ -255,13 +259,30 @@ def encidfs_target(source=ROOT, state=False, metrics=False):
         with fuse_mount(encidfs_argv(source, state, options), env, source) as mnt, \
                 sleeper() as pid, \
                 (scraper(port) if metrics else contextlib.nullcontext()):
-            write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
-            for name in ("bench", "bench-a", "bench-b"):
-                os.mkdir(f"{mnt}/{name}")
-            yield file_ops(f"{mnt}/bench/encids.sev.current", f"{mnt}/bench/encids.sev.max",
-                           (b"100", b"200"), f"{mnt}/bench/d",
-                           (f"{mnt}/bench-a/cgroup.procs", f"{mnt}/bench-b/cgroup.procs"), pid)
+            yield encidfs_ops(mnt, pid)
     return target
+
+
+@contextlib.contextmanager
+def over_target():
+    """encidfs --over a scratch cgroup of the kernel's: `read` is an emulated file, `read
+    events` a kernel file passed through, mkdir and moves the kernel's."""
+    with kernel_scratch("-over") as (mount, scratch):
+        argv = encidfs_argv(ROOT, options=("--over", scratch))
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with fuse_mount(argv, env) as mnt, sleeper() as pid, returning_home(mount, pid):
+            yield encidfs_ops(mnt, pid)
+
+
+def encidfs_ops(mnt, pid):
+    """The file operations of an encidfs mount: encids enabled, and its bench cgroups made."""
+    write_file(f"{mnt}/cgroup.subtree_control", b"+encids")
+    for name in ("bench", "bench-a", "bench-b"):
+        os.mkdir(f"{mnt}/{name}")
+    return file_ops(f"{mnt}/bench/encids.sev.current", f"{mnt}/bench/encids.sev.max",
+                    (b"100", b"200"), f"{mnt}/bench/d",
+                    (f"{mnt}/bench-a/cgroup.procs", f"{mnt}/bench-b/cgroup.procs"), pid,
+                    f"{mnt}/bench/cgroup.events")
 
 
 def bare_target(timeout):
@@ -308,10 +329,11 @@ def cgroup_dir(mount, pid):
 
 
 @contextlib.contextmanager
-def kernel_scratch():
+def kernel_scratch(suffix=""):
     """A scratch cgroup under our own, removed with every cgroup made in it."""
     mount = cgroup2_mount()
-    scratch = os.path.join(cgroup_dir(mount, os.getpid()), f"encidfs-bench-{os.getpid()}")
+    scratch = os.path.join(cgroup_dir(mount, os.getpid()),
+                           f"encidfs-bench-{os.getpid()}{suffix}")
     os.mkdir(scratch)
     try:
         yield mount, scratch
@@ -349,7 +371,8 @@ def kernel_target():
                            f"{scratch}/bench/cgroup.max.descendants", (b"100", b"200"),
                            f"{scratch}/bench/d",
                            (f"{scratch}/bench-a/cgroup.procs",
-                            f"{scratch}/bench-b/cgroup.procs"), pid)
+                            f"{scratch}/bench-b/cgroup.procs"), pid,
+                           f"{scratch}/bench/cgroup.events")
 
 
 # -- tables ---------------------------------------------------------------------------------------
@@ -363,14 +386,16 @@ def ratio(a, b, width, digits):
 
 
 def print_fuse_table(results, iterations, baselines):
-    columns = ("encidfs", *baselines, "--state", "--metrics", "kernel", "bare 0 s", "bare 1 s",
-               "lxcfs")
+    columns = ("encidfs", *baselines, "--state", "--metrics", "--over", "kernel", "bare 0 s",
+               "bare 1 s", "lxcfs")
     print(f"\nfile operations, microseconds over {iterations} iterations (encidfs: its default "
           "runtime journal; @REV: encidfs at that revision; --state: a durable state file; "
           f"--metrics: exporting, scraped every {SCRAPE_INTERVAL * 1000:.0f} ms; "
+          "--over: over a scratch cgroup of the kernel's (read: an emulated file; read "
+          "events: a kernel file passed through); "
           "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s; lxcfs: proc/uptime; "
           f"{PINNED}: client and daemon on CPU {PIN_CPU})")
-    ratios = [*baselines, "--metrics", "bare 0 s", "bare 1 s", "lxcfs", "kernel"]
+    ratios = [*baselines, "--metrics", "--over", "bare 0 s", "bare 1 s", "lxcfs", "kernel"]
     print(f"{'':14}" + "".join(f"{name[:16]:>18}" for name in columns)
           + "".join(f"{'encidfs/':>11}" for _ in ratios))
     print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
@@ -688,35 +713,50 @@ def tracking(sources):
                 env = {**os.environ, "PYTHONPATH": str(source)}
                 argv = encidfs_argv(source, options=("--tracking", tracking_mode))
                 with fuse_mount(argv, env, source) as mnt:
-                    daemon = DAEMONS[mnt]
-                    os.mkdir(f"{mnt}/member")
-                    os.mkdir(f"{mnt}/storm")
-
-                    def cpu_per_process(cgroup=None):
-                        before = daemon_cpu_ns(daemon)
-                        run_storm(program, "flat", flat, cgroup)
-                        time.sleep(0.2)  # what is left of the batch
-                        return (daemon_cpu_ns(daemon) - before) / flat / 1000
-
-                    alone = cpu_per_process()
-                    with sleeper() as pid:
-                        write_file(f"{mnt}/member/cgroup.procs", str(pid).encode())
-                        beside = cpu_per_process()
-                        member = cpu_per_process(f"{mnt}/storm")
-                        label = f"{name} {tracking_mode}"
-                        print(f"  {label:18} host process: {alone:6.1f} us with no member, "
-                              f"{beside:6.1f} us beside one; member process: {member:6.1f} us")
-                        storms = []
-                        for mode, n in STORMS:
-                            seconds, listed, expected, after = run_storm(program, mode, n,
-                                                                         f"{mnt}/storm")
-                            storms.append(f"{mode} {n / seconds:,.0f}/s {listed}/{expected} "
-                                          f"{after}")
-                        print(f"  {'':18} " + ";  ".join(storms))
+                    tracking_row(f"{name} {tracking_mode}", program, mnt, flat)
                     log = LOGS[mnt].fileno()  # read at an offset: the daemon shares the file's
                     lost = os.pread(log, os.fstat(log).st_size, 0).count(
                         b"process events were lost")
                     print(f"  {'':18} lost events noticed: {lost} times")
+        try:
+            over_tracking(program, flat)
+        except (Skip, OSError) as e:
+            print(f"  --over: skipped, {e}")
+
+
+def over_tracking(program, flat):
+    """The same under --over (membership the kernel's: nothing is followed)."""
+    with kernel_scratch("-tracking") as (mount, scratch):
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with fuse_mount(encidfs_argv(ROOT, options=("--over", scratch)), env) as mnt:
+            tracking_row("--over", program, mnt, flat, home=mount)
+
+
+def tracking_row(label, program, mnt, flat, home=None):
+    """Daemon CPU per process of a fork loop (with no member, beside one, as members), and the
+    storms in a member cgroup; `home`: the kernel's mount our sleeper goes back to."""
+    daemon = DAEMONS[mnt]
+    os.mkdir(f"{mnt}/member")
+    os.mkdir(f"{mnt}/storm")
+
+    def cpu_per_process(cgroup=None):
+        before = daemon_cpu_ns(daemon)
+        run_storm(program, "flat", flat, cgroup)
+        time.sleep(0.2)  # what is left of the batch
+        return (daemon_cpu_ns(daemon) - before) / flat / 1000
+
+    alone = cpu_per_process()
+    with sleeper() as pid, (returning_home(home, pid) if home else contextlib.nullcontext()):
+        write_file(f"{mnt}/member/cgroup.procs", str(pid).encode())
+        beside = cpu_per_process()
+        member = cpu_per_process(f"{mnt}/storm")
+        print(f"  {label:18} host process: {alone:6.1f} us with no member, "
+              f"{beside:6.1f} us beside one; member process: {member:6.1f} us")
+        storms = []
+        for mode, n in STORMS:
+            seconds, listed, expected, after = run_storm(program, mode, n, f"{mnt}/storm")
+            storms.append(f"{mode} {n / seconds:,.0f}/s {listed}/{expected} {after}")
+        print(f"  {'':18} " + ";  ".join(storms))
 
 
 # -- allocations through the control socket ----------------------------------------------------
@@ -808,6 +848,8 @@ def main():
             targets.update({name: encidfs_target(source, state)
                             for name, (source, state) in sources.items()})
             targets["--metrics"] = encidfs_target(metrics=True)
+        if not args.skip_fuse and not args.skip_kernel:
+            targets["--over"] = over_target
         if not args.skip_kernel:
             targets["kernel"] = kernel_target
         if not args.skip_fuse:
