@@ -27,6 +27,43 @@ REPO = Path(__file__).resolve().parent.parent.parent  # the checkout: encidfs im
 SITE = sysconfig.get_paths()["purelib"]  # where this interpreter has encidfs's dependencies
 
 
+# The helpers of a script run as a test user (standard library only): write() and mkdir()
+# say "OK" or the error's strerror, read() the whole file, until() polls with a deadline.
+USER_HELPERS = r"""
+import os, time
+
+def write(path, text):
+    try:
+        fd = os.open(path, os.O_WRONLY)
+    except OSError as error:
+        return os.strerror(error.errno)
+    try:
+        os.write(fd, text.encode())
+        return "OK"
+    except OSError as error:
+        return os.strerror(error.errno)
+    finally:
+        os.close(fd)
+
+def mkdir(path):
+    try:
+        os.mkdir(path)
+        return "OK"
+    except OSError as error:
+        return os.strerror(error.errno)
+
+def read(path):
+    with open(path) as f:
+        return f.read()
+
+def until(condition):
+    deadline = time.monotonic() + 10
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+"""
+
+
 def user_python() -> str:
     """An interpreter any user can execute that runs our venv's packages (with REPO and SITE on
     its path): the system's, of the same version (the venv's own may live under /root, 0700)."""
@@ -157,3 +194,21 @@ def nested(mnt: Path) -> tuple[Path, Path]:
     b = a / "b"
     b.mkdir()
     return a, b
+
+
+def inotifywait_modify(path: Path, action: Callable[[], object]) -> str:
+    """What inotifywait(1), watching `path` for IN_MODIFY, prints ("PATH MODIFY") once
+    action() has run after its watch is in place."""
+    watcher = subprocess.Popen(["inotifywait", "-e", "modify", "--format", "%w %e",
+                                "-t", str(int(DEADLINE)), str(path)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while "Watches established" not in watcher.stderr.readline():
+            assert watcher.poll() is None, watcher.stderr.read()
+        action()
+        out, _ = watcher.communicate(timeout=DEADLINE)
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert watcher.returncode == 0
+    return out

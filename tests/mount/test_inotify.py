@@ -7,14 +7,13 @@ file's name), and nothing else on cgroup.events."""
 from __future__ import annotations
 
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from inotify_simple import INotify, flags
 
-from mountutil import DEADLINE, read, write
+from mountutil import DEADLINE, inotifywait_modify, read, write
 
 from encidfs.client import Client, ControlError
 
@@ -159,18 +158,8 @@ def test_a_file_is_notified_at_most_once_in_10_ms_and_the_last_change_is_never_l
 def test_inotifywait_sees_a_populated_change(mnt, procs):
     cg = mnt / "a"
     cg.mkdir()
-    watcher = subprocess.Popen(["inotifywait", "-e", "modify", "--format", "%w %e",
-                                "-t", str(int(DEADLINE)), str(cg / "cgroup.events")],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        while "Watches established" not in watcher.stderr.readline():
-            assert watcher.poll() is None, watcher.stderr.read()
-        write(cg / "cgroup.procs", str(procs.sleep().pid))
-        out, _ = watcher.communicate(timeout=DEADLINE)
-    finally:
-        watcher.kill()
-        watcher.wait()
-    assert watcher.returncode == 0
+    out = inotifywait_modify(cg / "cgroup.events",
+                             lambda: write(cg / "cgroup.procs", str(procs.sleep().pid)))
     assert out == f"{cg / 'cgroup.events'} MODIFY\n"
 
 

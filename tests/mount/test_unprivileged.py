@@ -22,36 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from mountutil import DEADLINE, NOBODY, REPO, SITE, User, user_python
+from mountutil import DEADLINE, NOBODY, REPO, SITE, USER_HELPERS, User, user_python
 
 
-USER_SCRIPT = r"""
+USER_SCRIPT = USER_HELPERS + r"""
 import json, os, select, subprocess, sys, time
 from encidfs.client import Client, ControlError
 
 mnt = sys.argv[1]
 encidfs = [sys.executable, "-m", "encidfs"]
 out = {"uid": os.getuid()}
-
-def write(path, text):
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.write(fd, text.encode())
-        return "OK"
-    except OSError as error:
-        return os.strerror(error.errno)
-    finally:
-        os.close(fd)
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-def until(condition):
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 mounted = subprocess.run([*encidfs, "mount", mnt], capture_output=True, text=True)
 out["mount"] = mounted.returncode, mounted.stderr.strip()
@@ -235,36 +215,13 @@ def test_exec_as_a_user_where_user_namespaces_are_refused_says_so(daemon, user, 
     assert done.stderr.count("\n") == 1
 
 
-OVER_SCRIPT = r"""
-import json, os, subprocess, sys, time
+OVER_SCRIPT = USER_HELPERS + r"""
+import json, subprocess, sys
 from encidfs.client import Client, ControlError
 
 mnt, top = sys.argv[1], sys.argv[2]
 encidfs = [sys.executable, "-m", "encidfs"]
 out = {}
-
-def write(path, text):
-    try:
-        fd = os.open(path, os.O_WRONLY)
-    except OSError as error:
-        return os.strerror(error.errno)
-    try:
-        os.write(fd, text.encode())
-        return "OK"
-    except OSError as error:
-        return os.strerror(error.errno)
-    finally:
-        os.close(fd)
-
-def read(path):
-    with open(path) as f:
-        return f.read()
-
-def until(condition):
-    deadline = time.monotonic() + 10
-    while not condition():
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
 
 mounted = subprocess.run([*encidfs, "mount", mnt, "--over", top, "--capacity", "sev=4"],
                          capture_output=True, text=True)
