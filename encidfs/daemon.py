@@ -32,7 +32,7 @@ from .notify import notify
 from .over.kernfs import OverKernfs
 from .over.membership import KernelMembership
 from .over.tree import KernelTree, kernel_controllers
-from .procs import ProcessTracker
+from .procs import ProcessTracker, ProcessWatcher
 
 log = logging.getLogger(__name__)
 
@@ -91,12 +91,13 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
 
     fd_limit = raise_fd_limit()
     max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
-    exempt = frozenset({os.getpid(), supervisor_pid() or 0})
     pidfd_budget = max(0, fd_limit - FD_RESERVE - max_connections)
     tables = [files for _, files in offered]
     tree: KernelTree | None = None
+    tracker: ProcessWatcher
     kernfs: Kernfs
     if config.over is None:
+        exempt = frozenset({os.getpid(), supervisor_pid() or 0})  # never frozen or killed
         tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
                                  use_connector=config.proc_connector, exempt=exempt,
                                  pidfd_budget=pidfd_budget, split=hierarchy.split,
@@ -104,7 +105,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         kernfs = Kernfs(hierarchy, tracker, changes, tables)
     else:
         tree = KernelTree(config.over, hierarchy, changes.fact)
-        tracker = membership = KernelMembership(tree, on_exit, exempt, pidfd_budget, changed)
+        tracker = membership = KernelMembership(tree, on_exit, pidfd_budget, changed)
         hierarchy.membership = membership
         kernfs = OverKernfs(hierarchy, tree, membership, changes, tables)
     changes.kernfs = kernfs
@@ -147,13 +148,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             await nursery.start(tracker.run)
             if notifier:
                 await nursery.start(notifier.run)
-            for pid in restored:  # the processes as they were, even if their PID is reused
-                if pid in hierarchy.members:
-                    tracker.joined(pid, changes.starts[pid])
-                else:
-                    tracker.watch(pid, changes.starts[pid])
-            tracker.check_threads()  # threads of split processes that came or went meanwhile
-            tracker.apply_freezer(hierarchy.members)
+            # The processes as they were, even if their PID is reused.
+            tracker.resume({pid: changes.starts[pid] for pid in restored})
             nursery.start_soon(journal.flush_facts)
             await nursery.start(serve_control, control, service, max_connections,
                                 config.control_mode, config.control_group)

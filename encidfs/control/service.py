@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import collector
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
-from ..procs import ProcessTracker
+from ..procs import ProcessWatcher
 from ..state.changes import Changes
 from .protocol import error_reply
 
@@ -67,7 +67,7 @@ class _Waiting:
 
 
 class ControlService:
-    def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessTracker,
+    def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessWatcher,
                  changes: Changes, changed: Callable[[], None],
                  restarts: list[dict] | None = None, limitations: list[str] = (),
                  capacity_source: str | None = None) -> None:

@@ -13,49 +13,34 @@ from collections.abc import Callable
 import trio
 
 from ..engine import Cgroup
-from ..procs import ProcessTracker
-from ..procs.tracker import _logged
+from ..procs.watcher import ProcessWatcher, logged
 from .tree import KernelTree, proc_cgroup
 
 
-def _no_fork(parent: int, child: int, start: int | None, creator: int | None) -> None:
-    raise AssertionError("forks are the kernel's to place")
+class KernelMembership(ProcessWatcher):
+    """Holders followed to their exit, and the kernel's tree to its changes; no forks, no
+    freezer, no /proc scans."""
 
-
-class KernelMembership(ProcessTracker):
-    """The process tracker's holder watching (pidfds, PID namespaces), without forks, a
-    freezer or /proc scans: the tree is the kernel's."""
-
-    def __init__(self, tree: KernelTree, on_exit: Callable[[int], None],
-                 exempt: frozenset[int], pidfd_budget: int,
+    def __init__(self, tree: KernelTree, on_exit: Callable[[int], None], pidfd_budget: int,
                  on_settled: Callable[[], None]) -> None:
-        super().__init__({}, _no_fork, on_exit, lambda pid: False, lambda pid, stopped: None,
-                         use_connector=False, exempt=exempt, pidfd_budget=pidfd_budget,
-                         on_settled=on_settled)
+        super().__init__(on_exit, pidfd_budget=pidfd_budget, on_settled=on_settled)
         self.tree = tree
         self.mode = f"the kernel's cgroup v2 tree at {tree.top}"
-        self.limitations = []
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._follow_exits)
-            nursery.start_soon(self._poll)
-            nursery.start_soon(self._follow_tree)
-            task_status.started()
+    def _start(self, nursery: trio.Nursery) -> None:
+        super()._start(nursery)
+        nursery.start_soon(self._follow_tree)
 
     async def _follow_tree(self) -> None:
         while True:
             await trio.lowlevel.wait_readable(self.tree.fileno())
-            _logged(self.settle)
+            logged(self.settle)
 
     def settle(self) -> None:
         """The tree's changes and the holders' exits, told until now."""
         if self.tree.drain():
             self._news = True
         super().settle()
-
-    def sync(self) -> None:
-        self.settle()
 
     # -- the engine's membership ------------------------------------------------------------
 
