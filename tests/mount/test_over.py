@@ -299,16 +299,20 @@ def test_limits_and_holders_survive_a_restart(scratch, encidfs_factory, procs):
         (mnt / name).mkdir()
     write(mnt / "a" / "encids.sev.max", "3")
     write(mnt / "b" / "encids.sev.max", "5")
-    holder = procs.sleep()
+    holder, gone = procs.sleep(), procs.sleep()
     write(scratch / "a" / "cgroup.procs", str(holder.pid))
     mount.client().allocate("sev", 2, pid=holder.pid)
+    mount.client().allocate("sev", 3, pid=gone.pid)
     mount.process.kill()
     mount.process.wait()
+    gone.kill()  # a holder that exits while the daemon is down
+    gone.wait()
     (scratch / "b").rmdir()  # gone while the daemon was down
     (scratch / "c").mkdir()  # made meanwhile
     mount.restart()
     assert read(mnt / "a" / "encids.sev.max") == "3\n"
     assert read(mnt / "a" / "encids.sev.current") == "2\n"
+    assert keyed(read(mnt / "encids.sev.stat"))["used"] == 2  # the gone holder's 3 are free
     assert read(mnt / "cgroup.subtree_control").split()[-1] == "encids"
     assert sorted(p.name for p in mnt.iterdir() if p.is_dir()) == ["a", "c"]
     assert read(mnt / "c" / "encids.sev.max") == "max\n"
