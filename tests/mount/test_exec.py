@@ -1,0 +1,99 @@
+"""`encidfs exec`: unmodified cgroup tools see the mount as the cgroup2 file system.
+
+statfs(2) and fstatfs(2) on the mount answer CGROUP2_SUPER_MAGIC (seccomp user notification,
+answered by `encidfs exec`); elsewhere they answer the truth.  systemd's own tools, which refuse
+any /sys/fs/cgroup that is not cgroup2, list the tree.
+"""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from mountutil import DEADLINE, REPO, SITE, user_python, write
+
+from encidfs import seccomp
+
+ENCIDFS = [sys.executable, "-m", "encidfs"]
+
+pytestmark = pytest.mark.skipif(not seccomp.supported(), reason="seccomp user notification "
+                                "is used on x86_64 and aarch64 only")
+
+
+# fstatfs(2) of each file named, f_type in hex (coreutils' stat has no fstatfs).
+FSTATFS = ("import ctypes, os, struct, sys\n"
+           "for path in sys.argv[1:]:\n"
+           "    answer = ctypes.create_string_buffer(120)\n"
+           "    ctypes.CDLL(None).fstatfs(os.open(path, os.O_RDONLY), answer)\n"
+           "    print(hex(struct.unpack_from(\"q\", answer)[0]))\n")
+
+
+def run_in(mnt, *argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([*ENCIDFS, "exec", "--mount", str(mnt), "--", *argv],
+                          capture_output=True, text=True, timeout=DEADLINE, **kwargs)
+
+
+def test_statfs_answers_cgroup2_on_the_mount_and_the_truth_elsewhere(mnt, tmp_path):
+    done = run_in(mnt, "sh", "-c",
+                  "stat -f -c %T /sys/fs/cgroup /sys/fs/cgroup/cgroup.procs / && "
+                  "cd /sys/fs/cgroup && stat -f -c %T . && "
+                  f"{sys.executable} -c '{FSTATFS}' /sys/fs/cgroup/cgroup.procs /")
+    assert done.returncode == 0, done.stderr
+    truth = subprocess.run(["stat", "-f", "-c", "%T", "/"], capture_output=True,
+                           text=True).stdout.strip()
+    root_type = subprocess.run([sys.executable, "-c", FSTATFS, "/"], capture_output=True,
+                               text=True).stdout.strip()
+    assert done.stdout.split() == ["cgroup2fs", "cgroup2fs", truth, "cgroup2fs",
+                                   hex(seccomp.CGROUP2_SUPER_MAGIC), root_type]
+    # Not intercepted: errors are the kernel's own.
+    missing = run_in(mnt, "stat", "-f", "/sys/fs/cgroup/nothing-here")
+    assert missing.returncode == 1 and "No such file or directory" in missing.stderr
+
+
+def test_the_command_gets_no_listener_and_its_own_status(mnt):
+    done = run_in(mnt, "sh", "-c", "ls -l /proc/self/fd/; exit 7")
+    assert done.returncode == 7
+    assert "seccomp" not in done.stdout and "socket" not in done.stdout, done.stdout
+    assert run_in(mnt, "sh", "-c", "kill -TERM $$").returncode == 128 + signal.SIGTERM
+
+
+def test_a_signal_to_exec_reaches_the_command(mnt, procs):
+    runner = procs.start([*ENCIDFS, "exec", "--mount", str(mnt), "--", "sh", "-c",
+                          "trap 'exit 42' TERM; echo ready; while :; do sleep 0.01; done"],
+                         stdout=subprocess.PIPE, text=True)
+    assert runner.stdout.readline() == "ready\n"
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=DEADLINE) == 42
+
+
+@pytest.mark.skipif(shutil.which("systemd-cgls") is None, reason="systemd's tools are needed")
+def test_systemd_cgls_and_cgtop_list_the_tree(mnt, procs):
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "tenant").mkdir()
+    member = procs.sleep()
+    write(mnt / "tenant" / "cgroup.procs", str(member.pid))
+    listed = run_in(mnt, "systemd-cgls", "--no-pager", "/tenant")
+    assert listed.returncode == 0, listed.stderr
+    assert listed.stdout.splitlines()[0] == "Control group /tenant:"
+    assert f"{member.pid} sleep" in listed.stdout
+    top = run_in(mnt, "systemd-cgtop", "-b", "-n", "1")
+    assert top.returncode == 0, top.stderr
+    assert any(line.split()[:2] == ["/tenant", "1"] for line in top.stdout.splitlines())
+
+
+def test_a_user_gets_it_in_the_user_namespace(mnt, user, traversable):
+    """As a user, exec makes a user namespace; the filter needs no privilege there."""
+    traversable(mnt)
+    done = subprocess.run(
+        [*user.setpriv(), "env", "-i", "PATH=/usr/local/bin:/usr/bin:/bin",
+         f"PYTHONPATH={REPO}:{SITE}", user_python(), "-m", "encidfs", "exec", "--mount",
+         str(mnt), "--", "sh", "-c", "id -u; stat -f -c %T /sys/fs/cgroup"],
+        capture_output=True, text=True, timeout=DEADLINE, cwd="/")
+    if done.returncode == 1 and "user namespaces" in done.stderr:
+        pytest.skip(done.stderr.strip())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(user.uid), "cgroup2fs"]
