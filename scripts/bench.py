@@ -545,6 +545,67 @@ def move_to_modify(parent, pid, iterations):
                 os.rmdir(f"{parent}/{name}")
 
 
+# Times statfs(2) of a path, and getppid(2) (a call no filter wants), in nanoseconds a call.
+SYSCALLS_C = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/vfs.h>
+#include <time.h>
+#include <unistd.h>
+
+static double now(void)
+{
+	struct timespec t;
+
+	clock_gettime(CLOCK_MONOTONIC, &t);
+	return t.tv_sec * 1e9 + t.tv_nsec;
+}
+
+int main(int argc, char **argv)
+{
+	long n = atol(argv[2]);
+	struct statfs answer;
+	double start = now();
+
+	for (long i = 0; i < n; i++)
+		if (statfs(argv[1], &answer))
+			return 1;
+	double statfs_ns = (now() - start) / n;
+	start = now();
+	for (long i = 0; i < n * 100; i++)
+		getppid();
+	printf("%.0f %.1f %lx\n", statfs_ns, (now() - start) / (n * 100), (long)answer.f_type);
+	return 0;
+}
+"""
+
+
+def exec_costs(iterations):
+    """What `encidfs exec`'s statfs answers cost: a statfs of the mount through the
+    supervisor, and a call not intercepted, beside the same in plain namespaces."""
+    print(f"\nencidfs exec: nanoseconds a call, C loop ({iterations} statfs, "
+          f"{iterations * 100} getppid)")
+    with tempfile.TemporaryDirectory(prefix="encidfs-syscalls-") as work:
+        source, program = os.path.join(work, "syscalls.c"), os.path.join(work, "syscalls")
+        with open(source, "w") as f:
+            f.write(SYSCALLS_C)
+        subprocess.run(["gcc", "-O2", "-o", program, source], check=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with fuse_mount(encidfs_argv(ROOT), env) as mnt:
+            plain = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                     f'mount --bind "{mnt}" /sys/fs/cgroup && exec "$@"', "sh"]
+            runs = {"encidfs exec": [sys.executable, "-m", "encidfs", "exec", "--mount", mnt,
+                                     "--"],
+                    "plain namespaces": plain}
+            for name, prefix in runs.items():
+                for path in ("/sys/fs/cgroup", "/"):
+                    out = subprocess.run([*prefix, program, path, str(iterations)], env=env,
+                                         capture_output=True, text=True, check=True).stdout
+                    statfs_ns, other_ns, f_type = out.split()
+                    print(f"  {name:17} statfs {path:15} {statfs_ns:>8} ns (f_type 0x{f_type});"
+                          f"  getppid {other_ns:>6} ns")
+
+
 def inotify_latency(iterations):
     """encidfs truncates each notified file through its own mount (fuse/inotify.py): what a
     watcher waits, beside the kernel, whose cgroup_file_notify() holds a file's next
@@ -878,6 +939,8 @@ def main():
                 print(f"large tree: skipped, {e}")
     if not args.skip_inotify and not args.skip_fuse:
         inotify_latency(args.iterations)
+    if not args.skip_fuse:
+        exec_costs(args.iterations)
     if not args.skip_engine:
         engine_scaling(args.iterations)
 
