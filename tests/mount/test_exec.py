@@ -7,6 +7,7 @@ any /sys/fs/cgroup that is not cgroup2, list the tree.
 
 from __future__ import annotations
 
+import errno
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,35 @@ def test_statfs_answers_cgroup2_on_the_mount_and_the_truth_elsewhere(mnt, tmp_pa
     # Not intercepted: errors are the kernel's own.
     missing = run_in(mnt, "stat", "-f", "/sys/fs/cgroup/nothing-here")
     assert missing.returncode == 1 and "No such file or directory" in missing.stderr
+
+
+# Calls a supervisor must not trip on: bad pointers, and many threads asking at once.
+HOSTILE = (
+    "import ctypes, os, threading\n"
+    "libc = ctypes.CDLL(None, use_errno=True)\n"
+    "answer = ctypes.create_string_buffer(120)\n"
+    "def errno_of(result):\n"
+    "    return 0 if result == 0 else ctypes.get_errno()\n"
+    "print(errno_of(libc.statfs(None, answer)))\n"  # no path
+    "print(errno_of(libc.statfs(b'/sys/fs/cgroup', None)))\n"  # no answer buffer
+    "print(errno_of(libc.statfs(b'/sys/fs/cgroup/' + b'x' * 5000, answer)))\n"  # too long
+    "print(errno_of(libc.fstatfs(9999, answer)))\n"  # no such descriptor
+    "def ask():\n"
+    "    for _ in range(200):\n"
+    "        mine = ctypes.create_string_buffer(120)\n"
+    "        assert libc.statfs(b'/sys/fs/cgroup', mine) == 0\n"
+    "        assert mine.raw[:4] == (0x63677270).to_bytes(4, 'little')\n"
+    "threads = [threading.Thread(target=ask) for _ in range(8)]\n"
+    "[t.start() for t in threads]\n"
+    "[t.join() for t in threads]\n"
+    "print('asked')\n")
+
+
+def test_bad_calls_get_the_kernels_errors_and_the_supervisor_goes_on(mnt):
+    done = run_in(mnt, sys.executable, "-c", HOSTILE)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == [str(errno.EFAULT), str(errno.EFAULT),
+                                   str(errno.ENAMETOOLONG), str(errno.EBADF), "asked"]
 
 
 def test_the_command_gets_no_listener_and_its_own_status(mnt):
