@@ -90,6 +90,9 @@ def _parser() -> argparse.ArgumentParser:
     run_in = commands.add_parser("exec", help="run a command with the mount as /sys/fs/cgroup")
     run_in.add_argument("--mount", metavar="MNT",
                         help=f"the encidfs mountpoint (default {client_commands.DEFAULT_MOUNT})")
+    run_in.add_argument("--mounts", action="store_true",
+                        help="show the mount as cgroup2 in the command's /proc/*/mounts and "
+                             "mountinfo (every open goes through encidfs exec then)")
     run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     client_commands.add_parsers(commands)
     parser.command_names = set(commands.choices)  # type: ignore[attr-defined]
@@ -345,7 +348,7 @@ def _exec(args: argparse.Namespace) -> int:
         raise CliError("exec needs a command after --")
     if mounted_fstype(mountpoint) != FSTYPE:
         raise CliError(f"{mountpoint} is not an encidfs mount")
-    exec_with_cgroupfs(mountpoint, argv)
+    exec_with_cgroupfs(mountpoint, argv, args.mounts)
     return 127  # not reached: the command took this process's place
 
 

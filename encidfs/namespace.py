@@ -32,8 +32,9 @@ class NamespaceError(Exception):
     """Why the command cannot be given its namespace; the message is for the user."""
 
 
-def exec_with_cgroupfs(mount: str, argv: list[str]) -> None:
-    """Replace this process by argv, run with `mount` as its /sys/fs/cgroup."""
+def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False) -> None:
+    """Replace this process by argv, run with `mount` as its /sys/fs/cgroup; with `mounts`,
+    the mount tables show it as cgroup2 too."""
     if shutil.which("unshare") is None:
         raise NamespaceError("unshare (util-linux) is needed")
     if not os.path.isdir("/sys/fs/cgroup"):
@@ -50,21 +51,24 @@ def exec_with_cgroupfs(mount: str, argv: list[str]) -> None:
         inner = ["unshare", f"--map-user={os.geteuid()}", f"--map-group={os.getegid()}", "--"]
     chain = [*outer, "sh", "-c", _BIND, mount, *inner]
     if not seccomp.supported():
+        if mounts:
+            raise NamespaceError("--mounts needs seccomp user notification (x86_64, aarch64)")
         os.execvp(chain[0], [*chain, *argv])
-    sys.exit(_supervise(chain, argv, os.stat(mount).st_dev))
+    sys.exit(_supervise(chain, argv, os.stat(mount).st_dev, mounts))
 
 
 # Signals that end a shell's foreground job: the command gets them, and decides.
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-def _supervise(chain: list[str], argv: list[str], device: int) -> int:
-    """Run chain + argv with the statfs filter installed just before argv's exec, answer its
+def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> int:
+    """Run chain + argv with the filter installed just before argv's exec, answer its
     notifications until it exits, and return its exit status as a shell would."""
     ours, theirs = socket.socketpair()
+    options = ["--mounts"] if mounts else []
     command = subprocess.Popen(
-        [*chain, sys.executable, "-m", "encidfs.seccomp", str(theirs.fileno()), "--", *argv],
-        pass_fds=[theirs.fileno()])
+        [*chain, sys.executable, "-m", "encidfs.seccomp", str(theirs.fileno()), *options, "--",
+         *argv], pass_fds=[theirs.fileno()])
     theirs.close()
     for signum in _FORWARDED:
         signal.signal(signum, lambda signum, frame: command.send_signal(signum))

@@ -23,15 +23,27 @@ import ctypes
 import errno
 import os
 import platform
+import re
 import socket
 import struct
 import sys
+from typing import NamedTuple
 
 CGROUP2_SUPER_MAGIC = 0x63677270
 _libc = ctypes.CDLL(None, use_errno=True)
 
-# x86_64 and aarch64: the architecture's audit number, statfs, fstatfs, seccomp.
-_ARCHES = {"x86_64": (0xC000003E, 137, 138, 317), "aarch64": (0xC00000B7, 43, 44, 277)}
+class _Arch(NamedTuple):
+    audit: int  # AUDIT_ARCH_*, as seccomp_data.arch has it
+    statfs: int
+    fstatfs: int
+    seccomp: int
+    open: int | None  # aarch64 has openat alone
+    openat: int
+    openat2: int
+
+
+_ARCHES = {"x86_64": _Arch(0xC000003E, 137, 138, 317, 2, 257, 437),
+           "aarch64": _Arch(0xC00000B7, 43, 44, 277, None, 56, 437)}
 _SECCOMP_SET_MODE_FILTER = 1
 _FLAG_NEW_LISTENER = 1 << 3
 _FLAG_WAIT_KILLABLE_RECV = 1 << 5  # Linux 5.19: a signal does not abandon a waiting call
@@ -44,6 +56,13 @@ _RESP = struct.Struct("=QqiI")  # struct seccomp_notif_resp
 _IOCTL_RECV = 0xC0000000 | _NOTIF.size << 16 | 0x2100
 _IOCTL_SEND = 0xC0000000 | _RESP.size << 16 | 0x2101
 _IOCTL_ID_VALID = 0x40000000 | 8 << 16 | 0x2102
+_ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd
+_IOCTL_ADDFD = 0x40000000 | _ADDFD.size << 16 | 0x2103
+_ADDFD_FLAG_SEND = 1 << 1  # Linux 5.14: the new descriptor is the call's answer
+_AT_FDCWD = -100
+# The mount tables a process may open, "self" and "thread-self" being the caller.
+_MOUNT_TABLE = re.compile(r"/proc/(?:(self|thread-self|\d+)(?:/task/(\d+))?/)?"
+                          r"(mounts|mountinfo)")
 _STATFS_SIZE = 120  # struct statfs on a 64-bit architecture; f_type is its first word
 _PATH_MAX = 4096
 
@@ -52,30 +71,29 @@ def supported() -> bool:
     return platform.machine() in _ARCHES
 
 
-def _filter() -> bytes:
-    """The BPF program: statfs and fstatfs of this architecture notify, all else is allowed."""
-    arch, statfs, fstatfs, _ = _ARCHES[platform.machine()]
+def _filter(mounts: bool) -> bytes:
+    """The BPF program: statfs and fstatfs of this architecture notify (and with `mounts`, the
+    calls that open a file), all else is allowed."""
+    arch = _ARCHES[platform.machine()]
+    opens = [number for number in (arch.open, arch.openat, arch.openat2) if number is not None]
+    wanted = [arch.statfs, arch.fstatfs, *(opens if mounts else ())]
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|K
-    program = [
-        (ld, 0, 0, 4),  # seccomp_data.arch
-        (jeq, 0, 3, arch),  # another architecture's calls: allowed
-        (ld, 0, 0, 0),  # seccomp_data.nr
-        (jeq, 2, 0, statfs),
-        (jeq, 1, 0, fstatfs),
-        (ret, 0, 0, _RET_ALLOW),
-        (ret, 0, 0, _RET_USER_NOTIF),
-    ]
+    program = [(ld, 0, 0, 4),  # seccomp_data.arch
+               (jeq, 0, len(wanted) + 1, arch.audit),  # another architecture's: allowed
+               (ld, 0, 0, 0)]  # seccomp_data.nr
+    program += [(jeq, len(wanted) - index, 0, number) for index, number in enumerate(wanted)]
+    program += [(ret, 0, 0, _RET_ALLOW), (ret, 0, 0, _RET_USER_NOTIF)]
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
 
 
-def install() -> int:
+def install(mounts: bool = False) -> int:
     """Install the filter on this process; return its listener.  Without CAP_SYS_ADMIN the
     kernel wants no_new_privs first (set only then: a setuid program keeps working as root)."""
-    code = _filter()
+    code = _filter(mounts)
     instructions = ctypes.create_string_buffer(code, len(code))
     program = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(instructions))
     prog = ctypes.create_string_buffer(program, len(program))
-    number = _ARCHES[platform.machine()][3]
+    number = _ARCHES[platform.machine()].seccomp
     for flags in (_FLAG_NEW_LISTENER | _FLAG_WAIT_KILLABLE_RECV, _FLAG_NEW_LISTENER):
         for attempt in range(2):
             fd = _libc.syscall(number, _SECCOMP_SET_MODE_FILTER, flags, prog)
@@ -93,7 +111,8 @@ def install() -> int:
 
 
 class Supervisor:
-    """Answers the notifications of one listener for files of the mount with device `device`."""
+    """Answers the notifications of one listener for files of the mount with device `device`
+    (and for the mount tables, which then show the mount as cgroup2)."""
 
     def __init__(self, listener: int, device: int) -> None:
         self.listener = listener
@@ -105,18 +124,64 @@ class Supervisor:
         if _ioctl(self.listener, _IOCTL_RECV, buffer) != 0:
             return  # ENOENT: the caller was interrupted; EINTR
         notif_id, pid, _, nr, _, _, *args = _NOTIF.unpack(buffer)
-        answer = None
+        arch = _ARCHES[platform.machine()]
         try:
-            answer = self._statfs(notif_id, pid, nr, args)
-        except OSError:
-            answer = None  # the caller's files or memory could not be read: the kernel answers
-        response = (_RESP.pack(notif_id, 0, 0, 0) if answer else
-                    _RESP.pack(notif_id, 0, 0, _USER_NOTIF_FLAG_CONTINUE))
-        _ioctl(self.listener, _IOCTL_SEND, bytearray(response))
+            if nr in (arch.statfs, arch.fstatfs):
+                if self._statfs(notif_id, pid, nr, args):
+                    _ioctl(self.listener, _IOCTL_SEND,
+                           bytearray(_RESP.pack(notif_id, 0, 0, 0)))
+                    return
+            elif self._open(notif_id, pid, nr, args):
+                return  # answered with the descriptor
+        except Exception:  # noqa: BLE001 - nothing the caller does may end the supervisor
+            pass  # its files or memory could not be read, or made no sense: the kernel answers
+        _ioctl(self.listener, _IOCTL_SEND,
+               bytearray(_RESP.pack(notif_id, 0, 0, _USER_NOTIF_FLAG_CONTINUE)))
+
+    def _open(self, notif_id: int, pid: int, nr: int, args: list[int]) -> bool:
+        """Answer an open of a mount table with one that shows the mount as cgroup2; False
+        to let any other open run."""
+        arch = _ARCHES[platform.machine()]
+        openat2 = nr == arch.openat2
+        # open(path, flags); openat(dirfd, path, flags); openat2(dirfd, path, &how, size)
+        dirfd, path_at = ((_AT_FDCWD, 0) if nr == arch.open
+                          else (ctypes.c_int32(args[0]).value, 1))
+        name = os.fsdecode(_read_string(pid, args[path_at]))
+        if "mount" not in name and name != "/etc/mtab":
+            return False  # by far the most opens: let them run at once
+        flags = (struct.unpack("=Q", _read_bytes(pid, args[2], 8))[0] if openat2
+                 else args[path_at + 1])
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            return False
+        if not name.startswith("/"):
+            base = f"/proc/{pid}/cwd" if dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
+            name = os.path.join(os.readlink(base), name)
+        match = _MOUNT_TABLE.fullmatch(os.path.normpath(name))
+        if name == "/etc/mtab":
+            whose, table = str(pid), "mounts"
+        elif match is None:
+            return False
+        else:
+            owner, task, table = match.groups()
+            whose = str(pid) if owner in (None, "self", "thread-self") else owner
+            if task is not None:
+                whose = task
+        with open(f"/proc/{whose}/{table}", "rb") as f:
+            text = _as_cgroup2(f.read(), table, self.device)
+        memfd = os.memfd_create("encidfs-mounts", os.MFD_CLOEXEC)
+        try:
+            os.write(memfd, text)
+            os.lseek(memfd, 0, os.SEEK_SET)
+            if not self._valid(notif_id):
+                return False
+            request = _ADDFD.pack(notif_id, _ADDFD_FLAG_SEND, memfd, 0, flags & os.O_CLOEXEC)
+            return _ioctl(self.listener, _IOCTL_ADDFD, bytearray(request)) >= 0
+        finally:
+            os.close(memfd)
 
     def _statfs(self, notif_id: int, pid: int, nr: int, args: list[int]) -> bool:
         """Answer a statfs or fstatfs on a file of the mount; False to let it run."""
-        fstatfs = nr == _ARCHES[platform.machine()][2]
+        fstatfs = nr == _ARCHES[platform.machine()].fstatfs
         if fstatfs:
             path = f"/proc/{pid}/fd/{args[0]}"
         else:
@@ -146,6 +211,38 @@ def _ioctl(fd: int, request: int, buffer: bytearray) -> int:
     return _libc.ioctl(fd, ctypes.c_ulong(request), argument)
 
 
+def _as_cgroup2(text: bytes, table: str, device: int) -> bytes:
+    """A mount table in which the mount with `device` (in mounts, which has no device
+    numbers: every encidfs mount) is the cgroup2 file system, and what it hides (mounted
+    before it at or below its mountpoint, as the host's cgroup v1 hierarchies) is gone."""
+    number = b"%d:%d" % (os.major(device), os.minor(device))
+    where = 1 if table == "mounts" else 4  # the mountpoint's field
+    rows = [line.split(b" ") for line in text.splitlines()]
+    kept: list[list[bytes]] = []
+    for fields in rows:
+        if len(fields) <= where:
+            continue
+        if table == "mounts" and fields[2] == b"fuse.encidfs":
+            fields[0] = fields[2] = b"cgroup2"
+            fields[3] = b"rw,nosuid,nodev,noexec,relatime"
+        elif table == "mountinfo" and fields[2] == number and b"-" in fields:
+            dash = fields.index(b"-")
+            fields[dash + 1:] = [b"cgroup2", b"cgroup2", b"rw"]
+        else:
+            kept.append(fields)
+            continue
+        top = fields[where].rstrip(b"/") + b"/"
+        kept = [row for row in kept if not (row[where] + b"/").startswith(top)]
+        kept.append(fields)
+    return b"".join(b" ".join(fields) + b"\n" for fields in kept)
+
+
+def _read_bytes(pid: int, address: int, size: int) -> bytes:
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        memory.seek(address)
+        return memory.read(size)
+
+
 def _read_string(pid: int, address: int) -> bytes:
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
         memory.seek(address)
@@ -162,12 +259,13 @@ def _read_string(pid: int, address: int) -> bytes:
 
 
 def main() -> int:
-    """python -m encidfs.seccomp SOCKET -- CMD [ARGS...]: install the filter, hand its
-    listener over SOCKET (then closed), and exec CMD."""
-    sock_fd, argv = int(sys.argv[1]), sys.argv[3:]
+    """python -m encidfs.seccomp SOCKET [--mounts] -- CMD [ARGS...]: install the filter (with
+    --mounts, for opens too), hand its listener over SOCKET (then closed), and exec CMD."""
+    sock_fd, options = int(sys.argv[1]), sys.argv[2:sys.argv.index("--")]
+    argv = sys.argv[sys.argv.index("--") + 1:]
     with socket.socket(fileno=sock_fd) as channel:
         try:
-            listener = install()
+            listener = install("--mounts" in options)
         except OSError as error:  # seccomp off in this kernel, or refused: CMD runs without
             print(f"encidfs exec: statfs is not answered as cgroup2's ({error.strerror})",
                   file=sys.stderr)

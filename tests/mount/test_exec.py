@@ -34,7 +34,10 @@ FSTATFS = ("import ctypes, os, struct, sys\n"
 
 
 def run_in(mnt, *argv: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run([*ENCIDFS, "exec", "--mount", str(mnt), "--", *argv],
+    """argv under `encidfs exec` on mnt; exec's own options first if argv has a "--"."""
+    options, argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv \
+        else ((), argv)
+    return subprocess.run([*ENCIDFS, "exec", "--mount", str(mnt), *options, "--", *argv],
                           capture_output=True, text=True, timeout=DEADLINE, **kwargs)
 
 
@@ -127,3 +130,33 @@ def test_a_user_gets_it_in_the_user_namespace(mnt, user, traversable):
         pytest.skip(done.stderr.strip())
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == [str(user.uid), "cgroup2fs"]
+
+
+def test_with_mounts_the_mount_tables_say_cgroup2(mnt):
+    done = run_in(mnt, "--mounts", "--", "sh", "-c",
+                  "grep ' /sys/fs/cgroup ' /proc/self/mounts /etc/mtab; "
+                  "cd /proc && grep ' /sys/fs/cgroup ' self/mountinfo thread-self/mounts; "
+                  "grep -c ' /sys/fs/cgroup/' /proc/self/mounts; cat /etc/hostname")
+    with open("/etc/hostname") as f:
+        hostname = f.read()
+    lines = done.stdout.splitlines()
+    assert lines[0] == "/proc/self/mounts:cgroup2 /sys/fs/cgroup cgroup2 " \
+                       "rw,nosuid,nodev,noexec,relatime 0 0"
+    assert lines[1].startswith("/etc/mtab:cgroup2 /sys/fs/cgroup cgroup2 ")
+    assert lines[2].startswith("self/mountinfo:") and lines[2].endswith(" - cgroup2 cgroup2 rw")
+    assert lines[3].startswith("thread-self/mounts:cgroup2 /sys/fs/cgroup cgroup2 ")
+    assert lines[4] == "0"  # what the mount hides (a hybrid host's v1 hierarchies) is gone
+    assert "\n".join(lines[5:]) + "\n" == hostname  # other opens are the kernel's
+    plain = run_in(mnt, "grep", " /sys/fs/cgroup ", "/proc/self/mounts")
+    assert "fuse.encidfs" in plain.stdout  # only asked for
+
+
+@pytest.mark.skipif(shutil.which("cgget") is None, reason="libcgroup's tools (cgroup-tools)")
+def test_libcgroup_reads_the_mount_with_mounts(mnt):
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "tenant").mkdir()
+    write(mnt / "tenant" / "encids.sev.max", "3")
+    done = run_in(mnt, "--mounts", "--", "cgget", "-g", "encids:/tenant")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[:3] == ["/tenant:", "encids.sev.max: 3",
+                                            "encids.sev.current: 0"]
