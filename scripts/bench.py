@@ -545,8 +545,10 @@ def move_to_modify(parent, pid, iterations):
                 os.rmdir(f"{parent}/{name}")
 
 
-# Times statfs(2) of a path, and getppid(2) (a call no filter wants), in nanoseconds a call.
+# Times statfs(2) of a path, getppid(2) (a call no filter wants) and open(2)+close(2) of a
+# file, in nanoseconds a call.
 SYSCALLS_C = r"""
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/vfs.h>
@@ -574,17 +576,22 @@ int main(int argc, char **argv)
 	start = now();
 	for (long i = 0; i < n * 100; i++)
 		getppid();
-	printf("%.0f %.1f %lx\n", statfs_ns, (now() - start) / (n * 100), (long)answer.f_type);
+	double other_ns = (now() - start) / (n * 100);
+	start = now();
+	for (long i = 0; i < n; i++)
+		close(open("/etc/hostname", O_RDONLY));
+	printf("%.0f %.1f %.0f %lx\n", statfs_ns, other_ns, (now() - start) / n,
+	       (long)answer.f_type);
 	return 0;
 }
 """
 
 
 def exec_costs(iterations):
-    """What `encidfs exec`'s statfs answers cost: a statfs of the mount through the
-    supervisor, and a call not intercepted, beside the same in plain namespaces."""
+    """What `encidfs exec`'s answers cost: a statfs of the mount through the supervisor, a
+    call not intercepted, an open (intercepted with --mounts), beside plain namespaces."""
     print(f"\nencidfs exec: nanoseconds a call, C loop ({iterations} statfs, "
-          f"{iterations * 100} getppid)")
+          f"{iterations * 100} getppid, {iterations} open+close)")
     with tempfile.TemporaryDirectory(prefix="encidfs-syscalls-") as work:
         source, program = os.path.join(work, "syscalls.c"), os.path.join(work, "syscalls")
         with open(source, "w") as f:
@@ -594,16 +601,16 @@ def exec_costs(iterations):
         with fuse_mount(encidfs_argv(ROOT), env) as mnt:
             plain = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
                      f'mount --bind "{mnt}" /sys/fs/cgroup && exec "$@"', "sh"]
-            runs = {"encidfs exec": [sys.executable, "-m", "encidfs", "exec", "--mount", mnt,
-                                     "--"],
+            exec_ = [sys.executable, "-m", "encidfs", "exec", "--mount", mnt]
+            runs = {"encidfs exec": [*exec_, "--"], "exec --mounts": [*exec_, "--mounts", "--"],
                     "plain namespaces": plain}
             for name, prefix in runs.items():
                 for path in ("/sys/fs/cgroup", "/"):
                     out = subprocess.run([*prefix, program, path, str(iterations)], env=env,
                                          capture_output=True, text=True, check=True).stdout
-                    statfs_ns, other_ns, f_type = out.split()
+                    statfs_ns, other_ns, open_ns, f_type = out.split()
                     print(f"  {name:17} statfs {path:15} {statfs_ns:>8} ns (f_type 0x{f_type});"
-                          f"  getppid {other_ns:>6} ns")
+                          f"  getppid {other_ns:>6} ns;  open+close {open_ns:>6} ns")
 
 
 def inotify_latency(iterations):
