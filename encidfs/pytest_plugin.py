@@ -81,11 +81,15 @@ class Mount:
             raise RuntimeError(f"encidfs run {' '.join(argv)}: {said.strip()}")
         return process
 
-    def exec(self, *argv: str, **run: object) -> subprocess.CompletedProcess:
+    def exec(self, *argv: str, mounts: bool = False, **run: object
+             ) -> subprocess.CompletedProcess:
         """Run argv (to completion) with this mount as its /sys/fs/cgroup, in a mount namespace
-        of its own (see `encidfs exec`)."""
+        of its own, statfs(2) there answering cgroup2 (see `encidfs exec`); with `mounts`, the
+        mount tables say cgroup2 too."""
+        options = ["--mounts"] if mounts else []
         return subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount",
-                               str(self.path), "--", *argv], **run)  # type: ignore[call-overload]
+                               str(self.path), *options, "--", *argv],
+                              **run)  # type: ignore[call-overload]
 
     def restart(self) -> None:
         """Kill the daemon (-9) and mount again: the state comes back from its journal."""

@@ -45,3 +45,12 @@ def test_software_that_insists_on_sys_fs_cgroup(encidfs):
     assert done.stdout == "encids misc\n"
     assert (encidfs.path / "pod").is_dir()
     assert (encidfs.path / "pod" / "misc.max").exists()
+
+
+def test_tools_that_ask_the_kernel_take_the_mount(encidfs):
+    done = encidfs.exec("stat", "-f", "-c", "%T", "/sys/fs/cgroup", capture_output=True,
+                        text=True)
+    assert done.stdout == "cgroup2fs\n", done.stderr
+    tables = encidfs.exec("grep", " /sys/fs/cgroup ", "/proc/self/mounts", mounts=True,
+                          capture_output=True, text=True)
+    assert tables.stdout.startswith("cgroup2 /sys/fs/cgroup cgroup2 "), tables.stderr
