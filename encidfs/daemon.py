@@ -29,6 +29,7 @@ from .fuse.inotify import ModifyNotifier
 from .fuse import loop
 from . import metrics
 from .notify import notify
+from .namespace import OVER_XATTR
 from .over.kernfs import OverKernfs
 from .over.membership import KernelMembership
 from .over.tree import KernelTree, kernel_controllers
@@ -109,6 +110,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         hierarchy.membership = membership
         kernfs = OverKernfs(hierarchy, tree, membership, changes, tables)
     changes.kernfs = kernfs
+    if config.over is not None:  # for encidfs exec: its cgroup namespace
+        kernfs.root_xattrs[OVER_XATTR.encode()] = config.over.encode()
     control = config.control or default_control_path(mountpoint)
     kernfs.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
     kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()

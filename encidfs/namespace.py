@@ -9,11 +9,19 @@ make the bind mount, and runs the command as itself).
 Where seccomp user notification serves (seccomp.py), `encidfs exec` stays the command's parent
 and answers its statfs(2) calls on the mount as cgroup2's; it forwards the signals that would
 end it to the command, and exits with the command's status.
+
+On a mount over a cgroup below the hierarchy's root (`--over DIR`), the command also gets a
+cgroup namespace rooted at DIR, so that /proc/PID/cgroup of a process in the mount's tree says
+its path in the mount.  A namespace's root is the cgroup of the task that makes it: a helper
+process joins DIR, makes the namespace and holds it until the command has entered it
+(`python -m encidfs.namespace DIR -- ...`, run before the bind mount hides DIR).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import select
 import shutil
@@ -50,6 +58,10 @@ def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False) -> Non
         outer.insert(1, "--map-root-user")
         inner = ["unshare", f"--map-user={os.geteuid()}", f"--map-group={os.getegid()}", "--"]
     chain = [*outer, "sh", "-c", _BIND, mount, *inner]
+    below_root = _over_below_root(mount)
+    if below_root is not None:
+        chain[len(outer):len(outer)] = [sys.executable, "-m", "encidfs.namespace", below_root,
+                                        "--"]
     if not seccomp.supported():
         if mounts:
             raise NamespaceError("--mounts needs seccomp user notification (x86_64, aarch64)")
@@ -105,6 +117,71 @@ def _poll(poller: select.poll) -> list[tuple[int, int]]:
             continue
 
 
+OVER_XATTR = "user.encidfs.over"  # on the root of a mount --over DIR: DIR
+_CLONE_NEWCGROUP = 0x02000000
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _over_below_root(mount: str) -> str | None:
+    """DIR, for a mount over a cgroup below its hierarchy's root; else None."""
+    try:
+        over = os.fsdecode(os.getxattr(mount, OVER_XATTR))
+    except OSError:
+        return None
+    from .mountinfo import cgroup2_mount_of
+    hierarchy = cgroup2_mount_of(over)
+    if hierarchy is None or (over == hierarchy.mountpoint and hierarchy.root == "/"):
+        return None
+    return over
+
+
+def enter_cgroup_namespace(top: str) -> None:
+    """Enter a new cgroup namespace rooted at cgroup `top`, without this process moving: a
+    helper joins `top`, makes the namespace and holds it until it is entered.  Where `top`
+    takes no process (it enables domain controllers), say so and go on in the host's."""
+    said_r, said_w = os.pipe()
+    hold_r, hold_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:
+        os.close(said_r)
+        os.close(hold_w)
+        try:
+            with open(os.path.join(top, "cgroup.procs"), "w") as procs:
+                procs.write(str(os.getpid()))
+            if _libc.unshare(_CLONE_NEWCGROUP) != 0:
+                raise OSError(ctypes.get_errno(), "unshare")
+            os.write(said_w, b"ok")
+            os.read(hold_r, 1)  # until the command has entered the namespace
+        except OSError as error:
+            os.write(said_w, os.strerror(error.errno or errno.EIO).encode())
+        os._exit(0)
+    os.close(said_w)
+    os.close(hold_r)
+    said = os.read(said_r, 256)
+    try:
+        if said != b"ok":
+            print(f"encidfs exec: no cgroup namespace at {top} ({said.decode()}): "
+                  "/proc/PID/cgroup shows the host's paths", file=sys.stderr)
+            return
+        namespace = os.open(f"/proc/{helper}/ns/cgroup", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            if _libc.setns(namespace, _CLONE_NEWCGROUP) != 0:
+                raise NamespaceError(f"setns: {os.strerror(ctypes.get_errno())}")
+        finally:
+            os.close(namespace)
+    finally:
+        os.close(hold_w)
+        os.close(said_r)
+        os.waitpid(helper, 0)
+
+
+def main() -> None:
+    """python -m encidfs.namespace DIR -- CMD [ARGS...]: CMD in a cgroup namespace at DIR."""
+    enter_cgroup_namespace(sys.argv[1])
+    argv = sys.argv[3:]
+    os.execvp(argv[0], argv)
+
+
 def _user_namespaces_allowed() -> bool:
     # Ubuntu's AppArmor restriction lets the namespace be made but without the capability to
     # mount in it.
@@ -119,3 +196,7 @@ def _user_namespaces_allowed() -> bool:
         except OSError:
             pass
     return True
+
+
+if __name__ == "__main__":
+    main()

@@ -14,6 +14,7 @@ import errno
 import os
 import select
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -362,3 +363,18 @@ def test_a_delegatee_acts_within_the_kernels_rules(over, scratch, procs, user, t
     assert os.stat(scratch / "del" / "x" / "cgroup.procs").st_uid == user.uid
     assert pids(scratch / "del" / "x") == [process.pid]
     assert read(mnt / "del" / "x" / "encids.sev.max") == "1\n"
+
+
+def test_under_exec_proc_cgroup_says_the_mounts_paths(over, scratch):
+    """encidfs exec gives the command a cgroup namespace rooted at DIR: a process in the
+    mount's tree reads its path in the mount from /proc/self/cgroup, as runc and systemd do."""
+    mnt = over.path
+    (mnt / "a").mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt), "--", "sh", "-c",
+         "grep ^0:: /proc/self/cgroup; echo $$ > /sys/fs/cgroup/a/cgroup.procs; "
+         "grep ^0:: /proc/self/cgroup; sh -c 'grep ^0:: /proc/self/cgroup'"],
+        capture_output=True, text=True, timeout=DEADLINE)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0::/..", "0::/a", "0::/a"]  # outside DIR at first
+    assert read(scratch / "cgroup.procs") == ""  # the namespace's helper is gone
