@@ -31,6 +31,7 @@ import subprocess
 import sys
 
 from . import seccomp
+from .mountinfo import cgroup2_mount_of
 
 # Run by sh in the new namespaces: $0 is the mount, "$@" the command (and its own unshare).
 _BIND = 'mount --bind "$0" /sys/fs/cgroup && exec "$@"'
@@ -128,7 +129,6 @@ def _over_below_root(mount: str) -> str | None:
         over = os.fsdecode(os.getxattr(mount, OVER_XATTR))
     except OSError:
         return None
-    from .mountinfo import cgroup2_mount_of
     hierarchy = cgroup2_mount_of(over)
     if hierarchy is None or (over == hierarchy.mountpoint and hierarchy.root == "/"):
         return None

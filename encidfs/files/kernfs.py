@@ -27,8 +27,8 @@ CoreTableMaker = Callable[..., list[CfType]]
 ROOT_INODE = 1
 # Inode numbers per cgroup: its directory, then one per file row (and under --over, one per
 # name of the kernel's files).
-_STRIDE = 4096
-_FILE_BASE = 2
+STRIDE = 4096
+FILE_BASE = 2
 WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
 XATTRS_MAX = 128  # kernfs's limits on user xattrs per node
 XATTR_BYTES_MAX = 128 * 1024
@@ -75,7 +75,7 @@ class Kernfs:
             controller_rows += rows
         self.cftypes = core(hierarchy, processes, changes, self._may_write)
         self.cftypes += controller_rows
-        assert len(self.cftypes) <= _STRIDE - _FILE_BASE
+        assert len(self.cftypes) <= STRIDE - FILE_BASE
         self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
         self._controller_rows = [row for row, cft in enumerate(self.cftypes) if cft.controller]
         # The files the engine notifies by key (kernfs_notify), by that key.
@@ -102,20 +102,20 @@ class Kernfs:
 
     @staticmethod
     def dir_inode(cg: Cgroup) -> int:
-        return cg.id * _STRIDE + ROOT_INODE
+        return cg.id * STRIDE + ROOT_INODE
 
     @staticmethod
     def file_inode(cg: Cgroup, row: int) -> int:
-        return cg.id * _STRIDE + _FILE_BASE + row
+        return cg.id * STRIDE + FILE_BASE + row
 
     def node(self, inode: int) -> Node:
-        cgid, slot = divmod(inode, _STRIDE)
+        cgid, slot = divmod(inode, STRIDE)
         cg = self.hierarchy.by_id.get(cgid)
-        if cg is None or slot < ROOT_INODE or slot - _FILE_BASE >= len(self.cftypes):
+        if cg is None or slot < ROOT_INODE or slot - FILE_BASE >= len(self.cftypes):
             raise fail(errno.ENOENT)
         if slot == ROOT_INODE:
             return Node(inode, cg, None)
-        cft = self.cftypes[slot - _FILE_BASE]
+        cft = self.cftypes[slot - FILE_BASE]
         if not cft.present_in(cg):
             raise fail(errno.ENOENT)
         return Node(inode, cg, cft)
@@ -375,8 +375,8 @@ class Kernfs:
                 self._xattr_bytes += _xattr_size(values)
 
     def _id_and_name(self, inode: int) -> tuple[int, str]:
-        cgid, slot = divmod(inode, _STRIDE)
-        return cgid, "" if slot == ROOT_INODE else self.cftypes[slot - _FILE_BASE].name
+        cgid, slot = divmod(inode, STRIDE)
+        return cgid, "" if slot == ROOT_INODE else self.cftypes[slot - FILE_BASE].name
 
     def _named(self, cg: Cgroup, file: str) -> Node:
         """A node by cgroup and file name ("" for the directory); ENOENT if not present."""

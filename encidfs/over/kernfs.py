@@ -20,7 +20,8 @@ import stat
 from ..engine import Cgroup, Hierarchy, fail
 from ..engine.cgroup import Event
 from ..files.cftype import Caller
-from ..files.kernfs import _FILE_BASE, _STRIDE, ROOT_INODE, FileTableMaker, Kernfs, Node, NodeAttr
+from ..files.kernfs import (FILE_BASE, ROOT_INODE, STRIDE, FileTableMaker, Kernfs, Node,
+                            NodeAttr, OpenFile)
 from ..files.parse import kstrtoint, strstrip, written_text
 from ..state.changes import Changes
 from .files import CONTROLLERS_FILE, MERGED, merged_files
@@ -51,7 +52,7 @@ class OverKernfs(Kernfs):
         row = self._real_rows.get(name)
         if row is None:
             row = len(self.cftypes) + len(self._real_names)
-            if _FILE_BASE + row >= _STRIDE:
+            if FILE_BASE + row >= STRIDE:
                 raise fail(errno.ENFILE, "more kernel file names than inode slots")
             self._real_names.append(name)
             self._real_rows[name] = row
@@ -64,8 +65,8 @@ class OverKernfs(Kernfs):
         return len(self.cftypes) + len(self._real_names)
 
     def node(self, inode: int) -> Node:
-        cgid, slot = divmod(inode, _STRIDE)
-        index = slot - _FILE_BASE - len(self.cftypes)
+        cgid, slot = divmod(inode, STRIDE)
+        index = slot - FILE_BASE - len(self.cftypes)
         if index < 0:
             return super().node(inode)
         cg = self.hierarchy.by_id.get(cgid)
@@ -240,7 +241,8 @@ class OverKernfs(Kernfs):
 
     # -- files --------------------------------------------------------------------------------
 
-    def open(self, node: Node, caller: Caller, flags: int = os.O_RDONLY):  # type: ignore
+    def open(self, node: Node, caller: Caller,  # type: ignore[override]
+             flags: int = os.O_RDONLY) -> OpenFile | KernelFile:
         if node.real is None:
             return super().open(node, caller, flags)
         return KernelFile(self, node, caller, flags)
