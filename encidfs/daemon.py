@@ -106,9 +106,10 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         kernfs = Kernfs(hierarchy, tracker, changes, tables)
     else:
         tree = KernelTree(config.over, hierarchy, changes.fact)
-        tracker = membership = KernelMembership(tree, on_exit, pidfd_budget, changed)
+        # The kernel's files open through the mount hold a descriptor each: half the budget.
+        tracker = membership = KernelMembership(tree, on_exit, pidfd_budget // 2, changed)
         hierarchy.membership = membership
-        kernfs = OverKernfs(hierarchy, tree, membership, changes, tables)
+        kernfs = OverKernfs(hierarchy, tree, membership, changes, tables, pidfd_budget // 2)
     changes.kernfs = kernfs
     if config.over is not None:  # for encidfs exec: its cgroup namespace
         kernfs.root_xattrs[OVER_XATTR.encode()] = config.over.encode()

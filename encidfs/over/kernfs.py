@@ -33,8 +33,15 @@ _PID_FILES = ("cgroup.procs", "cgroup.threads")
 
 class OverKernfs(Kernfs):
     def __init__(self, hierarchy: Hierarchy, tree: KernelTree, membership: KernelMembership,
-                 changes: Changes, file_tables: list[FileTableMaker]) -> None:
+                 changes: Changes, file_tables: list[FileTableMaker],
+                 descriptors: int = 1 << 20) -> None:
+        """`descriptors`: how many the kernel's files open through the mount may hold (each
+        open holds one), a quarter of them for any one user."""
         self.tree = tree
+        self._descriptors = descriptors
+        self._per_user = max(1, descriptors // 4)
+        self._held: dict[int, int] = {}  # uid -> descriptors its open files hold
+        self._held_total = 0
         self.membership = membership
         super().__init__(hierarchy, membership, changes, file_tables,
                          core=lambda h, processes, c, may_write: merged_files(tree, h, c))
@@ -245,7 +252,20 @@ class OverKernfs(Kernfs):
              flags: int = os.O_RDONLY) -> OpenFile | KernelFile:
         if node.real is None:
             return super().open(node, caller, flags)
-        return KernelFile(self, node, caller, flags)
+        held = self._held.get(caller.uid, 0)
+        if held >= self._per_user or self._held_total >= self._descriptors:
+            raise fail(errno.ENFILE, f"user {caller.uid} holds {held} kernel files open")
+        opened = KernelFile(self, node, caller, flags)
+        self._held[caller.uid] = held + 1
+        self._held_total += 1
+        return opened
+
+    def closed(self, uid: int) -> None:
+        """A kernel file of this user's is closed."""
+        left = self._held.pop(uid) - 1
+        if left:
+            self._held[uid] = left
+        self._held_total -= 1
 
     # -- what changed -------------------------------------------------------------------------
 
@@ -397,6 +417,7 @@ class KernelFile:
 
     def close(self) -> None:
         os.close(self.fd)
+        self.table.closed(self.caller.uid)
         if self._watch is not None and self._watch >= 0:
             self.table.tree.closed(self._watch)
 

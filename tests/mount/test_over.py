@@ -378,3 +378,27 @@ def test_under_exec_proc_cgroup_says_the_mounts_paths(over, scratch):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0::/..", "0::/a", "0::/a"]  # outside DIR at first
     assert read(scratch / "cgroup.procs") == ""  # the namespace's helper is gone
+
+
+def test_open_kernel_files_are_bounded_per_user(scratch, encidfs_factory):
+    """Each kernel file open through the mount holds a descriptor of the daemon's: a user may
+    hold a quarter of those the daemon sets aside for them (here, with 1024 descriptors: 64),
+    and then gets ENFILE, while the emulated files and everyone else go on."""
+    mount = encidfs_factory(options=("--over", str(scratch)), nofile=(1024, 1024))
+    held = []
+    try:
+        while len(held) < 1000:
+            try:
+                held.append(os.open(mount.path / "cgroup.procs", os.O_RDONLY))
+            except OSError as error:
+                assert error.errno == errno.ENFILE
+                break
+        assert len(held) == 64
+        with open(mount.path / "encids.sev.stat") as f:  # an emulated file holds none
+            assert f.read().startswith("total ")
+        os.close(held.pop())
+        held.append(os.open(mount.path / "cgroup.procs", os.O_RDONLY))
+    finally:
+        for fd in held:
+            os.close(fd)
+    assert read(mount.path / "cgroup.type") == read(scratch / "cgroup.type")
