@@ -93,7 +93,7 @@ def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> 
         poller.register(exited, select.POLLIN)
         poller.register(ours, select.POLLIN)
         while True:
-            ready = dict(_poll(poller))
+            ready = dict(poller.poll())  # a forwarded signal's EINTR is retried (PEP 475)
             if exited in ready:
                 break
             if ours.fileno() in ready:  # the listener, once the filter is in place
@@ -108,14 +108,6 @@ def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> 
                 supervisor.answer_one()
     status = command.wait()
     return 128 - status if status < 0 else status
-
-
-def _poll(poller: select.poll) -> list[tuple[int, int]]:
-    while True:
-        try:
-            return poller.poll()
-        except InterruptedError:
-            continue
 
 
 OVER_XATTR = "user.encidfs.over"  # on the root of a mount --over DIR: DIR
