@@ -166,8 +166,10 @@ class Supervisor:
             whose = str(pid) if owner in (None, "self", "thread-self") else owner
             if task is not None:
                 whose = task
+        with open(f"/proc/{whose}/mountinfo", "rb") as f:
+            ours = _mountpoints_of(f.read(), self.device)
         with open(f"/proc/{whose}/{table}", "rb") as f:
-            text = _as_cgroup2(f.read(), table, self.device)
+            text = _as_cgroup2(f.read(), table, ours)
         memfd = os.memfd_create("encidfs-mounts", os.MFD_CLOEXEC)
         try:
             os.write(memfd, text)
@@ -211,26 +213,31 @@ def _ioctl(fd: int, request: int, buffer: bytearray) -> int:
     return _libc.ioctl(fd, ctypes.c_ulong(request), argument)
 
 
-def _as_cgroup2(text: bytes, table: str, device: int) -> bytes:
-    """A mount table in which the mount with `device` (in mounts, which has no device
-    numbers: every encidfs mount) is the cgroup2 file system, and what it hides (mounted
-    before it at or below its mountpoint, as the host's cgroup v1 hierarchies) is gone."""
+def _mountpoints_of(mountinfo: bytes, device: int) -> set[bytes]:
+    """Where the mount with `device` is mounted (as mountinfo escapes a path, as mounts does)."""
     number = b"%d:%d" % (os.major(device), os.minor(device))
+    rows = (line.split(b" ") for line in mountinfo.splitlines())
+    return {fields[4] for fields in rows if len(fields) > 4 and fields[2] == number}
+
+
+def _as_cgroup2(text: bytes, table: str, ours: set[bytes]) -> bytes:
+    """A mount table in which the mount at `ours` is the cgroup2 file system, and what it
+    hides (mounted before it at or below its mountpoint, as the host's cgroup v1 hierarchies)
+    is gone."""
     where = 1 if table == "mounts" else 4  # the mountpoint's field
-    rows = [line.split(b" ") for line in text.splitlines()]
     kept: list[list[bytes]] = []
-    for fields in rows:
+    for fields in (line.split(b" ") for line in text.splitlines()):
         if len(fields) <= where:
             continue
-        if table == "mounts" and fields[2] == b"fuse.encidfs":
-            fields[0] = fields[2] = b"cgroup2"
-            fields[3] = b"rw,nosuid,nodev,noexec,relatime"
-        elif table == "mountinfo" and fields[2] == number and b"-" in fields:
-            dash = fields.index(b"-")
-            fields[dash + 1:] = [b"cgroup2", b"cgroup2", b"rw"]
-        else:
+        if fields[where] not in ours:
             kept.append(fields)
             continue
+        if table == "mounts":
+            fields[0] = fields[2] = b"cgroup2"
+            fields[3] = b"rw,nosuid,nodev,noexec,relatime"
+        elif b"-" in fields:
+            dash = fields.index(b"-")
+            fields[dash + 1:] = [b"cgroup2", b"cgroup2", b"rw"]
         top = fields[where].rstrip(b"/") + b"/"
         kept = [row for row in kept if not (row[where] + b"/").startswith(top)]
         kept.append(fields)

@@ -152,7 +152,11 @@ def test_with_mounts_the_mount_tables_say_cgroup2(mnt):
 
 
 @pytest.mark.skipif(shutil.which("cgget") is None, reason="libcgroup's tools (cgroup-tools)")
-def test_libcgroup_reads_the_mount_with_mounts(mnt):
+def test_libcgroup_reads_the_mount_with_mounts(mnt, mount_encidfs):
+    """Another encidfs mount, mounted first, is not the one exec binds (nor cgroup2)."""
+    other = mount_encidfs()
+    write(other / "cgroup.subtree_control", "+encids")
+    (other / "tenant").mkdir()
     write(mnt / "cgroup.subtree_control", "+encids")
     (mnt / "tenant").mkdir()
     write(mnt / "tenant" / "encids.sev.max", "3")
