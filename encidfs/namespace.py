@@ -31,6 +31,7 @@ import subprocess
 import sys
 
 from . import seccomp
+from .host import kernel_release
 from .mountinfo import cgroup2_mount_of
 
 # Run by sh in the new namespaces: $0 is the mount, "$@" the command (and its own unshare).
@@ -106,8 +107,43 @@ def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> 
                     poller.register(listener, select.POLLIN)
             elif supervisor is not None and supervisor.listener in ready:
                 supervisor.answer_one()
-    status = command.wait()
+        status = command.wait()  # reaped: the filter is no longer the command's
+        if supervisor is not None:
+            _answer_those_left(supervisor)
     return 128 - status if status < 0 else status
+
+
+# Since Linux 5.8 the listener hangs up once no process has the filter.
+_HANGS_UP_SINCE = (5, 8)
+
+
+def _answer_those_left(supervisor: seccomp.Supervisor) -> None:
+    """Processes the command left running (a detached container) have the filter too: answer
+    them from a process of its own, out of the caller's session, until none of them is left,
+    so that exec returns the command's status now."""
+    poller = select.poll()
+    poller.register(supervisor.listener, select.POLLIN)
+    if kernel_release() < _HANGS_UP_SINCE or not _still_used(poller.poll(0)):
+        return
+    if os.fork() != 0:
+        return
+    try:
+        os.setsid()
+        quiet = os.open(os.devnull, os.O_RDWR)
+        for fd in range(3):
+            os.dup2(quiet, fd)
+        for signum in _FORWARDED:
+            signal.signal(signum, signal.SIG_IGN)
+        while _still_used(events := poller.poll()):
+            if events:
+                supervisor.answer_one()
+    finally:
+        os._exit(0)
+
+
+def _still_used(events: list[tuple[int, int]]) -> bool:
+    return not any(event & (select.POLLHUP | select.POLLERR | select.POLLNVAL)
+                   for _, event in events)
 
 
 OVER_XATTR = "user.encidfs.over"  # on the root of a mount --over DIR: DIR

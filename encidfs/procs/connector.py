@@ -12,11 +12,12 @@ followed.
 from __future__ import annotations
 
 import errno
-import os
 import socket
 import struct
 from collections.abc import Callable, Container
 from typing import NamedTuple
+
+from ..host import kernel_release
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
@@ -55,19 +56,11 @@ class Thread(NamedTuple):
     exited: bool
 
 
-def _filtering() -> bool:
-    release = os.uname().release.split(".")
-    try:
-        return (int(release[0]), int(release[1].split("-")[0])) >= FILTER_SINCE
-    except (IndexError, ValueError):
-        return False
-
-
 class Connector:
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         self._port = sock.getsockname()[0]
-        self.filtering = _filtering()
+        self.filtering = kernel_release() >= FILTER_SINCE
         self.forks = False  # whether forks are asked for (without the filter: everything)
         self.exits = False  # whether thread exits are asked for too
         self._buffer = bytearray(4096)

@@ -8,6 +8,7 @@ any /sys/fs/cgroup that is not cgroup2, list the tree.
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
 import subprocess
@@ -15,7 +16,7 @@ import sys
 
 import pytest
 
-from mountutil import DEADLINE, REPO, SITE, user_python, write
+from mountutil import DEADLINE, REPO, SITE, user_python, wait_until, write
 
 from encidfs import seccomp
 
@@ -101,6 +102,38 @@ def test_a_signal_to_exec_reaches_the_command(mnt, procs):
     assert runner.stdout.readline() == "ready\n"
     runner.send_signal(signal.SIGTERM)
     assert runner.wait(timeout=DEADLINE) == 42
+
+
+def exec_supervisors(mnt) -> list[int]:
+    """The `encidfs exec` processes of the mount."""
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # gone meanwhile
+        if argv[1:6] == [b"-m", b"encidfs", b"exec", b"--mount", os.fsencode(mnt)]:
+            found.append(int(entry))
+    return found
+
+
+def test_what_the_command_leaves_running_is_answered_until_it_ends(mnt, tmp_path):
+    """exec returns with the command; what it started in the background (a detached
+    container) is answered by a process of exec's own, which ends with the last of them."""
+    assert run_in(mnt, "true").returncode == 0
+    assert exec_supervisors(mnt) == []  # nothing left: nothing stays to answer
+    go, said = tmp_path / "go", tmp_path / "said"
+    os.mkfifo(go)
+    done = run_in(mnt, "sh", "-c", f'(read line < {go}; stat -f -c %T /sys/fs/cgroup > {said}) '
+                                   "> /dev/null 2>&1 &")
+    assert done.returncode == 0
+    assert len(exec_supervisors(mnt)) == 1
+    with open(go, "w") as f:
+        f.write("go\n")
+    wait_until(lambda: said.exists() and said.read_text() == "cgroup2fs\n",
+               "the background command's statfs")
+    wait_until(lambda: not exec_supervisors(mnt), "exec's answering process to end")
 
 
 @pytest.mark.skipif(shutil.which("systemd-cgls") is None, reason="systemd's tools are needed")
