@@ -1,0 +1,169 @@
+"""Containers under `encidfs exec`: crun takes the mount for cgroup2, makes the container's
+cgroup in it, writes the OCI spec's `linux.resources.unified` keys there (encids.sev.max) and
+puts the container's processes in it.  A detached container outlives the exec that started it
+and is deleted by a later one.  As root, and as a user in the user namespace exec makes (the
+user's crun is rootless there, in a cgroup delegated to the user).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python, wait_until, \
+    write
+
+from encidfs import seccomp
+
+CRUN = shutil.which("crun")
+BUSYBOX = shutil.which("busybox")  # busybox-static's: the container's whole root file system
+
+pytestmark = [
+    pytest.mark.skipif(not seccomp.supported(), reason="seccomp user notification is used on "
+                       "x86_64 and aarch64 only"),
+    pytest.mark.skipif(CRUN is None or BUSYBOX is None, reason="crun and busybox-static"),
+]
+
+
+def _root_may_raise_memlock() -> bool:
+    """crun (as root) raises RLIMIT_MEMLOCK to unlimited before it loads its device filter, and
+    stops where it may not: a root without CAP_SYS_RESOURCE, as in some containers."""
+    raise_it = ("import resource; "
+                "resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)")
+    return subprocess.run([sys.executable, "-c", raise_it]).returncode == 0
+
+
+@dataclass
+class Crun:
+    """crun, run under `encidfs exec` on the mount by root or by a user."""
+
+    mnt: Path
+    state: Path  # crun's --root
+    bundle: Path
+    user: User | None
+    shell_cgroup: Path | None  # where the user's commands start (inside the delegated cgroup)
+
+    def start(self, *args: str, **popen) -> subprocess.Popen:
+        argv = [sys.executable, "-m", "encidfs", "exec", "--mount", str(self.mnt), "--",
+                CRUN, "--root", str(self.state), *args]
+        if self.user is not None:  # the user's python, and a start in the delegated cgroup
+            argv = ["sh", "-c", 'echo $$ > "$0" && exec "$@"',
+                    str(self.shell_cgroup / "cgroup.procs"), *self.user.setpriv(), "env", "-i",
+                    "PATH=/usr/local/bin:/usr/bin:/bin", f"PYTHONPATH={REPO}:{SITE}",
+                    user_python(), *argv[1:]]
+        return subprocess.Popen(argv, cwd=self.bundle, text=True, **popen)
+
+    def run(self, *args: str) -> subprocess.CompletedProcess:
+        """crun ARGS to its end.  Its errors go to a file: a detached container keeps crun's
+        standard streams, and a pipe would not end with crun."""
+        with tempfile.TemporaryFile("w+") as errors:
+            started = self.start(*args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=errors)
+            started.wait(timeout=DEADLINE)
+            errors.seek(0)
+            return subprocess.CompletedProcess(started.args, started.returncode, None,
+                                               errors.read())
+
+
+def make_bundle(bundle: Path, cgroup: str, user: User | None) -> None:
+    """An OCI bundle of busybox whose container says "ready", then sleeps, in `cgroup` (from
+    the mount's root) with encids.sev.max 1."""
+    binaries = bundle / "rootfs" / "bin"
+    binaries.mkdir(parents=True)
+    shutil.copy(BUSYBOX, binaries / "busybox")
+    for applet in ("sh", "sleep"):
+        (binaries / applet).symlink_to("busybox")
+    subprocess.run([CRUN, "spec", *(["--rootless"] if user else [])], cwd=bundle, check=True)
+    spec = json.loads((bundle / "config.json").read_text())
+    spec["process"].update(terminal=False, args=["sh", "-c", "echo ready; exec sleep 1000"])
+    spec["linux"]["cgroupsPath"] = cgroup
+    spec["linux"].setdefault("resources", {})["unified"] = {"encids.sev.max": "1"}
+    if user is not None:  # the container's root is the user, as exec's namespace maps it
+        spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": user.uid, "size": 1}]
+        spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": user.gid, "size": 1}]
+    (bundle / "config.json").write_text(json.dumps(spec))
+
+
+@pytest.fixture(params=["root", "user"])
+def crun(request, mnt, tmp_path, traversable) -> Crun:
+    """crun on a fresh mount whose /tenant has encids enabled (crun enables only controllers
+    it knows; a container's parent cgroup is set up by whoever delegates it)."""
+    write(mnt / "cgroup.subtree_control", "+encids")
+    tenant = mnt / "tenant"
+    tenant.mkdir()
+    write(tenant / "cgroup.subtree_control", "+encids")
+    user, shell = None, None
+    if request.param == "root":
+        if not _root_may_raise_memlock():
+            pytest.skip("crun as root raises RLIMIT_MEMLOCK, which needs CAP_SYS_RESOURCE")
+    else:
+        user = request.getfixturevalue("user")
+        shell = tenant / "shell"
+        shell.mkdir()
+        for path in (tenant, *(tenant / name for name in
+                               ("cgroup.procs", "cgroup.subtree_control", "cgroup.threads"))):
+            os.chown(path, user.uid, user.gid)
+        traversable(mnt)
+    bundle, state = tmp_path / "bundle", tmp_path / "state"
+    make_bundle(bundle, "/tenant/c1", user)
+    state.mkdir()
+    if user is not None:
+        for path in (tmp_path, state, bundle, *bundle.rglob("*")):
+            os.lchown(path, user.uid, user.gid)
+        traversable(bundle)
+    runtime = Crun(mnt, state, bundle, user, shell)
+    yield runtime
+    for leftover in state.iterdir():  # a container a failed test left
+        runtime.run("delete", "--force", leftover.name)
+
+
+def allocate(mnt: Path, pid: int) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "encidfs", "alloc", "--mount", str(mnt),
+                           "--type", "sev", "--pid", str(pid)],
+                          capture_output=True, text=True, timeout=DEADLINE)
+
+
+def check_the_container(mnt: Path) -> int:
+    """The container's process is the only member of the cgroup crun made, whose limit from
+    the spec refuses a second ID; its PID."""
+    cgroup = mnt / "tenant" / "c1"
+    member, = wait_until(lambda: pids(cgroup), "the container in /tenant/c1")
+    assert read(cgroup / "encids.sev.max") == "1\n"
+    assert allocate(mnt, member).returncode == 0
+    refused = allocate(mnt, member)
+    assert refused.returncode != 0 and keyed(read(cgroup / "encids.sev.events"))["max"] == 1
+    assert read(cgroup / "encids.sev.current") == "1\n"
+    return member
+
+
+def test_crun_runs_a_container_in_the_cgroup_it_made(crun):
+    running = crun.start("run", "c1", stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE)
+    try:
+        assert running.stdout.readline() == "ready\n", running.stderr.read()
+        member = check_the_container(crun.mnt)
+        os.kill(member, signal.SIGKILL)
+        assert running.wait(timeout=DEADLINE) == 128 + signal.SIGKILL  # the container's status
+    finally:
+        running.kill()
+        running.wait()
+    wait_until(lambda: not (crun.mnt / "tenant" / "c1").exists(), "crun to remove /tenant/c1")
+
+
+def test_a_detached_container_outlives_exec_and_a_later_exec_deletes_it(crun):
+    started = crun.run("run", "--detach", "c1")
+    assert started.returncode == 0, started.stderr
+    member = check_the_container(crun.mnt)
+    deleted = crun.run("delete", "--force", "c1")
+    assert deleted.returncode == 0, deleted.stderr
+    wait_until(lambda: not os.path.exists(f"/proc/{member}"), "the container to end")
+    assert not (crun.mnt / "tenant" / "c1").exists()
