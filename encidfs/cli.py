@@ -93,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     run_in.add_argument("--mounts", action="store_true",
                         help="show the mount as cgroup2 in the command's /proc/*/mounts and "
                              "mountinfo (every open goes through encidfs exec then)")
+    run_in.add_argument("--proc-cgroup", action="store_true",
+                        help="on the standalone tree, /proc/PID/cgroup says the cgroup of "
+                             "the mount's (every open goes through encidfs exec then)")
     run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     client_commands.add_parsers(commands)
     parser.command_names = set(commands.choices)  # type: ignore[attr-defined]
@@ -348,7 +351,7 @@ def _exec(args: argparse.Namespace) -> int:
         raise CliError("exec needs a command after --")
     if mounted_fstype(mountpoint) != FSTYPE:
         raise CliError(f"{mountpoint} is not an encidfs mount")
-    exec_with_cgroupfs(mountpoint, argv, args.mounts)
+    exec_with_cgroupfs(mountpoint, argv, args.mounts, args.proc_cgroup)
     return 127  # not reached: the command took this process's place
 
 

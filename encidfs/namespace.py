@@ -29,8 +29,10 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 
 from . import seccomp
+from .control.client import Client, ControlError
 from .host import kernel_release
 from .mountinfo import cgroup2_mount_of
 
@@ -42,9 +44,11 @@ class NamespaceError(Exception):
     """Why the command cannot be given its namespace; the message is for the user."""
 
 
-def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False) -> None:
+def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False,
+                       proc_cgroup: bool = False) -> None:
     """Replace this process by argv, run with `mount` as its /sys/fs/cgroup; with `mounts`,
-    the mount tables show it as cgroup2 too."""
+    the mount tables show it as cgroup2 too; with `proc_cgroup`, /proc/PID/cgroup says the
+    cgroup of the mount's standalone tree."""
     if shutil.which("unshare") is None:
         raise NamespaceError("unshare (util-linux) is needed")
     if not os.path.isdir("/sys/fs/cgroup"):
@@ -60,26 +64,36 @@ def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False) -> Non
         outer.insert(1, "--map-root-user")
         inner = ["unshare", f"--map-user={os.geteuid()}", f"--map-group={os.getegid()}", "--"]
     chain = [*outer, "sh", "-c", _BIND, mount, *inner]
-    below_root = _over_below_root(mount)
+    over = _over(mount)
+    below_root = _below_root(over)
     if below_root is not None:
         chain[len(outer):len(outer)] = [sys.executable, "-m", "encidfs.namespace", below_root,
                                         "--"]
+    cgroup_of = None
+    if proc_cgroup:
+        if over is not None:
+            raise NamespaceError("--proc-cgroup is for the standalone tree: over a cgroup, "
+                                 "/proc/PID/cgroup is the kernel's own")
+        cgroup_of = _books(mount)
     if not seccomp.supported():
-        if mounts:
-            raise NamespaceError("--mounts needs seccomp user notification (x86_64, aarch64)")
+        if mounts or proc_cgroup:
+            raise NamespaceError("--mounts and --proc-cgroup need seccomp user notification "
+                                 "(x86_64, aarch64)")
         os.execvp(chain[0], [*chain, *argv])
-    sys.exit(_supervise(chain, argv, os.stat(mount).st_dev, mounts))
+    sys.exit(_supervise(chain, argv, seccomp.Supervisor(-1, os.stat(mount).st_dev, mounts,
+                                                        cgroup_of)))
 
 
 # Signals that end a shell's foreground job: the command gets them, and decides.
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 
 
-def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> int:
+def _supervise(chain: list[str], argv: list[str], supervisor: seccomp.Supervisor) -> int:
     """Run chain + argv with the filter installed just before argv's exec, answer its
-    notifications until it exits, and return its exit status as a shell would."""
+    notifications (the listener, once received, is the supervisor's) until it exits, and
+    return its exit status as a shell would."""
     ours, theirs = socket.socketpair()
-    options = ["--mounts"] if mounts else []
+    options = ["--opens"] if supervisor.mounts or supervisor.cgroup_of else []
     command = subprocess.Popen(
         [*chain, sys.executable, "-m", "encidfs.seccomp", str(theirs.fileno()), *options, "--",
          *argv], pass_fds=[theirs.fileno()])
@@ -87,7 +101,6 @@ def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> 
     for signum in _FORWARDED:
         signal.signal(signum, lambda signum, frame: command.send_signal(signum))
     exited = os.pidfd_open(command.pid)
-    supervisor = None
     with contextlib.ExitStack() as stack:
         stack.callback(os.close, exited)
         poller = select.poll()
@@ -103,12 +116,12 @@ def _supervise(chain: list[str], argv: list[str], device: int, mounts: bool) -> 
                 ours.close()
                 for listener in fds:
                     stack.callback(os.close, listener)
-                    supervisor = seccomp.Supervisor(listener, device)
+                    supervisor.listener = listener
                     poller.register(listener, select.POLLIN)
-            elif supervisor is not None and supervisor.listener in ready:
+            elif supervisor.listener in ready:
                 supervisor.answer_one()
         status = command.wait()  # reaped: the filter is no longer the command's
-        if supervisor is not None:
+        if supervisor.listener >= 0:
             _answer_those_left(supervisor)
     return 128 - status if status < 0 else status
 
@@ -146,16 +159,45 @@ def _still_used(events: list[tuple[int, int]]) -> bool:
                    for _, event in events)
 
 
+def _books(mount: str) -> Callable[[int, int | None], str | None]:
+    """cgroup_of(task, seen_by) from the daemon's books, over its control socket (connected
+    now, while exec may still say why it cannot be)."""
+    try:
+        client = Client.connect(mount=mount)
+    except OSError as error:
+        raise NamespaceError(f"--proc-cgroup asks the daemon, whose control socket refuses: "
+                             f"{error.strerror}") from None
+
+    def cgroup_of(task: int, seen_by: int | None) -> str | None:
+        nonlocal client
+        try:
+            return client.cgroup_of(task, seen_by)
+        except ControlError:
+            return None  # no such task: the kernel's answer is the one
+        except OSError:  # the daemon restarted (its supervisor does that): once more
+            client.close()
+            client = Client.connect(mount=mount)
+            return client.cgroup_of(task, seen_by)
+
+    return cgroup_of
+
+
 OVER_XATTR = "user.encidfs.over"  # on the root of a mount --over DIR: DIR
 _CLONE_NEWCGROUP = 0x02000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _over_below_root(mount: str) -> str | None:
-    """DIR, for a mount over a cgroup below its hierarchy's root; else None."""
+def _over(mount: str) -> str | None:
+    """DIR, for a mount over DIR; None for the standalone tree."""
     try:
-        over = os.fsdecode(os.getxattr(mount, OVER_XATTR))
+        return os.fsdecode(os.getxattr(mount, OVER_XATTR))
     except OSError:
+        return None
+
+
+def _below_root(over: str | None) -> str | None:
+    """DIR, for a mount over a cgroup below its hierarchy's root; else None."""
+    if over is None:
         return None
     hierarchy = cgroup2_mount_of(over)
     if hierarchy is None or (over == hierarchy.mountpoint and hierarchy.root == "/"):

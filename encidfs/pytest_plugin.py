@@ -81,12 +81,14 @@ class Mount:
             raise RuntimeError(f"encidfs run {' '.join(argv)}: {said.strip()}")
         return process
 
-    def exec(self, *argv: str, mounts: bool = False, **run: object
-             ) -> subprocess.CompletedProcess:
+    def exec(self, *argv: str, mounts: bool = False, proc_cgroup: bool = False,
+             **run: object) -> subprocess.CompletedProcess:
         """Run argv (to completion) with this mount as its /sys/fs/cgroup, in a mount namespace
         of its own, statfs(2) there answering cgroup2 (see `encidfs exec`); with `mounts`, the
-        mount tables say cgroup2 too."""
-        options = ["--mounts"] if mounts else []
+        mount tables say cgroup2 too; with `proc_cgroup`, /proc/PID/cgroup names the cgroups
+        of this mount."""
+        options = [*(["--mounts"] if mounts else []),
+                   *(["--proc-cgroup"] if proc_cgroup else [])]
         return subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount",
                                str(self.path), *options, "--", *argv],
                               **run)  # type: ignore[call-overload]

@@ -8,7 +8,9 @@ as it would.  The supervisor is `encidfs exec` itself, the command's parent, whi
 filter's listener on SOCKET.  For a call on a file of the mount (by device number, read
 through the caller's /proc/PID/root, cwd or fd) it makes the real call, sets f_type to
 CGROUP2_SUPER_MAGIC and writes the answer into the caller's memory; any other call it lets run
-(SECCOMP_USER_NOTIF_FLAG_CONTINUE), so that its answer is the kernel's.  A notification is
+(SECCOMP_USER_NOTIF_FLAG_CONTINUE), so that its answer is the kernel's.  Asked for, opens
+are sent too, and an open of a mount table or of /proc/PID/cgroup is answered with a memfd of
+the text the supervisor makes (SECCOMP_IOCTL_NOTIF_ADDFD).  A notification is
 checked still valid (SECCOMP_IOCTL_NOTIF_ID_VALID) after the caller's memory was read and
 before the answer is written.  No seccomp library fits: libseccomp's Python binding is not on
 PyPI, and this takes one filter of six instructions and three ioctls.
@@ -27,6 +29,7 @@ import re
 import socket
 import struct
 import sys
+from collections.abc import Callable
 from typing import NamedTuple
 
 CGROUP2_SUPER_MAGIC = 0x63677270
@@ -60,9 +63,9 @@ _ADDFD = struct.Struct("=QIIII")  # struct seccomp_notif_addfd
 _IOCTL_ADDFD = 0x40000000 | _ADDFD.size << 16 | 0x2103
 _ADDFD_FLAG_SEND = 1 << 1  # Linux 5.14: the new descriptor is the call's answer
 _AT_FDCWD = -100
-# The mount tables a process may open, "self" and "thread-self" being the caller.
-_MOUNT_TABLE = re.compile(r"/proc/(?:(self|thread-self|\d+)(?:/task/(\d+))?/)?"
-                          r"(mounts|mountinfo)")
+# The files of /proc answered, "self" and "thread-self" being the caller.
+_PROC_FILE = re.compile(r"/proc/(?:(self|thread-self|\d+)(?:/task/(\d+))?/)?"
+                        r"(mounts|mountinfo|cgroup)")
 _STATFS_SIZE = 120  # struct statfs on a 64-bit architecture; f_type is its first word
 _PATH_MAX = 4096
 
@@ -71,12 +74,12 @@ def supported() -> bool:
     return platform.machine() in _ARCHES
 
 
-def _filter(mounts: bool) -> bytes:
-    """The BPF program: statfs and fstatfs of this architecture notify (and with `mounts`, the
+def _filter(opens: bool) -> bytes:
+    """The BPF program: statfs and fstatfs of this architecture notify (and with `opens`, the
     calls that open a file), all else is allowed."""
     arch = _ARCHES[platform.machine()]
-    opens = [number for number in (arch.open, arch.openat, arch.openat2) if number is not None]
-    wanted = [arch.statfs, arch.fstatfs, *(opens if mounts else ())]
+    numbers = [number for number in (arch.open, arch.openat, arch.openat2) if number is not None]
+    wanted = [arch.statfs, arch.fstatfs, *(numbers if opens else ())]
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|K
     program = [(ld, 0, 0, 4),  # seccomp_data.arch
                (jeq, 0, len(wanted) + 1, arch.audit),  # another architecture's: allowed
@@ -86,10 +89,10 @@ def _filter(mounts: bool) -> bytes:
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
 
 
-def install(mounts: bool = False) -> int:
+def install(opens: bool = False) -> int:
     """Install the filter on this process; return its listener.  Without CAP_SYS_ADMIN the
     kernel wants no_new_privs first (set only then: a setuid program keeps working as root)."""
-    code = _filter(mounts)
+    code = _filter(opens)
     instructions = ctypes.create_string_buffer(code, len(code))
     program = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(instructions))
     prog = ctypes.create_string_buffer(program, len(program))
@@ -111,12 +114,20 @@ def install(mounts: bool = False) -> int:
 
 
 class Supervisor:
-    """Answers the notifications of one listener for files of the mount with device `device`
-    (and for the mount tables, which then show the mount as cgroup2)."""
+    """Answers the notifications of one listener: statfs for files of the mount with device
+    `device`; with `mounts`, opens of the mount tables, which then show the mount as cgroup2;
+    with `cgroup_of`, opens of /proc/PID/cgroup, answered with the cgroup it names for a task
+    (a TID in this process's PID namespace, or in that of a process of it), None if none."""
 
-    def __init__(self, listener: int, device: int) -> None:
+    def __init__(self, listener: int, device: int, mounts: bool = False,
+                 cgroup_of: Callable[[int, int | None], str | None] | None = None) -> None:
         self.listener = listener
         self.device = device
+        self.mounts = mounts
+        self.cgroup_of = cgroup_of
+        # What a name opened must have to be one of those files: most opens run at once.
+        self._words = (*(("mount", "/etc/mtab") if mounts else ()),
+                       *(("cgroup",) if cgroup_of else ()))
 
     def answer_one(self) -> None:
         """Receive one notification and answer it; a caller gone meanwhile is no error."""
@@ -139,16 +150,16 @@ class Supervisor:
                bytearray(_RESP.pack(notif_id, 0, 0, _USER_NOTIF_FLAG_CONTINUE)))
 
     def _open(self, notif_id: int, pid: int, nr: int, args: list[int]) -> bool:
-        """Answer an open of a mount table with one that shows the mount as cgroup2; False
-        to let any other open run."""
+        """Answer an open of a file this supervisor shows otherwise (a memfd of its text);
+        False to let the open run."""
         arch = _ARCHES[platform.machine()]
         openat2 = nr == arch.openat2
         # open(path, flags); openat(dirfd, path, flags); openat2(dirfd, path, &how, size)
         dirfd, path_at = ((_AT_FDCWD, 0) if nr == arch.open
                           else (ctypes.c_int32(args[0]).value, 1))
         name = os.fsdecode(_read_string(pid, args[path_at]))
-        if "mount" not in name and name != "/etc/mtab":
-            return False  # by far the most opens: let them run at once
+        if not any(word in name for word in self._words):
+            return False
         flags = (struct.unpack("=Q", _read_bytes(pid, args[2], 8))[0] if openat2
                  else args[path_at + 1])
         if flags & os.O_ACCMODE != os.O_RDONLY:
@@ -156,21 +167,13 @@ class Supervisor:
         if not name.startswith("/"):
             base = f"/proc/{pid}/cwd" if dirfd == _AT_FDCWD else f"/proc/{pid}/fd/{dirfd}"
             name = os.path.join(os.readlink(base), name)
-        match = _MOUNT_TABLE.fullmatch(os.path.normpath(name))
-        if name == "/etc/mtab":
-            whose, table = str(pid), "mounts"
-        elif match is None:
+        parts = name.split("/")
+        if parts[-1] in ("", ".", "..") or ".." in parts:
+            return False  # not a file of a known directory ("cgroup/" is ENOTDIR): the kernel's
+        text = self._text_of(pid, os.path.normpath(name))
+        if text is None:
             return False
-        else:
-            owner, task, table = match.groups()
-            whose = str(pid) if owner in (None, "self", "thread-self") else owner
-            if task is not None:
-                whose = task
-        with open(f"/proc/{whose}/mountinfo", "rb") as f:
-            ours = _mountpoints_of(f.read(), self.device)
-        with open(f"/proc/{whose}/{table}", "rb") as f:
-            text = _as_cgroup2(f.read(), table, ours)
-        memfd = os.memfd_create("encidfs-mounts", os.MFD_CLOEXEC)
+        memfd = os.memfd_create("encidfs-proc", os.MFD_CLOEXEC)
         try:
             os.write(memfd, text)
             os.lseek(memfd, 0, os.SEEK_SET)
@@ -180,6 +183,32 @@ class Supervisor:
             return _ioctl(self.listener, _IOCTL_ADDFD, bytearray(request)) >= 0
         finally:
             os.close(memfd)
+
+    def _text_of(self, pid: int, name: str) -> bytes | None:
+        """What process `pid` reads in file `name`, if this supervisor answers it."""
+        match = _PROC_FILE.fullmatch("/proc/self/mounts" if name == "/etc/mtab" else name)
+        if match is None:
+            return None
+        owner, task, table = match.groups()
+        if table == "cgroup":
+            return None if self.cgroup_of is None or owner is None \
+                else self._cgroup_file(pid, owner, task)
+        if not self.mounts:
+            return None
+        whose = task or (str(pid) if owner in (None, "self", "thread-self") else owner)
+        with open(f"/proc/{whose}/mountinfo", "rb") as f:
+            ours = _mountpoints_of(f.read(), self.device)
+        with open(f"/proc/{whose}/{table}", "rb") as f:
+            return _as_cgroup2(f.read(), table, ours)
+
+    def _cgroup_file(self, pid: int, owner: str, task: str | None) -> bytes | None:
+        """/proc/OWNER[/task/TASK]/cgroup as the daemon's books have it, for caller `pid`."""
+        assert self.cgroup_of is not None
+        if task is not None or owner.isdigit():  # named in the caller's PID namespace
+            cgroup = self.cgroup_of(int(task or owner), pid)
+        else:  # the caller's thread, or its process's leader
+            cgroup = self.cgroup_of(pid if owner == "thread-self" else _tgid(pid), None)
+        return None if cgroup is None else b"0::%s\n" % os.fsencode(cgroup)
 
     def _statfs(self, notif_id: int, pid: int, nr: int, args: list[int]) -> bool:
         """Answer a statfs or fstatfs on a file of the mount; False to let it run."""
@@ -244,6 +273,14 @@ def _as_cgroup2(text: bytes, table: str, ours: set[bytes]) -> bytes:
     return b"".join(b" ".join(fields) + b"\n" for fields in kept)
 
 
+def _tgid(tid: int) -> int:
+    with open(f"/proc/{tid}/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"Tgid:"):
+                return int(line.split()[1])
+    raise ProcessLookupError(tid)
+
+
 def _read_bytes(pid: int, address: int, size: int) -> bytes:
     with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
         memory.seek(address)
@@ -266,13 +303,14 @@ def _read_string(pid: int, address: int) -> bytes:
 
 
 def main() -> int:
-    """python -m encidfs.seccomp SOCKET [--mounts] -- CMD [ARGS...]: install the filter (with
-    --mounts, for opens too), hand its listener over SOCKET (then closed), and exec CMD."""
+    """python -m encidfs.seccomp SOCKET [--opens] -- CMD [ARGS...]: install the filter (with
+    --opens, for the calls that open a file too), hand its listener over SOCKET (then
+    closed), and exec CMD."""
     sock_fd, options = int(sys.argv[1]), sys.argv[2:sys.argv.index("--")]
     argv = sys.argv[sys.argv.index("--") + 1:]
     with socket.socket(fileno=sock_fd) as channel:
         try:
-            listener = install("--mounts" in options)
+            listener = install("--opens" in options)
         except OSError as error:  # seccomp off in this kernel, or refused: CMD runs without
             print(f"encidfs exec: statfs is not answered as cgroup2's ({error.strerror})",
                   file=sys.stderr)

@@ -579,7 +579,7 @@ int main(int argc, char **argv)
 	double other_ns = (now() - start) / (n * 100);
 	start = now();
 	for (long i = 0; i < n; i++)
-		close(open("/etc/hostname", O_RDONLY));
+		close(open(argv[3], O_RDONLY));
 	printf("%.0f %.1f %.0f %lx\n", statfs_ns, other_ns, (now() - start) / n,
 	       (long)answer.f_type);
 	return 0;
@@ -587,9 +587,15 @@ int main(int argc, char **argv)
 """
 
 
+# An open-heavy command: Python importing a few packages (some hundreds of opens and stats).
+OPEN_HEAVY = [sys.executable, "-I", "-c", "import asyncio, email.mime.text, http.server, json, "
+              "logging.handlers, xml.dom.minidom, unittest"]
+
+
 def exec_costs(iterations):
     """What `encidfs exec`'s answers cost: a statfs of the mount through the supervisor, a
-    call not intercepted, an open (intercepted with --mounts), beside plain namespaces."""
+    call not intercepted, an open (intercepted with --mounts and --proc-cgroup; /proc/self/
+    cgroup answered by the latter), and an open-heavy command, beside plain namespaces."""
     print(f"\nencidfs exec: nanoseconds a call, C loop ({iterations} statfs, "
           f"{iterations * 100} getppid, {iterations} open+close)")
     with tempfile.TemporaryDirectory(prefix="encidfs-syscalls-") as work:
@@ -603,14 +609,29 @@ def exec_costs(iterations):
                      f'mount --bind "{mnt}" /sys/fs/cgroup && exec "$@"', "sh"]
             exec_ = [sys.executable, "-m", "encidfs", "exec", "--mount", mnt]
             runs = {"encidfs exec": [*exec_, "--"], "exec --mounts": [*exec_, "--mounts", "--"],
+                    "exec --proc-cgroup": [*exec_, "--proc-cgroup", "--"],
                     "plain namespaces": plain}
             for name, prefix in runs.items():
                 for path in ("/sys/fs/cgroup", "/"):
-                    out = subprocess.run([*prefix, program, path, str(iterations)], env=env,
+                    out = subprocess.run([*prefix, program, path, str(iterations),
+                                          "/etc/hostname"], env=env,
                                          capture_output=True, text=True, check=True).stdout
                     statfs_ns, other_ns, open_ns, f_type = out.split()
-                    print(f"  {name:17} statfs {path:15} {statfs_ns:>8} ns (f_type 0x{f_type});"
+                    print(f"  {name:18} statfs {path:15} {statfs_ns:>8} ns (f_type 0x{f_type});"
                           f"  getppid {other_ns:>6} ns;  open+close {open_ns:>6} ns")
+            for name, prefix in runs.items():
+                out = subprocess.run([*prefix, program, "/", str(iterations // 10),
+                                      "/proc/self/cgroup"], env=env, capture_output=True,
+                                     text=True, check=True).stdout
+                print(f"  {name:18} open+close of /proc/self/cgroup {out.split()[2]:>8} ns")
+            print("  an open-heavy command (python importing packages), median of 5 runs:")
+            for name, prefix in runs.items():
+                times = []
+                for _ in range(5):
+                    start = time.perf_counter()
+                    subprocess.run([*prefix, *OPEN_HEAVY], env=env, check=True)
+                    times.append(time.perf_counter() - start)
+                print(f"  {name:18} {statistics.median(times) * 1000:8.0f} ms")
 
 
 def inotify_latency(iterations):

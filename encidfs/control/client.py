@@ -126,6 +126,14 @@ class Client:
             request["pid"] = pid
         self.request(**request)
 
+    def cgroup_of(self, task: int, seen_by: int | None = None) -> str:
+        """The cgroup of a task (a PID or TID), from the mount's root; the task is named in
+        this process's PID namespace, or in that of process `seen_by` (named in this one)."""
+        request: dict = {"op": "cgroup", "pid": task}
+        if seen_by is not None:
+            request["seen_by"] = seen_by
+        return self.request(**request)["cgroup"]
+
     def status(self, sparse: bool = False) -> dict:
         """`sparse`: each cgroup lists only the types it limits, uses or refused (see
         figures())."""

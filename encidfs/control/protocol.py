@@ -1,8 +1,9 @@
 """The control protocol: one JSON object a line each way, a reply for every request.
 
 Requests: {"op": "allocate", "type": T, "count": N, "pid": P?}, {"op": "free", "ids": [...]},
-{"op": "status"}.  Replies: {"ok": true, ...} or {"ok": false, "errno": "EBUSY", "error": text,
-"cgroup": path?}.
+{"op": "status"}, {"op": "cgroup", "pid": TID, "seen_by": P?} (the task's cgroup; TID as
+process P names it).  Replies: {"ok": true, ...} or {"ok": false, "errno": "EBUSY",
+"error": text, "cgroup": path?}.
 """
 
 from __future__ import annotations

@@ -117,6 +117,8 @@ class ControlService:
                             lambda: {"ok": True, **self._status(sparse)}, request)
                 replies.append(self._seen_by(peer, statuses[sparse]))
                 self._observe(["status"], start)
+            elif name == "cgroup":
+                replies.append(self._answer(lambda: self._cgroup(request, peer), request))
             else:
                 replies.append(error_reply(errno.EINVAL, f"unknown op {request.get('op')!r}"))
         self._commit_group(group)
@@ -221,6 +223,19 @@ class ControlService:
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {named}: {foreign}")
         return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": named})
+
+    def _cgroup(self, request: dict, peer: Peer) -> dict:
+        """The cgroup of a task, as its /proc/PID/cgroup would name it.  The task is named in
+        the client's PID namespace, or with `seen_by` in that process's."""
+        task, seen_by = request.get("pid"), request.get("seen_by", peer.pid)
+        if not _whole(task) or not _whole(seen_by) or not task or not seen_by:
+            raise fail(errno.EINVAL, "cgroup takes a PID (and the PID of who names it)")
+        if "seen_by" in request:
+            seen_by = self.tracker.pid_from(peer.pid, seen_by, thread=True)
+        task = self.tracker.pid_from(seen_by, task, thread=True)
+        self.tracker.sync()
+        tgid = self.tracker.thread_group(task)
+        return {"ok": True, "cgroup": self.hierarchy.membership.thread_cgroup(tgid, task).path}
 
     def _status(self, sparse: bool) -> dict:
         """Sparse, what a new cgroup has is left out: a type whose figures are

@@ -142,6 +142,9 @@ class Membership(Protocol):
     def cgroup_of(self, pid: int) -> Cgroup:
         """The cgroup of a process (of its leader, if its threads are split)."""
 
+    def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
+        """The cgroup of thread `tid` of process `tgid` (/proc/TID/cgroup)."""
+
     def has_tasks(self, cg: Cgroup) -> bool:
         """Whether processes are in cg itself (cgroup_has_tasks())."""
 

@@ -48,6 +48,9 @@ class KernelMembership(ProcessWatcher):
         """A process gone meanwhile is at the root (its watch tells its exit next)."""
         return self.tree.cgroup_at(proc_cgroup(pid))
 
+    def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
+        return self.tree.cgroup_at(proc_cgroup(tid))
+
     def has_tasks(self, cg: Cgroup) -> bool:
         return bool(self.tree.read(cg, "cgroup.procs").strip())
 

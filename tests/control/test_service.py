@@ -22,7 +22,7 @@ class Tracker:
     def foreign(self, caller: int) -> bool:
         return caller == FOREIGN_PEER.pid
 
-    def pid_from(self, caller: int, pid: int) -> int:
+    def pid_from(self, caller: int, pid: int, thread: bool = False) -> int:
         return pid - 1000 if self.foreign(caller) else pid
 
     def pids_for(self, caller: int, pids: list[int]) -> list[int]:
@@ -90,3 +90,18 @@ def test_a_status_is_told_in_each_clients_pid_namespace() -> None:
     assert walks[0] == 1  # made once, told twice
     assert [holder["pid"] for holder in replies[1]["holders"]] == [1]
     assert [holder["pid"] for holder in replies[2]["holders"]] == [1001]
+
+
+def test_a_tasks_cgroup_is_named_as_its_namer_sees_it() -> None:
+    service, _ = service_counting_walks()
+    hierarchy = service.hierarchy
+    hierarchy.attach(7, hierarchy.root.children["a"])
+    replies = service.answer_all([({"op": "cgroup", "pid": 7}, ROOT_PEER),
+                                  ({"op": "cgroup", "pid": 1007}, FOREIGN_PEER),
+                                  ({"op": "cgroup", "pid": 1007, "seen_by": FOREIGN_PEER.pid},
+                                   ROOT_PEER),
+                                  ({"op": "cgroup", "pid": 8}, ROOT_PEER),
+                                  ({"op": "cgroup", "pid": "7"}, ROOT_PEER),
+                                  ({"op": "cgroup", "pid": 7, "seen_by": 0}, ROOT_PEER)])
+    assert [reply.get("cgroup") for reply in replies[:4]] == ["/a", "/a", "/a", "/"]
+    assert [reply["errno"] for reply in replies[4:]] == ["EINVAL", "EINVAL"]

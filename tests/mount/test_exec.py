@@ -184,6 +184,29 @@ def test_with_mounts_the_mount_tables_say_cgroup2(mnt):
     assert "fuse.encidfs" in plain.stdout  # only asked for
 
 
+def test_with_proc_cgroup_proc_pid_cgroup_names_the_mounts_cgroup(mnt, procs):
+    """Every name of the file, for the caller, another process and a thread, and PIDs named
+    in a PID namespace of the command's own; what is not one of them is the kernel's."""
+    write(mnt / "cgroup.subtree_control", "+encids")
+    (mnt / "a").mkdir()
+    (mnt / "b").mkdir()
+    other = procs.sleep()
+    write(mnt / "b" / "cgroup.procs", str(other.pid))
+    script = ("cat /proc/self/cgroup; echo $$ > /sys/fs/cgroup/a/cgroup.procs; "
+              "cat /proc/self/cgroup /proc/thread-self/cgroup /proc/$$/cgroup "
+              f"/proc/$$/task/$$/cgroup /proc/{other.pid}/cgroup; cd /proc/self && cat cgroup; "
+              "unshare --pid --fork --mount-proc sh -c 'cat /proc/1/cgroup /proc/self/cgroup'; "
+              "cat /proc/self/cgroup/ /proc/2147483647/cgroup")
+    done = run_in(mnt, "--proc-cgroup", "--", "sh", "-c", script)
+    assert done.stdout.splitlines() == ["0::/", *["0::/a"] * 4, "0::/b", *["0::/a"] * 3]
+    assert done.stderr.splitlines() == [
+        "cat: /proc/self/cgroup/: Not a directory",
+        "cat: /proc/2147483647/cgroup: No such file or directory"]
+    plain = run_in(mnt, "cat", "/proc/self/cgroup")
+    with open("/proc/self/cgroup") as f:
+        assert plain.stdout == f.read()  # only asked for
+
+
 @pytest.mark.skipif(shutil.which("cgget") is None, reason="libcgroup's tools (cgroup-tools)")
 def test_libcgroup_reads_the_mount_with_mounts(mnt, mount_encidfs):
     """Another encidfs mount, mounted first, is not the one exec binds (nor cgroup2)."""

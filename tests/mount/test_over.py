@@ -378,6 +378,12 @@ def test_under_exec_proc_cgroup_says_the_mounts_paths(over, scratch):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["0::/..", "0::/a", "0::/a"]  # outside DIR at first
     assert read(scratch / "cgroup.procs") == ""  # the namespace's helper is gone
+    refused = subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt),
+                              "--proc-cgroup", "--", "true"], capture_output=True, text=True,
+                             timeout=DEADLINE)
+    assert (refused.returncode, refused.stderr) == (1, "encidfs: --proc-cgroup is for the "
+                                                       "standalone tree: over a cgroup, "
+                                                       "/proc/PID/cgroup is the kernel's own\n")
 
 
 def test_open_kernel_files_are_bounded_per_user(scratch, encidfs_factory):
