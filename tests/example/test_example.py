@@ -54,3 +54,7 @@ def test_tools_that_ask_the_kernel_take_the_mount(encidfs):
     tables = encidfs.exec("grep", " /sys/fs/cgroup ", "/proc/self/mounts", mounts=True,
                           capture_output=True, text=True)
     assert tables.stdout.startswith("cgroup2 /sys/fs/cgroup cgroup2 "), tables.stderr
+    (encidfs.path / "pod").mkdir()
+    own = encidfs.exec("sh", "-c", "echo $$ > /sys/fs/cgroup/pod/cgroup.procs && "
+                       "cat /proc/self/cgroup", proc_cgroup=True, capture_output=True, text=True)
+    assert own.stdout == "0::/pod\n", own.stderr
