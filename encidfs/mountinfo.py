@@ -12,10 +12,11 @@ class Mount(NamedTuple):
     device: int  # st_dev of the files in it
 
 
-def _mounts() -> list[tuple[str, str, Mount]]:
-    """(mountpoint, root in its file system, the mount), in mount order."""
+def _mounts(process: int | str = "self") -> list[tuple[str, str, Mount]]:
+    """(mountpoint, root in its file system, the mount), in mount order, in the mount
+    namespace of `process`."""
     found = []
-    with open("/proc/self/mountinfo") as mountinfo:
+    with open(f"/proc/{process}/mountinfo") as mountinfo:
         for line in mountinfo:
             fields = line.split()
             major, minor = fields[2].split(":")
@@ -60,3 +61,9 @@ def cgroup2_mount_of(path: str) -> Cgroup2Mount | None:
     if best is None or best[2].fstype != "cgroup2":
         return None
     return Cgroup2Mount(best[0], best[1])
+
+
+def mounts_of(device: int, process: int) -> list[tuple[str, str]]:
+    """Where the file system with `device` is mounted in the mount namespace of `process`:
+    (mountpoint, the directory of it mounted there)."""
+    return [(path, root) for path, root, mount in _mounts(process) if mount.device == device]

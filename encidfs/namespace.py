@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable
 
 from . import seccomp
+from .cgroup_bpf import CgroupBpf
 from .control.client import Client, ControlError
 from .host import kernel_release
 from .mountinfo import cgroup2_mount_of
@@ -80,8 +81,10 @@ def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False,
             raise NamespaceError("--mounts and --proc-cgroup need seccomp user notification "
                                  "(x86_64, aarch64)")
         os.execvp(chain[0], [*chain, *argv])
-    sys.exit(_supervise(chain, argv, seccomp.Supervisor(-1, os.stat(mount).st_dev, mounts,
-                                                        cgroup_of)))
+    device = os.stat(mount).st_dev
+    cgroup_bpf = None if over is None else CgroupBpf(device, over)
+    sys.exit(_supervise(chain, argv, seccomp.Supervisor(-1, device, mounts, cgroup_of,
+                                                        cgroup_bpf)))
 
 
 # Signals that end a shell's foreground job: the command gets them, and decides.
@@ -93,7 +96,8 @@ def _supervise(chain: list[str], argv: list[str], supervisor: seccomp.Supervisor
     notifications (the listener, once received, is the supervisor's) until it exits, and
     return its exit status as a shell would."""
     ours, theirs = socket.socketpair()
-    options = ["--opens"] if supervisor.mounts or supervisor.cgroup_of else []
+    options = [*(["--opens"] if supervisor.mounts or supervisor.cgroup_of else []),
+               *(["--bpf"] if supervisor.cgroup_bpf else [])]
     command = subprocess.Popen(
         [*chain, sys.executable, "-m", "encidfs.seccomp", str(theirs.fileno()), *options, "--",
          *argv], pass_fds=[theirs.fileno()])

@@ -32,6 +32,9 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
+from . import caller
+from .cgroup_bpf import CgroupBpf, bpf_number
+
 CGROUP2_SUPER_MAGIC = 0x63677270
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -67,19 +70,19 @@ _AT_FDCWD = -100
 _PROC_FILE = re.compile(r"/proc/(?:(self|thread-self|\d+)(?:/task/(\d+))?/)?"
                         r"(mounts|mountinfo|cgroup)")
 _STATFS_SIZE = 120  # struct statfs on a 64-bit architecture; f_type is its first word
-_PATH_MAX = 4096
 
 
 def supported() -> bool:
     return platform.machine() in _ARCHES
 
 
-def _filter(opens: bool) -> bytes:
+def _filter(opens: bool, bpf: bool) -> bytes:
     """The BPF program: statfs and fstatfs of this architecture notify (and with `opens`, the
-    calls that open a file), all else is allowed."""
+    calls that open a file; with `bpf`, bpf(2)), all else is allowed."""
     arch = _ARCHES[platform.machine()]
     numbers = [number for number in (arch.open, arch.openat, arch.openat2) if number is not None]
-    wanted = [arch.statfs, arch.fstatfs, *(numbers if opens else ())]
+    wanted = [arch.statfs, arch.fstatfs, *(numbers if opens else ()),
+              *([bpf_number()] if bpf else ())]
     ld, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|K
     program = [(ld, 0, 0, 4),  # seccomp_data.arch
                (jeq, 0, len(wanted) + 1, arch.audit),  # another architecture's: allowed
@@ -89,10 +92,10 @@ def _filter(opens: bool) -> bytes:
     return b"".join(struct.pack("=HBBI", *instruction) for instruction in program)
 
 
-def install(opens: bool = False) -> int:
+def install(opens: bool = False, bpf: bool = False) -> int:
     """Install the filter on this process; return its listener.  Without CAP_SYS_ADMIN the
     kernel wants no_new_privs first (set only then: a setuid program keeps working as root)."""
-    code = _filter(opens)
+    code = _filter(opens, bpf)
     instructions = ctypes.create_string_buffer(code, len(code))
     program = struct.pack("=HxxxxxxQ", len(code) // 8, ctypes.addressof(instructions))
     prog = ctypes.create_string_buffer(program, len(program))
@@ -117,14 +120,17 @@ class Supervisor:
     """Answers the notifications of one listener: statfs for files of the mount with device
     `device`; with `mounts`, opens of the mount tables, which then show the mount as cgroup2;
     with `cgroup_of`, opens of /proc/PID/cgroup, answered with the cgroup it names for a task
-    (a TID in this process's PID namespace, or in that of a process of it), None if none."""
+    (a TID in this process's PID namespace, or in that of a process of it), None if none;
+    with `cgroup_bpf`, bpf(2) calls on the mount's cgroups, made on the kernel's."""
 
     def __init__(self, listener: int, device: int, mounts: bool = False,
-                 cgroup_of: Callable[[int, int | None], str | None] | None = None) -> None:
+                 cgroup_of: Callable[[int, int | None], str | None] | None = None,
+                 cgroup_bpf: CgroupBpf | None = None) -> None:
         self.listener = listener
         self.device = device
         self.mounts = mounts
         self.cgroup_of = cgroup_of
+        self.cgroup_bpf = cgroup_bpf
         # What a name opened must have to be one of those files: most opens run at once.
         self._words = (*(("mount", "/etc/mtab") if mounts else ()),
                        *(("cgroup",) if cgroup_of else ()))
@@ -142,6 +148,14 @@ class Supervisor:
                     _ioctl(self.listener, _IOCTL_SEND,
                            bytearray(_RESP.pack(notif_id, 0, 0, 0)))
                     return
+            elif self.cgroup_bpf is not None and nr == bpf_number():
+                answer = self.cgroup_bpf.call(pid, args, lambda: self._valid(notif_id))
+                if answer is not None:
+                    value, error = answer
+                    _ioctl(self.listener, _IOCTL_SEND,
+                           bytearray(_RESP.pack(notif_id, value if value >= 0 else 0,
+                                                -error, 0)))
+                    return
             elif self._open(notif_id, pid, nr, args):
                 return  # answered with the descriptor
         except Exception:  # noqa: BLE001 - nothing the caller does may end the supervisor
@@ -157,10 +171,10 @@ class Supervisor:
         # open(path, flags); openat(dirfd, path, flags); openat2(dirfd, path, &how, size)
         dirfd, path_at = ((_AT_FDCWD, 0) if nr == arch.open
                           else (ctypes.c_int32(args[0]).value, 1))
-        name = os.fsdecode(_read_string(pid, args[path_at]))
+        name = os.fsdecode(caller.read_string(pid, args[path_at]))
         if not any(word in name for word in self._words):
             return False
-        flags = (struct.unpack("=Q", _read_bytes(pid, args[2], 8))[0] if openat2
+        flags = (struct.unpack("=Q", caller.read_bytes(pid, args[2], 8))[0] if openat2
                  else args[path_at + 1])
         if flags & os.O_ACCMODE != os.O_RDONLY:
             return False
@@ -207,7 +221,7 @@ class Supervisor:
         if task is not None or owner.isdigit():  # named in the caller's PID namespace
             cgroup = self.cgroup_of(int(task or owner), pid)
         else:  # the caller's thread, or its process's leader
-            cgroup = self.cgroup_of(pid if owner == "thread-self" else _tgid(pid), None)
+            cgroup = self.cgroup_of(pid if owner == "thread-self" else caller.tgid(pid), None)
         return None if cgroup is None else b"0::%s\n" % os.fsencode(cgroup)
 
     def _statfs(self, notif_id: int, pid: int, nr: int, args: list[int]) -> bool:
@@ -216,7 +230,7 @@ class Supervisor:
         if fstatfs:
             path = f"/proc/{pid}/fd/{args[0]}"
         else:
-            name = _read_string(pid, args[0])
+            name = caller.read_string(pid, args[0])
             base = "root" if name.startswith(b"/") else "cwd"
             path = os.fsdecode(b"/proc/%d/%s/%s" % (pid, base.encode(), name.lstrip(b"/")))
         if not self._valid(notif_id) or os.stat(path).st_dev != self.device:
@@ -227,9 +241,7 @@ class Supervisor:
         struct.pack_into("=q", answer, 0, CGROUP2_SUPER_MAGIC)
         if not self._valid(notif_id):
             return False
-        with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
-            memory.seek(args[1])
-            memory.write(answer.raw)
+        caller.write_bytes(pid, args[1], answer.raw)
         return True
 
     def _valid(self, notif_id: int) -> bool:
@@ -273,44 +285,15 @@ def _as_cgroup2(text: bytes, table: str, ours: set[bytes]) -> bytes:
     return b"".join(b" ".join(fields) + b"\n" for fields in kept)
 
 
-def _tgid(tid: int) -> int:
-    with open(f"/proc/{tid}/status", "rb") as f:
-        for line in f:
-            if line.startswith(b"Tgid:"):
-                return int(line.split()[1])
-    raise ProcessLookupError(tid)
-
-
-def _read_bytes(pid: int, address: int, size: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
-        memory.seek(address)
-        return memory.read(size)
-
-
-def _read_string(pid: int, address: int) -> bytes:
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
-        memory.seek(address)
-        text = b""
-        while len(text) < _PATH_MAX:  # a page at a time: the string may end before a page
-            chunk = memory.read(4096 - (address + len(text)) % 4096)
-            if not chunk:
-                break
-            end = chunk.find(b"\0")
-            if end >= 0:
-                return text + chunk[:end]
-            text += chunk
-    raise OSError(errno.ENAMETOOLONG, "no path")
-
-
 def main() -> int:
-    """python -m encidfs.seccomp SOCKET [--opens] -- CMD [ARGS...]: install the filter (with
-    --opens, for the calls that open a file too), hand its listener over SOCKET (then
-    closed), and exec CMD."""
+    """python -m encidfs.seccomp SOCKET [--opens] [--bpf] -- CMD [ARGS...]: install the filter
+    (with --opens, for the calls that open a file too; with --bpf, for bpf(2)), hand its
+    listener over SOCKET (then closed), and exec CMD."""
     sock_fd, options = int(sys.argv[1]), sys.argv[2:sys.argv.index("--")]
     argv = sys.argv[sys.argv.index("--") + 1:]
     with socket.socket(fileno=sock_fd) as channel:
         try:
-            listener = install("--opens" in options)
+            listener = install("--opens" in options, "--bpf" in options)
         except OSError as error:  # seccomp off in this kernel, or refused: CMD runs without
             print(f"encidfs exec: statfs is not answered as cgroup2's ({error.strerror})",
                   file=sys.stderr)

@@ -2,15 +2,15 @@
 # Installs what encidfs needs on Debian/Ubuntu: FUSE 3 (and what building pyfuse3 takes),
 # then a virtual environment in .venv with encidfs and its test tools, and as root the helper
 # mount(8) runs.  With --test, also the programs the tests drive: inotifywait, systemd-analyze,
-# systemd-cgls and systemd-cgtop, tmux, libcgroup's cgget, crun with busybox-static for its
-# containers, and Prometheus with promtool (on a host run by systemd, that package starts a
-# Prometheus service of its own).  Safe to run again.
+# systemd-cgls and systemd-cgtop, tmux, libcgroup's cgget, crun and runc with busybox-static
+# for their containers, and Prometheus with promtool (on a host run by systemd, that package
+# starts a Prometheus service of its own).  Safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(fuse3 libfuse3-dev pkg-config gcc make)
 if [ "${1:-}" = --test ]; then
-    packages+=(inotify-tools systemd prometheus tmux cgroup-tools crun busybox-static)
+    packages+=(inotify-tools systemd prometheus tmux cgroup-tools crun runc busybox-static)
 fi
 python3 -c 'import ensurepip, venv' 2>/dev/null || packages+=(python3-venv python3-dev)
 missing=()

@@ -7,10 +7,12 @@ user's crun is rootless there, in a cgroup delegated to the user).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -23,8 +25,10 @@ from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python
     write
 
 from encidfs import seccomp
+from encidfs.cgroup_bpf import PROG_QUERY, bpf_number
 
 CRUN = shutil.which("crun")
+RUNC = shutil.which("runc")
 BUSYBOX = shutil.which("busybox")  # busybox-static's: the container's whole root file system
 
 pytestmark = [
@@ -32,6 +36,7 @@ pytestmark = [
                        "x86_64 and aarch64 only"),
     pytest.mark.skipif(CRUN is None or BUSYBOX is None, reason="crun and busybox-static"),
 ]
+BPF_CGROUP_DEVICE = 6
 
 
 def _root_may_raise_memlock() -> bool:
@@ -74,23 +79,25 @@ class Crun:
                                                errors.read())
 
 
-def make_bundle(bundle: Path, cgroup: str, user: User | None) -> None:
-    """An OCI bundle of busybox whose container says "ready", then sleeps, in `cgroup` (from
-    the mount's root) with encids.sev.max 1."""
+def make_bundle(bundle: Path, cgroup: str, user: User | None, runtime: str = CRUN,
+                script: str = "echo ready; exec sleep 1000") -> dict:
+    """An OCI bundle of busybox whose container runs `script` (says "ready", then sleeps), in
+    `cgroup` (from the mount's root) with encids.sev.max 1; its spec."""
     binaries = bundle / "rootfs" / "bin"
     binaries.mkdir(parents=True)
     shutil.copy(BUSYBOX, binaries / "busybox")
     for applet in ("sh", "sleep"):
         (binaries / applet).symlink_to("busybox")
-    subprocess.run([CRUN, "spec", *(["--rootless"] if user else [])], cwd=bundle, check=True)
+    subprocess.run([runtime, "spec", *(["--rootless"] if user else [])], cwd=bundle, check=True)
     spec = json.loads((bundle / "config.json").read_text())
-    spec["process"].update(terminal=False, args=["sh", "-c", "echo ready; exec sleep 1000"])
+    spec["process"].update(terminal=False, args=["sh", "-c", script])
     spec["linux"]["cgroupsPath"] = cgroup
     spec["linux"].setdefault("resources", {})["unified"] = {"encids.sev.max": "1"}
     if user is not None:  # the container's root is the user, as exec's namespace maps it
         spec["linux"]["uidMappings"] = [{"containerID": 0, "hostID": user.uid, "size": 1}]
         spec["linux"]["gidMappings"] = [{"containerID": 0, "hostID": user.gid, "size": 1}]
     (bundle / "config.json").write_text(json.dumps(spec))
+    return spec
 
 
 @pytest.fixture(params=["root", "user"])
@@ -132,10 +139,10 @@ def allocate(mnt: Path, pid: int) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=DEADLINE)
 
 
-def check_the_container(mnt: Path) -> int:
-    """The container's process is the only member of the cgroup crun made, whose limit from
-    the spec refuses a second ID; its PID."""
-    cgroup = mnt / "tenant" / "c1"
+def check_the_container(mnt: Path, path: str = "/tenant/c1") -> int:
+    """The container's process is the only member of the cgroup the runtime made, whose
+    limit from the spec refuses a second ID; its PID."""
+    cgroup = mnt / path.lstrip("/")
     member, = wait_until(lambda: pids(cgroup), "the container in /tenant/c1")
     assert read(cgroup / "encids.sev.max") == "1\n"
     assert allocate(mnt, member).returncode == 0
@@ -167,3 +174,76 @@ def test_a_detached_container_outlives_exec_and_a_later_exec_deletes_it(crun):
     assert deleted.returncode == 0, deleted.stderr
     wait_until(lambda: not os.path.exists(f"/proc/{member}"), "the container to end")
     assert not (crun.mnt / "tenant" / "c1").exists()
+
+
+def device_programs(cgroup: Path) -> int:
+    """How many BPF programs are attached to a kernel cgroup as its device filter."""
+    fd = os.open(cgroup, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        query = ctypes.create_string_buffer(struct.pack("=3IIQI", fd, BPF_CGROUP_DEVICE, 0, 0,
+                                                        0, 0), 32)
+        libc = ctypes.CDLL(None, use_errno=True)
+        assert libc.syscall(bpf_number(), PROG_QUERY, query, 32) == 0, ctypes.get_errno()
+        return struct.unpack_from("=I", query, 24)[0]
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(RUNC is None, reason="runc")
+def test_runc_on_a_mount_over_a_cgroup_filters_devices_in_the_kernels(scratch, encidfs_factory,
+                                                                        tmp_path):
+    """runc's device filter, a BPF program, is attached to the kernel's cgroup behind the
+    mount's directory; the container may not open a device its spec does not allow."""
+    mnt = encidfs_factory(options=("--over", str(scratch))).path
+    write(mnt / "cgroup.subtree_control", "+encids")
+    bundle = tmp_path / "bundle"
+    spec = make_bundle(bundle, "/c1", None, RUNC,
+                       "if (exec 3>/mnt/kmsg) 2>/dev/null; then echo kmsg allowed; "
+                       "else echo kmsg denied; fi; echo ready; exec sleep 1000")
+    spec["mounts"].append({"destination": "/mnt/kmsg", "type": "bind", "source": "/dev/kmsg",
+                           "options": ["bind"]})  # a device the spec's rules do not allow
+    (bundle / "config.json").write_text(json.dumps(spec))
+    running = subprocess.Popen(
+        [sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt), "--", RUNC, "--root",
+         str(tmp_path / "state"), "run", "c1"], cwd=bundle, text=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert running.stdout.readline() == "kmsg denied\n", running.stderr.read()
+        assert running.stdout.readline() == "ready\n"
+        assert device_programs(scratch / "c1") >= 1
+        member = check_the_container(mnt, "/c1")
+        assert pids(scratch / "c1") == [member]  # the kernel's own membership
+        os.kill(member, signal.SIGKILL)
+        assert running.wait(timeout=DEADLINE) == 128 + signal.SIGKILL
+    finally:
+        running.kill()
+        running.wait()
+    wait_until(lambda: not (scratch / "c1").exists(), "runc to remove the cgroup")
+
+
+# A device-filter query on /sys/fs/cgroup, as runc makes it: "0 N" (programs attached) or the
+# errno's name.
+QUERY = ("import ctypes, errno, os, struct, sys\n"
+         "fd = os.open('/sys/fs/cgroup', os.O_RDONLY | os.O_DIRECTORY)\n"
+         "query = ctypes.create_string_buffer(struct.pack('=3IIQI', fd, 6, 0, 0, 0, 0), 32)\n"
+         "libc = ctypes.CDLL(None, use_errno=True)\n"
+         "result = libc.syscall(int(sys.argv[1]), 16, query, 32)\n"
+         "print(result, struct.unpack_from('=I', query, 24)[0] if result == 0 else "
+         "errno.errorcode[ctypes.get_errno()])\n")
+
+
+def test_only_a_caller_that_could_query_the_kernels_cgroup_is_answered(scratch, encidfs_factory,
+                                                                       user):
+    """The call is made with exec's credentials: a caller without CAP_BPF and CAP_NET_ADMIN
+    gets the kernel's own answer, as on the kernel's cgroup."""
+    mnt = encidfs_factory(options=("--over", str(scratch))).path
+    as_root = subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt), "--",
+                              sys.executable, "-c", QUERY, str(bpf_number())],
+                             capture_output=True, text=True, timeout=DEADLINE)
+    assert as_root.stdout == "0 0\n", as_root.stderr
+    as_user = subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt), "--",
+                              *user.setpriv(), "--inh-caps=-all", "--bounding-set=-all",
+                              user_python(), "-c", QUERY, str(bpf_number())],
+                             capture_output=True, text=True, timeout=DEADLINE)
+    assert as_user.stdout.split()[0] == "-1", as_user.stderr
+    assert as_user.stdout.split()[1] in ("EPERM", "EBADF")  # by kernel.unprivileged_bpf_disabled
