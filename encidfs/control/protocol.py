@@ -1,9 +1,15 @@
 """The control protocol: one JSON object a line each way, a reply for every request.
 
-Requests: {"op": "allocate", "type": T, "count": N, "pid": P?}, {"op": "free", "ids": [...]},
-{"op": "status"}, {"op": "cgroup", "pid": TID, "seen_by": P?} (the task's cgroup; TID as
-process P names it).  Replies: {"ok": true, ...} or {"ok": false, "errno": "EBUSY",
-"error": text, "cgroup": path?}.
+Requests (`?`: may be left out, a PID is named in the client's PID namespace):
+
+- {"op": "allocate", "type": T, "count": N?, "pid": P?}: N IDs (1) for process P (the client)
+- {"op": "free", "ids": [...], "pid": P?}: IDs that process P (the client) holds
+- {"op": "status", "sparse": true?}: the tree and the holders; sparse, without what a new
+  cgroup has
+- {"op": "cgroup", "pid": TID, "seen_by": P?}: the task's cgroup, TID as process P names it
+
+Replies: {"ok": true, ...} or {"ok": false, "errno": "EBUSY", "error": text, "cgroup": path?,
+"controller": name?}.
 """
 
 from __future__ import annotations
