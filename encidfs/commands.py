@@ -42,7 +42,8 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     free = commands.add_parser("free", help="free IDs of a holder")
     connection_options(free)
     free.add_argument("--pid", type=int, required=True,
-                      help="the process that holds them (only it, or the mount's owner, frees)")
+                      help="the process that holds them (who may signal it, or the mount's "
+                           "owner, frees)")
     free.add_argument("ids", type=int, nargs="+", metavar="ID")
     free.set_defaults(handler=_free)
 

@@ -119,8 +119,8 @@ class Client:
         return Allocation(self, type_name, reply["ids"], reply["holder"], reply["cgroup"])
 
     def free(self, ids: list[int], pid: int | None = None) -> None:
-        """Free IDs held by `pid` (this process by default): only the holder itself, or the
-        mount's owner, may."""
+        """Free IDs held by `pid` (this process by default): who may signal it may, and the
+        mount's owner."""
         request: dict = {"op": "free", "ids": ids}
         if pid is not None:
             request["pid"] = pid

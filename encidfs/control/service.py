@@ -208,7 +208,7 @@ class ControlService:
                                     "cgroup": cg.path})
 
     def _free(self, request: dict, peer: Peer) -> _Change:
-        """Free IDs of one holder: the holder itself asks, or the mount's owner does."""
+        """Free IDs of one holder, for a client that may act for it (as for allocating)."""
         ids = request.get("ids")
         named = holder = request.get("pid", peer.pid)
         if not isinstance(ids, list) or not ids or not all(_whole(i) for i in ids) \
@@ -216,12 +216,13 @@ class ControlService:
             raise fail(errno.EINVAL, "free takes a list of IDs and their holder's PID")
         if "pid" in request:  # named in the client's PID namespace
             holder = self.tracker.pid_from(peer.pid, holder)
-        if holder != peer.pid and not self._owner(peer):
-            raise fail(errno.EPERM, "only the holder or the mount's owner frees its IDs")
         # A stale request (its holder gone, the IDs handed out again) names the wrong holder.
+        # Checked before the permission: a holder that exited holds nothing, whoever asks,
+        # and has no UIDs left to check.
         foreign = [i for i in ids if self.allocator.holder_of(i) != holder]
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {named}: {foreign}")
+        self._check_may_act_for(peer, holder)
         return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": named})
 
     def _cgroup(self, request: dict, peer: Peer) -> dict:
@@ -304,7 +305,12 @@ class ControlService:
         return peer.uid in (0, self.owner_uid)
 
     def _check_may_act_for(self, peer: Peer, pid: int) -> None:
-        if peer.uid != 0 and peer.uid not in self.tracker.owners(pid):
+        """Allocating for a process and freeing what it holds: the mount's owner may, and
+        whoever may signal it, as kill(2) decides (kill_ok_by_cred): the sender's UID is the
+        target's real or saved UID, or the sender has CAP_KILL.  SO_PEERCRED tells the
+        client's effective UID only, not its real one nor its capabilities: root stands for
+        CAP_KILL, and a client whose real UID alone matches is refused."""
+        if not self._owner(peer) and peer.uid not in self.tracker.owners(pid):
             raise fail(errno.EPERM, f"process {pid} belongs to another user")
 
 

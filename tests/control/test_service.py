@@ -15,9 +15,16 @@ FOREIGN_PEER = Peer(os.getpid() + 1, 0, 0)  # in a PID namespace of its own
 
 class Tracker:
     """Every process is alive, started at tick 1, and its own thread group; FOREIGN_PEER's
-    PID namespace sees PID p as p + 1000, the others see the daemon's."""
+    PID namespace sees PID p as p + 1000, the others see the daemon's.  A process's real
+    and saved UIDs are those set in `uids`."""
 
     mode = "stand-in"
+
+    def __init__(self) -> None:
+        self.uids: dict[int, tuple[int, int]] = {}
+
+    def owners(self, pid: int) -> tuple[int, int]:
+        return self.uids[pid]
 
     def foreign(self, caller: int) -> bool:
         return caller == FOREIGN_PEER.pid
@@ -105,3 +112,34 @@ def test_a_tasks_cgroup_is_named_as_its_namer_sees_it() -> None:
                                   ({"op": "cgroup", "pid": 7, "seen_by": 0}, ROOT_PEER)])
     assert [reply.get("cgroup") for reply in replies[:4]] == ["/a", "/a", "/a", "/"]
     assert [reply["errno"] for reply in replies[4:]] == ["EINVAL", "EINVAL"]
+
+
+def test_allocate_and_free_are_for_who_may_signal_the_holder_and_for_the_owner() -> None:
+    service, _ = service_counting_walks()
+    service.owner_uid = 500  # a user's mount
+    service.hierarchy.attach(7, service.hierarchy.root.children["a"])
+    service.tracker.uids[7] = (1000, 1001)
+    allocate = {"op": "allocate", "type": "sev", "pid": 7}
+
+    def asked(request: dict, peer: Peer) -> dict:
+        (reply,) = service.answer_all([(request, peer)])
+        return reply
+
+    for name, peer in {"real UID": Peer(50, 1000, 0), "saved UID": Peer(51, 1001, 0),
+                       "owner": Peer(52, 500, 0), "root": Peer(53, 0, 0)}.items():
+        allocated = asked(allocate, peer)
+        assert allocated["ok"] and allocated["holder"] == 7, (name, allocated)
+        freed = asked({"op": "free", "ids": allocated["ids"], "pid": 7}, peer)
+        assert freed == {"ok": True, "ids": allocated["ids"], "holder": 7}, (name, freed)
+    other = Peer(54, 1002, 0)
+    assert asked(allocate, other)["errno"] == "EPERM"
+    held = asked(allocate, ROOT_PEER)["ids"]
+    assert asked({"op": "free", "ids": held, "pid": 7}, other)["errno"] == "EPERM"
+
+
+def test_a_free_of_what_a_process_does_not_hold_is_einval_for_anyone() -> None:
+    """Not held (the holder exited, say): the UIDs of that PID are not even read."""
+    service, _ = service_counting_walks()
+    replies = service.answer_all([({"op": "free", "ids": [1], "pid": 9}, Peer(50, 1000, 0)),
+                                  ({"op": "free", "ids": [1], "pid": 9}, ROOT_PEER)])
+    assert [reply["errno"] for reply in replies] == ["EINVAL", "EINVAL"]

@@ -10,8 +10,8 @@ did, and a daemon that logged an error or did not exit cleanly fails the test.
   many tests that need no untouched root (a daemon start costs ~0.25 s of CPU).
 - `procs`: processes the test starts (`procs.pool()`: one whose threads come and go on order);
   killed and reaped in teardown.
-- `user`: a user to act as; `traversable(path)`: the directories above a mountpoint opened
-  to every user for the test.
+- `user`: a user to act as, `second_user` another; `traversable(path)`: the directories
+  above a mountpoint opened to every user for the test.
 - `scratch`: a cgroup of the test's own below the root of this machine's cgroup v2 hierarchy,
   removed afterwards with whatever is in it.
 - `storm`: the compiled process storm (storm.c), as `Storm`s started on order.
@@ -354,3 +354,14 @@ def user() -> Iterator[User]:
             _run("userdel", USER_NAME)
         if made_group:
             _run("groupdel", GROUP_NAME)
+
+
+@pytest.fixture(scope="session")
+def second_user(user: User) -> User:
+    """Another user, for what one user may not do to another's processes: an unused UID, and
+    GID the same, which setpriv needs no passwd entry for (nothing made, nothing to remove);
+    its supplementary group is `user`'s."""
+    taken = ({entry.pw_uid for entry in pwd.getpwall()} | {entry.gr_gid for entry in grp.getgrall()}
+             | {user.group})
+    uid = next(uid for uid in range(64000, 1000, -1) if uid not in taken)
+    return User(uid, uid, user.group)

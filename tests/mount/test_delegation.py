@@ -26,7 +26,7 @@ import pytest
 
 from mountutil import DEADLINE, User, keyed, pids, read, wait_until, write
 
-from encidfs.client import Client
+from encidfs.client import Client, ControlError
 
 
 # The user side: one JSON request a line on stdin, one JSON reply a line on stdout.  It needs
@@ -100,6 +100,7 @@ OPS = {
     "chown": lambda r: simple(os.chown, r["path"], r["uid"], r["gid"]),
     "control": lambda r: simple(control, r["socket"], r["request"]),
     "send_fd": lambda r: simple(send_fd, r["path"], r["channel"]),
+    "signal": lambda r: simple(os.kill, r["pid"], 0),
 }
 
 os.umask(0o022)
@@ -191,6 +192,10 @@ class Agent:
         assert reply["result"] == "OK", f"control socket as the user: {reply['result']}"
         return reply["value"]
 
+    def may_signal(self, pid: int) -> str:
+        """What kill(2) of signal 0 says: "OK", "EPERM"."""
+        return self._call(op="signal", pid=pid)["result"]
+
     def send_fd(self, path: Path, channel: int) -> None:
         """Open path for writing and pass the descriptor over the socket `channel`."""
         assert self._call(op="send_fd", path=str(path), channel=channel)["result"] == "OK"
@@ -206,11 +211,12 @@ class Agent:
 
 @pytest.fixture
 def agents(user: User) -> Iterator:
-    """agents(groups=(), pass_fds=()): a user agent; all are killed and reaped in teardown."""
+    """agents(groups=(), pass_fds=(), as_user=user): a user agent; all are killed and reaped in
+    teardown."""
     started: list[Agent] = []
 
-    def start(groups: tuple[int, ...] = (), pass_fds=()) -> Agent:
-        agent = Agent(user, groups, pass_fds)
+    def start(groups: tuple[int, ...] = (), pass_fds=(), as_user: User = user) -> Agent:
+        agent = Agent(as_user, groups, pass_fds)
         started.append(agent)  # before anything can fail, so that it is reaped
         return agent.check()
 
@@ -637,9 +643,6 @@ def test_control_socket_acts_only_for_the_users_own_processes(umnt, user, agent,
         root_ids = client.allocate("sev", pid=roots)
         not_yours = agent.control(umnt, op="free", ids=list(root_ids), pid=roots)
         assert (not_yours["ok"], not_yours["errno"]) == (False, "EPERM")
-        # Only the holder itself frees its IDs, not another process of the same user.
-        other = agent.control(umnt, op="free", ids=granted["ids"], pid=mine)
-        assert (other["ok"], other["errno"]) == (False, "EPERM")
         mixed = agent.control(umnt, op="free", ids=[own["ids"][0], root_ids[0]])
         assert (mixed["ok"], mixed["errno"]) == (False, "EINVAL")  # all or nothing
         assert keyed(read(umnt / "encids.sev.stat"))["used"] == 3
@@ -649,6 +652,85 @@ def test_control_socket_acts_only_for_the_users_own_processes(umnt, user, agent,
         client.free(granted["ids"], pid=mine)
         assert client.allocate("sev", pid=mine) and client.allocate("sev", pid=agent.pid)
     assert keyed(read(umnt / "encids.sev.stat"))["used"] == 2
+
+
+def test_who_may_signal_the_holder_allocates_for_it_and_frees_what_it_holds(
+        umnt, second_user, agents):
+    write(umnt / "cgroup.subtree_control", "+encids")
+    (umnt / "a").mkdir()
+    holder, same_user, other_user = agents(), agents(), agents(as_user=second_user)
+    write(umnt / "a" / "cgroup.procs", str(holder.pid))
+
+    for name, peer in ("the holder itself", holder), ("another process of its user", same_user):
+        assert peer.may_signal(holder.pid) == "OK", name
+        allocated = peer.control(umnt, op="allocate", type="sev", count=2, pid=holder.pid)
+        assert allocated["ok"] and allocated["holder"] == holder.pid, (name, allocated)
+        freed = peer.control(umnt, op="free", ids=allocated["ids"], pid=holder.pid)
+        assert freed == {"ok": True, "ids": allocated["ids"], "holder": holder.pid}, name
+        assert current(umnt / "a") == 0
+    own = holder.control(umnt, op="allocate", type="sev")  # pid: the caller itself
+    assert holder.control(umnt, op="free", ids=own["ids"])["ok"]
+
+    assert other_user.may_signal(holder.pid) == "EPERM"
+    refused = other_user.control(umnt, op="allocate", type="sev", pid=holder.pid)
+    assert (refused["ok"], refused["errno"]) == (False, "EPERM")
+    with Client.connect(mount=str(umnt)) as client:  # root, the mount's owner
+        held = client.allocate("sev", count=3, pid=holder.pid)
+        refused = other_user.control(umnt, op="free", ids=list(held), pid=holder.pid)
+        assert (refused["ok"], refused["errno"]) == (False, "EPERM")
+        assert current(umnt / "a") == 3
+        client.free(list(held[:1]), pid=holder.pid)
+        assert current(umnt / "a") == 2
+
+        # The holder exits and its IDs go with it: a late free names IDs it holds no more.
+        holder.stop()
+        wait_until(lambda: current(umnt / "a") == 0, "the exited holder's IDs to be freed")
+        late = same_user.control(umnt, op="free", ids=list(held[1:]), pid=holder.pid)
+        assert (late["ok"], late["errno"]) == (False, "EINVAL")
+        with pytest.raises(ControlError) as late_for_the_owner:
+            client.free(list(held[1:]), pid=holder.pid)
+        assert late_for_the_owner.value.errno == errno.EINVAL
+
+
+HOLDER = """
+import os, sys, time
+os.setgroups([])
+os.setresgid(*map(int, sys.argv[1:4]))
+os.setresuid(*map(int, sys.argv[4:7]))
+print(flush=True)
+time.sleep(600)  # no exec(2): it would make the saved UID the effective one
+"""
+
+
+@pytest.mark.parametrize("holders_uids, may", [
+    ("user, other, other", True),
+    ("other, other, user", True),
+    ("other, user, other", False),
+], ids=["real UID", "saved UID", "effective UID only"])
+def test_a_holders_real_or_saved_uid_lets_its_user_act_for_it_as_kill_does(
+        umnt, user, second_user, agents, procs, holders_uids, may):
+    """A holder's (real, effective, saved) UIDs, of the user or another: the user may
+    allocate for it and free what it holds where kill(2) lets her signal it, and only there."""
+    write(umnt / "cgroup.subtree_control", "+encids")
+    (umnt / "a").mkdir()
+    uids = [{"user": user.uid, "other": second_user.uid}[who] for who in holders_uids.split(", ")]
+    holder = procs.start([sys.executable, "-c", HOLDER, *map(str, [second_user.gid] * 3 + uids)],
+                         stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline() == "\n"
+    write(umnt / "a" / "cgroup.procs", str(holder.pid))
+    agent = agents()
+
+    assert agent.may_signal(holder.pid) == ("OK" if may else "EPERM")
+    allocated = agent.control(umnt, op="allocate", type="sev", pid=holder.pid)
+    if may:
+        assert allocated["ok"], allocated
+        held = allocated["ids"]
+    else:
+        assert (allocated["ok"], allocated["errno"]) == (False, "EPERM")
+        with Client.connect(mount=str(umnt)) as client:
+            held = list(client.allocate("sev", pid=holder.pid))
+    freed = agent.control(umnt, op="free", ids=held, pid=holder.pid)
+    assert freed["ok"] == may and current(umnt / "a") == (0 if may else 1), freed
 
 
 def test_users_allocations_are_charged_in_its_subtree_within_the_limits_above(

@@ -187,6 +187,49 @@ def test_two_users_each_mount_their_own_and_neither_reaches_the_other(namespace,
         assert out["umount"] == [0, ""] and out["gone"]
 
 
+OWNER_SCRIPT = r"""
+import json, os, subprocess, sys
+from encidfs.client import Client
+
+mnt, holder = sys.argv[1], int(sys.argv[2])
+encidfs = [sys.executable, "-m", "encidfs"]
+out = {}
+mounted = subprocess.run([*encidfs, "mount", mnt], capture_output=True, text=True)
+out["mount"] = mounted.returncode, mounted.stderr.strip()
+try:
+    os.kill(holder, 0)
+    out["signal"] = "OK"
+except OSError as error:
+    out["signal"] = os.strerror(error.errno)
+with Client.connect(mount=mnt) as client:  # in the root cgroup, which only the owner charges
+    allocation = client.allocate("sev", count=2, pid=holder)
+    out["allocated"] = [list(allocation), allocation.holder, allocation.cgroup]
+    client.free(list(allocation), pid=holder)
+    out["holders"] = client.status()["holders"]
+unmounted = subprocess.run([*encidfs, "umount", mnt], capture_output=True, text=True)
+out["umount"] = unmounted.returncode, unmounted.stderr.strip()
+print(json.dumps(out), flush=True)
+"""
+
+
+def test_a_users_mount_owner_acts_for_another_users_process(namespace, user, second_user,
+                                                             procs):
+    """The mount's owner may always, even for a process it may not signal."""
+    holder = procs.start(["sleep", "600"], user=second_user.uid, group=second_user.gid,
+                         extra_groups=[])
+    mnt = user_mountpoint(namespace, user, "owner")
+    try:
+        done = subprocess.run(namespace.argv(user, OWNER_SCRIPT, str(mnt), str(holder.pid)),
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        subprocess.run(["nsenter", f"--target={namespace.pid}", "--mount", "umount", "-l",
+                        str(mnt)], capture_output=True)
+    assert json.loads(done.stdout or "{}") == {
+        "mount": [0, ""], "signal": "Operation not permitted",
+        "allocated": [[1, 2], holder.pid, "/"], "holders": [], "umount": [0, ""],
+    }, done.stderr[-3000:]
+
+
 def test_the_example_project_passes_as_a_user_with_only_the_plugin(namespace, user):
     """tests/example uses nothing but the installed plugin; as the test user it mounts, runs
     holders, restarts and runs under `encidfs exec` (a user namespace) by itself."""
