@@ -6,8 +6,10 @@ measurement, not a test: it prints figures.
                             [--skip-engine] [--skip-alloc] [--skip-inotify] [--skip-large]
                             [--skip-tracking]
 
-Reads are measured twice: free, and with the client and the daemon (all its threads) pinned to
-one CPU, where a request's cost is not hidden by the other CPU.
+File operations are timed by two clients taking turns in the same run: a C one
+(scripts/fileops.c), whose figures are the file systems', and this process, which adds tens of
+microseconds to each.  Reads are measured twice: free, and with the client and the daemon (all
+its threads) pinned to one CPU, where a request's cost is not hidden by the other CPU.
 
 --baseline REV (repeatable) measures encidfs as it was at git revision REV beside today's, in
 the same run.
@@ -16,6 +18,7 @@ the same run.
 import argparse
 import contextlib
 import errno
+import functools
 import os
 import statistics
 import subprocess
@@ -44,8 +47,9 @@ RATE_RUNS = 5  # runs of the control socket's allocation rate, for each number o
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount before it counts as failed
 SCRAPE_INTERVAL = 0.1  # seconds between scrapes of the --metrics target
 REFERENCE = (
-    "reference figures (issue #12), median read, pinned / free: encidfs 83-105 / 126-138 us;"
-    " LXCFS 91-104 / 148-150 us; bare pyfuse3 75-108 / 119-126 us; kernel cgroupfs 5.5 us"
+    "reference figures (issue #12, Python client), median read, pinned / free: encidfs 83-105"
+    " / 126-138 us; LXCFS 91-104 / 148-150 us; bare pyfuse3 75-108 / 119-126 us; kernel"
+    " cgroupfs 5.5 us"
 )
 TARGETS = ("targets (issue #12): read <= 0.8x LXCFS and <= 0.9x bare, pinned and free; write"
            " <= 1.0x bare; mkdir+rmdir <= 1.3x bare")
@@ -77,7 +81,10 @@ def measure(op, iterations, batch=1):
     return summary(sample(op, iterations, max(20, iterations // 10), batch))
 
 
-# -- the four file operations ---------------------------------------------------------------------
+# -- the file operations -------------------------------------------------------------------------
+
+# An operation is the C client's arguments after COUNT WARMUP: ("read", path), ("write", path,
+# data, path, data) alternating between the two, or ("mkdir", path) with its rmdir.
 
 # The file is closed also on error or Ctrl-C: an open file keeps a lazily unmounted daemon alive.
 def read_file(path):
@@ -96,24 +103,48 @@ def write_file(path, data):
         os.close(fd)
 
 
+def python_op(operation):
+    """op(i) doing `operation` from this process."""
+    kind, *args = operation
+    if kind == "read":
+        return lambda i: read_file(args[0])
+    if kind == "write":
+        writes = ((args[0], args[1].encode()), (args[2], args[3].encode()))
+        return lambda i: write_file(*writes[i % 2])
+
+    def mkdir_rmdir(i):
+        os.mkdir(args[0])
+        os.rmdir(args[0])
+    return mkdir_rmdir
+
+
+def python_sample(operation, iterations, warmup):
+    """Microseconds per operation, timed by this process."""
+    return sample(python_op(operation), iterations, warmup)
+
+
+def c_sample(program, operation, iterations, warmup):
+    """Microseconds per operation, timed by the C client `program`."""
+    out = subprocess.run([program, str(iterations), str(warmup), *operation],
+                         stdout=subprocess.PIPE, text=True, check=True).stdout
+    return [int(ns) / 1000 for ns in out.split()]
+
+
 def file_ops(read_path, write_path, write_values, new_dir, procs_paths=None, pid=None,
              events_path=None):
-    """name -> op(i) for one target; `procs` alternates the PID between two cgroups; `read
-    events` reads a cgroup.events (under --over, a kernel file passed through)."""
-    def mkdir_rmdir(i):
-        os.mkdir(new_dir)
-        os.rmdir(new_dir)
-
+    """name -> operation for one target; `write` alternates between two values, `procs` the PID
+    between two cgroups; `read events` reads a cgroup.events (under --over, a kernel file passed
+    through)."""
     ops = {
-        "read": lambda i: read_file(read_path),
-        PINNED: lambda i: read_file(read_path),
-        "write": lambda i: write_file(write_path, write_values[i % 2]),
+        "read": ("read", read_path),
+        PINNED: ("read", read_path),
+        "write": ("write", write_path, write_values[0], write_path, write_values[1]),
     }
     if events_path:
-        ops["read events"] = lambda i: read_file(events_path)
+        ops["read events"] = ("read", events_path)
     if procs_paths:
-        ops["procs"] = lambda i: write_file(procs_paths[i % 2], str(pid).encode())
-    ops["mkdir+rmdir"] = mkdir_rmdir
+        ops["procs"] = ("write", procs_paths[0], str(pid), procs_paths[1], str(pid))
+    ops["mkdir+rmdir"] = ("mkdir", new_dir)
     return ops
 
 
@@ -280,7 +311,7 @@ def encidfs_ops(mnt, pid):
     for name in ("bench", "bench-a", "bench-b"):
         os.mkdir(f"{mnt}/{name}")
     return file_ops(f"{mnt}/bench/encids.sev.current", f"{mnt}/bench/encids.sev.max",
-                    (b"100", b"200"), f"{mnt}/bench/d",
+                    ("100", "200"), f"{mnt}/bench/d",
                     (f"{mnt}/bench-a/cgroup.procs", f"{mnt}/bench-b/cgroup.procs"), pid,
                     f"{mnt}/bench/cgroup.events")
 
@@ -290,7 +321,7 @@ def bare_target(timeout):
     def target():
         bare_fs = str(ROOT / "scripts" / "bare_fs.py")
         with fuse_mount(lambda mnt: [sys.executable, bare_fs, mnt, "--timeout", timeout]) as mnt:
-            yield file_ops(f"{mnt}/value", f"{mnt}/limit", (b"100", b"200"), f"{mnt}/d")
+            yield file_ops(f"{mnt}/value", f"{mnt}/limit", ("100", "200"), f"{mnt}/d")
     return target
 
 
@@ -304,7 +335,7 @@ def lxcfs_target():
             argv = lambda mnt: ["lxcfs", "--foreground", "--pidfile", f"{run}/lxcfs.pid", mnt]
             with fuse_mount(argv) as mnt:
                 path = f"{mnt}/proc/uptime"
-                yield {"read": lambda i: read_file(path), PINNED: lambda i: read_file(path)}
+                yield {"read": ("read", path), PINNED: ("read", path)}
     return target
 
 
@@ -368,7 +399,7 @@ def kernel_target():
             os.mkdir(f"{scratch}/{name}")
         with sleeper() as pid, returning_home(mount, pid):
             yield file_ops(f"{scratch}/bench/{counter}",
-                           f"{scratch}/bench/cgroup.max.descendants", (b"100", b"200"),
+                           f"{scratch}/bench/cgroup.max.descendants", ("100", "200"),
                            f"{scratch}/bench/d",
                            (f"{scratch}/bench-a/cgroup.procs",
                             f"{scratch}/bench-b/cgroup.procs"), pid,
@@ -385,7 +416,8 @@ def ratio(a, b, width, digits):
     return f"{a / b:{width - 1}.{digits}f}x" if a is not None and b else f"{'-':>{width}}"
 
 
-def print_fuse_table(results, iterations, baselines):
+def print_fuse_tables(results, iterations, baselines):
+    """A table for each client: client -> target -> operation -> (median, p99)."""
     columns = ("encidfs", *baselines, "--state", "--metrics", "--over", "kernel", "bare 0 s",
                "bare 1 s", "lxcfs")
     print(f"\nfile operations, microseconds over {iterations} iterations (encidfs: its default "
@@ -394,17 +426,19 @@ def print_fuse_table(results, iterations, baselines):
           "--over: over a scratch cgroup of the kernel's (read: an emulated file; read "
           "events: a kernel file passed through); "
           "bare: pyfuse3 with direct I/O, entry/attr timeouts 0 s or 1 s; lxcfs: proc/uptime; "
-          f"{PINNED}: client and daemon on CPU {PIN_CPU})")
+          f"{PINNED}: client and daemon on CPU {PIN_CPU}); timed by a C client "
+          "(scripts/fileops.c) and by Python, in turns")
     ratios = [*baselines, "--metrics", "--over", "bare 0 s", "bare 1 s", "lxcfs", "kernel"]
-    print(f"{'':14}" + "".join(f"{name[:16]:>18}" for name in columns)
-          + "".join(f"{'encidfs/':>11}" for _ in ratios))
-    print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
-          + "".join(f"{name[:10]:>11}" for name in ratios))
-    for op in OPERATIONS:
-        figures = [results.get(name, {}).get(op, (None, None)) for name in columns]
-        medians = {name: median for name, (median, _) in zip(columns, figures)}
-        print(f"{op:14}" + "".join(cell(m, 10) + cell(p) for m, p in figures)
-              + "".join(ratio(medians["encidfs"], medians[name], 11, 2) for name in ratios))
+    for client, figures_of in results.items():
+        print(f"{client + ' client':14}" + "".join(f"{name[:16]:>18}" for name in columns)
+              + "".join(f"{'encidfs/':>11}" for _ in ratios))
+        print(f"{'operation':14}" + f"{'median':>10}{'p99':>8}" * len(columns)
+              + "".join(f"{name[:10]:>11}" for name in ratios))
+        for op in OPERATIONS:
+            figures = [figures_of.get(name, {}).get(op, (None, None)) for name in columns]
+            medians = {name: median for name, (median, _) in zip(columns, figures)}
+            print(f"{op:14}" + "".join(cell(m, 10) + cell(p) for m, p in figures)
+                  + "".join(ratio(medians["encidfs"], medians[name], 11, 2) for name in ratios))
     print(REFERENCE)
     print(TARGETS)
 
@@ -491,9 +525,11 @@ def engine_scaling(iterations):
           " memory under 2048 bytes per cgroup")
 
 
-def measure_interleaved(targets, iterations):
-    """All targets mounted at once and measured in turns, so that whatever else the machine
-    does meanwhile weighs on each of them alike."""
+def measure_interleaved(targets, iterations, fileops):
+    """All targets mounted at once and measured in turns by both clients (the C one is the
+    program `fileops`), so that whatever else the machine does meanwhile weighs on each of them
+    alike."""
+    clients = {"C": functools.partial(c_sample, fileops), "Python": python_sample}
     with contextlib.ExitStack() as stack:
         running = {}
         for name, target in targets.items():
@@ -501,20 +537,24 @@ def measure_interleaved(targets, iterations):
                 running[name] = stack.enter_context(target())
             except (Skip, OSError) as e:
                 print(f"{name}: skipped, {e}")
-        samples = {name: {op: [] for op in ops} for name, ops in running.items()}
+        samples = {client: {name: {op: [] for op in ops} for name, ops in running.items()}
+                   for client in clients}
         for turn in range(ROUNDS):
             warmup = max(20, iterations // 10) if turn == 0 else 0
             for name, ops in running.items():
-                for op, fn in ops.items():
+                for op, operation in ops.items():
                     if op == PINNED:
-                        pin(DAEMONS.values(), {PIN_CPU})
+                        pin(DAEMONS.values(), {PIN_CPU})  # the C client inherits our CPU
                     try:
-                        samples[name][op] += sample(fn, iterations // ROUNDS, warmup)
+                        for client, take in clients.items():
+                            samples[client][name][op] += take(operation, iterations // ROUNDS,
+                                                              warmup)
                     finally:
                         if op == PINNED:
                             pin(DAEMONS.values(), ALL_CPUS)
-    return {name: {op: summary(values) for op, values in ops.items()}
-            for name, ops in samples.items()}
+    return {client: {name: {op: summary(values) for op, values in ops.items()}
+                     for name, ops in of_client.items()}
+            for client, of_client in samples.items()}
 
 
 # -- inotify -------------------------------------------------------------------------------------
@@ -749,12 +789,11 @@ def daemon_cpu_ns(pid):
 
 
 @contextlib.contextmanager
-def storm_program():
-    """tests/mount/storm.c, compiled."""
-    with tempfile.TemporaryDirectory(prefix="encidfs-storm-") as work:
-        program = os.path.join(work, "storm")
-        subprocess.run(["gcc", "-O2", "-pthread", "-o", program,
-                        str(ROOT / "tests" / "mount" / "storm.c")], check=True)
+def compiled(source, *flags):
+    """The C program `source`, compiled into a temporary directory."""
+    with tempfile.TemporaryDirectory(prefix="encidfs-bench-") as work:
+        program = os.path.join(work, source.stem)
+        subprocess.run(["gcc", "-O2", *flags, "-o", program, str(source)], check=True)
         yield program
 
 
@@ -796,7 +835,7 @@ def tracking(sources):
     print(f"\nprocess tracking: daemon CPU per process, {flat:,} forks of a C loop (target "
           "(issue #20): <= 5 us a host process, <= 40 us a member); storms in a member cgroup "
           "(listed while alive / expected, then listed once gone: 0)")
-    with storm_program() as program:
+    with compiled(ROOT / "tests" / "mount" / "storm.c", "-pthread") as program:
         for name, source in sources.items():
             for tracking_mode in ("auto", "scan"):
                 env = {**os.environ, "PYTHONPATH": str(source)}
@@ -946,8 +985,9 @@ def main():
             targets["bare 1 s"] = bare_target("1")
             targets["lxcfs"] = lxcfs_target()
         if targets:
-            print_fuse_table(measure_interleaved(targets, args.iterations), args.iterations,
-                             baselines)
+            with compiled(ROOT / "scripts" / "fileops.c") as fileops:
+                print_fuse_tables(measure_interleaved(targets, args.iterations, fileops),
+                                  args.iterations, baselines)
         if not args.skip_alloc:
             try:
                 allocation_rate(args.iterations, sources)
