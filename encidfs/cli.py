@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--max-cgroups", type=int, metavar="N",
                        help="how many cgroups (live and dying) the daemon keeps at most; "
                             f"mkdir beyond is EAGAIN (default {configuration.DEFAULT_MAX_CGROUPS})")
+    mount.add_argument("--user-share", type=int, metavar="PERCENT",
+                       help="how much of each thing the daemon keeps (cgroups, xattrs, "
+                            "replies) one user other than the mount's owner may make it keep "
+                            f"(default {configuration.DEFAULT_USER_SHARE})")
     mount.add_argument("--control", metavar="PATH",
                        help="the control socket (default: derived from the mountpoint)")
     mount.add_argument("--controllers", metavar="NAMES",
@@ -138,7 +142,7 @@ def _mount(args: argparse.Namespace) -> int:
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
                                 options, args.control, args.state, args.max_cgroups,
                                 args.control_mode, args.control_group, args.controllers,
-                                args.over)
+                                args.over, args.user_share)
     config.proc_connector = args.tracking == "auto"
     if args.metrics:
         config.metrics = _metrics_address(args.metrics)
@@ -332,6 +336,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--over", os.path.abspath(args.over)]
     if args.max_cgroups is not None:
         argv += ["--max-cgroups", str(args.max_cgroups)]
+    if args.user_share is not None:
+        argv += ["--user-share", str(args.user_share)]
     if args.metrics:
         argv += ["--metrics", args.metrics]
     argv += ["--tracking", args.tracking]

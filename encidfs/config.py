@@ -17,6 +17,7 @@ CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in 
 # About 1.4 KiB of daemon memory each: 100,000 cgroups, with every other bound at its limit
 # (xattrs, connections, replies), keep the daemon well under 1 GiB.
 DEFAULT_MAX_CGROUPS = 100_000
+DEFAULT_USER_SHARE = 25  # percent
 _TYPE_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
@@ -33,6 +34,9 @@ class Config:
     state: str | None = None  # the state file (and FILE.log); None: a runtime file
     proc_connector: bool = True  # follow forks through the proc connector when permitted
     max_cgroups: int = DEFAULT_MAX_CGROUPS  # below the root, live and dying (mkdir: EAGAIN)
+    # Of each resource the outside can make the daemon keep, the percentage one user other
+    # than the mount's owner (and root) may (see budget.py).
+    user_share: int = DEFAULT_USER_SHARE
     control_mode: int = 0o600  # the control socket's: by default the mount's owner alone
     control_group: int | None = None  # the control socket's group (a GID), if not the owner's
     controllers: list[str] = field(default_factory=lambda: list(CONTROLLER_NAMES))
@@ -83,7 +87,8 @@ def load(path: str | None, capacities: list[str], asids: int | None,
          min_sev_asid: int | None, fuse_options: list[str], control: str | None = None,
          state: str | None = None, max_cgroups: int | None = None,
          control_mode: str | None = None, control_group: str | None = None,
-         controllers: str | None = None, over: str | None = None) -> Config:
+         controllers: str | None = None, over: str | None = None,
+         user_share: int | None = None) -> Config:
     """The file first, then the command line over it; without capacities from either (or
     with `--capacity auto`), the host's."""
     config = Config()
@@ -113,6 +118,8 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.controllers = _check_controllers(controllers.split(","))
     if over is not None:
         config.over = over
+    if user_share is not None:
+        config.user_share = _check_user_share(user_share)
     if config.over is not None:
         config.over = _check_over(config.over)
     return config
@@ -175,6 +182,12 @@ def _check_max_cgroups(value: object) -> int:
     return value
 
 
+def _check_user_share(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 100:
+        raise ConfigError(f"user_share must be a percentage from 1 to 100, got {value!r}")
+    return value
+
+
 def _load_file(config: Config, path: str) -> None:
     try:
         with open(path, "rb") as f:
@@ -185,7 +198,7 @@ def _load_file(config: Config, path: str) -> None:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
                            "state", "max_cgroups", "control_mode", "control_group",
-                           "controllers", "over"}
+                           "controllers", "over", "user_share"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -224,3 +237,5 @@ def _load_file(config: Config, path: str) -> None:
         config.controllers = _check_controllers(data["controllers"])
     if "over" in data:
         config.over = data["over"]
+    if "user_share" in data:
+        config.user_share = _check_user_share(data["user_share"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
@@ -12,9 +13,10 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
+from .budget import Budget
 from .config import Config
 from .control.protocol import CONTROL_XATTR, default_control_path
-from .control.server import serve_control
+from .control.server import Limits, serve_control
 from .control.service import ControlService
 from .controllers import CONTROLLERS
 from .engine import Hierarchy, new_engine
@@ -62,8 +64,11 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     if config.over is not None:
         names = [name for name in names if name not in kernel_controllers(config.over)]
     offered = [CONTROLLERS[name] for name in names]
+    owners = frozenset({0, os.geteuid()})  # root and the mount's owner: the reserve is theirs
+    share = config.user_share / 100
     engine = new_engine(config.capacities, config.first_ids,
-                        tuple(controller for controller, _ in offered), config.max_cgroups)
+                        tuple(controller for controller, _ in offered), config.max_cgroups,
+                        Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share))
     hierarchy = engine.hierarchy
     changes = Changes(engine)
     bus = ChangeBus(hierarchy)
@@ -103,13 +108,14 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                                  use_connector=config.proc_connector, exempt=exempt,
                                  pidfd_budget=pidfd_budget, split=hierarchy.split,
                                  on_threads=on_threads, on_settled=changed)
-        kernfs = Kernfs(hierarchy, tracker, changes, tables)
+        kernfs = Kernfs(hierarchy, tracker, changes, tables, owners=owners, share=share)
     else:
         tree = KernelTree(config.over, hierarchy, changes.fact)
         # The kernel's files open through the mount hold a descriptor each: half the budget.
         tracker = membership = KernelMembership(tree, on_exit, pidfd_budget // 2, changed)
         hierarchy.membership = membership
-        kernfs = OverKernfs(hierarchy, tree, membership, changes, tables, pidfd_budget // 2)
+        kernfs = OverKernfs(hierarchy, tree, membership, changes, tables, pidfd_budget // 2,
+                            owners, share)
     changes.kernfs = kernfs
     if config.over is not None:  # for encidfs exec: its cgroup namespace
         kernfs.root_xattrs[OVER_XATTR.encode()] = config.over.encode()
@@ -155,8 +161,9 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             # The processes as they were, even if their PID is reused.
             tracker.resume({pid: changes.starts[pid] for pid in restored})
             nursery.start_soon(journal.flush_facts)
-            await nursery.start(serve_control, control, service, max_connections,
-                                config.control_mode, config.control_group)
+            await nursery.start(serve_control, control, service,
+                                Limits(max_connections, owners, share), config.control_mode,
+                                config.control_group)
             log.info("process tracking: %s; control socket %s; %d descriptors",
                      tracker.mode, control, fd_limit)
             await nursery.start(_stop_on_signal)

@@ -14,7 +14,7 @@ SETTINGS = {
     "config": "--config", "state": "--state", "tracking": "--tracking",
     "max_cgroups": "--max-cgroups", "control": "--control", "control_mode": "--control-mode",
     "control_group": "--control-group", "asids": "--asids", "min_sev_asid": "--min-sev-asid",
-    "metrics": "--metrics", "over": "--over",
+    "metrics": "--metrics", "over": "--over", "user_share": "--user-share",
 }
 # What mount(8), fstab and systemd add for themselves.
 GENERIC = {"defaults", "rw", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",

@@ -7,15 +7,15 @@ waits in its connection's buffer, and that connection is not read again until th
 empty.  One task and one commit a round, not a task a connection and a loop turn a group:
 twice the round trips (8 clients, measured side by side: 10,600 a second against 5,200).
 
-Everything a client can make the daemon hold is bounded: connections (per user and in all), a
-request's bytes (MAX_LINE), a round's requests (one a connection), and replies waiting for a
-reader (a connection whose replies have not moved for SEND_TIMEOUT is dropped; all of them
-together take at most REPLY_BUDGET bytes, beyond which a request is answered ENOBUFS).
+Everything a client can make the daemon hold is bounded: connections, a request's bytes
+(MAX_LINE), a round's requests (one a connection), and replies waiting for a reader (a
+connection whose replies have not moved for SEND_TIMEOUT is dropped; all of them together take
+at most REPLY_BUDGET bytes, beyond which a request is answered ENOBUFS).  Connections and
+replies are budgets shared out per user (budget.py).
 """
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import math
@@ -26,6 +26,7 @@ import struct
 
 import trio
 
+from ..budget import Budget
 from .protocol import MAX_LINE, decode, encode, error_reply
 from .service import ControlService, Peer
 
@@ -45,20 +46,20 @@ _TOO_LONG = None  # in a round's requests: a line over MAX_LINE
 
 
 class Limits:
-    """What the connections of all clients hold together."""
+    """What the connections of all clients hold together, by user."""
 
-    def __init__(self, max_connections: int) -> None:
-        self.max_connections = max_connections
-        self.connections: collections.Counter[int] = collections.Counter()  # by uid
-        self.reply_bytes = 0
+    def __init__(self, max_connections: int, owners: frozenset[int], share: float) -> None:
+        self.connections = Budget("connections", max_connections, errno.EAGAIN, owners, share,
+                                  most=MAX_CONNECTIONS_PER_UID)
+        self.replies = Budget("bytes of replies waiting for their readers", REPLY_BUDGET,
+                              errno.ENOBUFS, owners, share)
 
     def refusal(self, uid: int) -> dict | None:
         """An error reply for a connection over the limits, or None to take it."""
-        if sum(self.connections.values()) >= self.max_connections:
-            return error_reply(errno.EAGAIN, "the daemon has too many connections")
-        if self.connections[uid] >= MAX_CONNECTIONS_PER_UID:
-            return error_reply(errno.EAGAIN, f"user {uid} has {MAX_CONNECTIONS_PER_UID} "
-                                             "connections open already")
+        try:
+            self.connections.check(uid)
+        except OSError as error:
+            return error_reply(error.errno, error.strerror)
         return None
 
 
@@ -78,7 +79,7 @@ class _Connection:
         self.closed = False
 
 
-async def serve_control(path: str, service: ControlService, max_connections: int,
+async def serve_control(path: str, service: ControlService, limits: Limits,
                         mode: int, gid: int | None, *,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve on a socket at `path` with the given mode and group: who can connect may ask,
@@ -100,7 +101,7 @@ async def serve_control(path: str, service: ControlService, max_connections: int
             os.chmod(path, mode)
             listener.listen(128)
             task_status.started()
-            await _Server(listener, service, Limits(max_connections)).run()
+            await _Server(listener, service, limits).run()
         finally:
             os.unlink(path)
 
@@ -222,7 +223,7 @@ class _Server:
                 continue
             connection = _Connection(sock, Peer(pid, uid, gid))
             self._connections[connection.fd] = connection
-            self.limits.connections[uid] += 1
+            self.limits.connections.take(uid)
             self._epoll.register(connection.fd, select.EPOLLIN)
 
     def _receive(self, connection: _Connection,
@@ -293,9 +294,11 @@ class _Server:
     def _send(self, connection: _Connection, reply: bytes) -> None:
         if connection.closed:
             return  # earlier in this round
-        if self.limits.reply_bytes + len(reply) > REPLY_BUDGET:
-            reply = encode(error_reply(errno.ENOBUFS, "too many replies are waiting for their "
-                                                      "readers; try again"))
+        uid = connection.peer.uid
+        try:
+            self.limits.replies.check(uid, len(reply))
+        except OSError as error:
+            reply = encode(error_reply(error.errno, f"{error.strerror}; try again"))
         if not connection.replies:
             try:
                 sent = connection.sock.send(reply)
@@ -310,7 +313,7 @@ class _Server:
             connection.moved_at = trio.current_time()
             self._waiting[connection] = None
         connection.replies += reply
-        self.limits.reply_bytes += len(reply)
+        self.limits.replies.take(uid, len(reply))
 
     def _flush(self, connection: _Connection) -> None:
         try:
@@ -321,7 +324,7 @@ class _Server:
             self._close(connection)
             return
         del connection.replies[:sent]
-        self.limits.reply_bytes -= sent
+        self.limits.replies.give(connection.peer.uid, sent)
         connection.moved_at = trio.current_time()
         if not connection.replies:
             del self._waiting[connection]
@@ -347,10 +350,8 @@ class _Server:
         del self._connections[connection.fd]
         self._waiting.pop(connection, None)
         self._backlog.pop(connection, None)
-        self.limits.reply_bytes -= len(connection.replies)
         uid = connection.peer.uid
-        self.limits.connections[uid] -= 1
-        if not self.limits.connections[uid]:
-            del self.limits.connections[uid]
+        self.limits.replies.give(uid, len(connection.replies))
+        self.limits.connections.give(uid)
         self._epoll.unregister(connection.fd)
         connection.sock.close()

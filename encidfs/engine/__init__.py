@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..budget import Budget
 from .allocator import Allocation, Allocator
 from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
 from .encids import EncidsController
@@ -28,9 +29,10 @@ class Engine:
 
 def new_engine(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
                controllers: tuple[type[ResourceController], ...] = (EncidsController,),
-               max_cgroups: int = INT_MAX) -> Engine:
+               max_cgroups: int = INT_MAX, budget: Budget | None = None) -> Engine:
     """A hierarchy with these controllers (in this order) for the given resource types, and the
-    allocator that charges them."""
+    allocator that charges them; `budget` shares the cgroups out to their creators."""
     types = Types(capacities, first_ids)
-    hierarchy = Hierarchy([controller(types) for controller in controllers], max_cgroups)
+    hierarchy = Hierarchy([controller(types) for controller in controllers], max_cgroups,
+                          budget=budget)
     return Engine(hierarchy, types, Allocator(hierarchy, types))

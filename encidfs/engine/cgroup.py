@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from typing import Protocol
 
+from ..budget import Budget
 from .css import Controller, Css
 from .errors import fail
 
@@ -53,6 +54,7 @@ class Cgroup:
         "max_descendants", "nr_descendants", "nr_dying_descendants", "procs",
         "nr_populated_children", "nr_populated_domain_children", "freeze", "dying", "refs",
         "css", "nr_dying_subsys", "dom", "nr_threaded_children", "frozen_ns", "freeze_since",
+        "made_by",
     )
 
     def __init__(self, cgid: int, name: str, parent: Cgroup | None, nr_controllers: int) -> None:
@@ -84,6 +86,8 @@ class Cgroup:
         self.refs = 1
         self.css: list[Css | None] = [None] * nr_controllers
         self.nr_dying_subsys = [0] * nr_controllers
+        # The budget its creator is charged in, and who, until it is released.
+        self.made_by: tuple[Budget, int] | None = None
 
     @property
     def is_root(self) -> bool:
@@ -159,15 +163,17 @@ class Membership(Protocol):
 class Hierarchy:
     def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 membership: Membership | None = None) -> None:
+                 membership: Membership | None = None, budget: Budget | None = None) -> None:
         """`max_cgroups` caps the cgroups below the root, live and dying, as the root's
-        cgroup.max.descendants would (the daemon's memory is the limit a kernel would have).
+        cgroup.max.descendants would (the daemon's memory is the limit a kernel would have);
+        `budget` shares them out to the users who make them (mkdir's `creator`).
         `clock` is the kernel's ktime_get_ns(): nanoseconds, the same for every process.
         `membership`: where processes are, if not in this hierarchy's own books."""
         self.controllers = controllers
         self.membership: Membership = self if membership is None else membership
         self.clock = clock
         self.max_cgroups = max_cgroups
+        self.budget = budget
         for ssid, controller in enumerate(controllers):
             controller.ssid = ssid
             controller.hierarchy = self
@@ -311,8 +317,9 @@ class Hierarchy:
     # -- mkdir / rmdir --------------------------------------------------------------------------
 
     def mkdir(self, parent: Cgroup, name: str, commit: Commit = no_journal,
-              at: int | None = None) -> Cgroup:
-        """`at`: when (the clock's time), for a change replayed from a journal."""
+              at: int | None = None, creator: int | None = None) -> Cgroup:
+        """`at`: when (the clock's time), for a change replayed from a journal; `creator`:
+        the user charged in the budget while the cgroup lives and dies."""
         self._check_live(parent)
         if "\n" in name or "/" in name or name in ("", ".", ".."):
             raise fail(errno.EINVAL, "bad cgroup name")
@@ -327,8 +334,17 @@ class Hierarchy:
                 raise fail(errno.EAGAIN, f"limit of {ancestor.path}")
             depth += 1
             ancestor = ancestor.parent
+        if self.budget is not None and creator is not None:
+            self.budget.check(creator)
         commit()
-        return self._add_child(parent, name, None, at)
+        cg = self._add_child(parent, name, None, at)
+        self.charge_creator(cg, creator)
+        return cg
+
+    def charge_creator(self, cg: Cgroup, creator: int | None) -> None:
+        if self.budget is not None and creator is not None:
+            self.budget.take(creator)
+            cg.made_by = (self.budget, creator)
 
     def mirror(self, parent: Cgroup, name: str, cgid: int) -> Cgroup:
         """A cgroup the kernel has made (under --over), known by the kernel's cgroup ID: its
@@ -772,6 +788,9 @@ def _drop_pin(cg: Cgroup, css: Css | None) -> None:
             if node.refs == 0:
                 released_cgroups += 1
                 parent_pins = 1
+                if node.made_by is not None:
+                    budget, creator = node.made_by
+                    budget.give(creator)
         node, css, cgroup_pins = node.parent, parent_css, parent_pins
     # Above the last level that lost a pin, only the counters change.
     dying_subsys = [(ssid, count) for ssid, count in enumerate(released_csses) if count]

@@ -25,7 +25,8 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
         "next_id": h._next_id,
         "cgroups": [[cg.id, cg.parent.id if cg.parent else None, cg.name, cg.dying,
                      h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze,
-                     cg.dom.id if cg.is_threaded else None, cg.frozen_ns, cg.freeze_since]
+                     cg.dom.id if cg.is_threaded else None, cg.frozen_ns, cg.freeze_since,
+                     None if cg.made_by is None else cg.made_by[1]]
                     for cg in cgroups],
         "csses": [[h.controllers[css.ssid].name, css.cgroup.id,
                    None if css.parent is None else css_index[css.parent], css.online,
@@ -48,7 +49,7 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             *added in data["cgroups"]:
         # The domain of a threaded cgroup is kept, not derived: as in cgroup_enable_threaded(),
         # a threaded cgroup below a domain invalid one has the domain of the thread root above.
-        dom_id, frozen_ns, freeze_since = [*added, None, 0, None][:3]
+        dom_id, frozen_ns, freeze_since, creator = [*added, None, 0, None, None][:4]
         if parent_id is None:
             cg = root
             del h.by_id[cg.id]
@@ -66,6 +67,8 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
         cg.subtree_control = _mask(h, subtree_control)
         cg.max_depth, cg.max_descendants, cg.freeze = max_depth, max_descendants, freeze
         cg.frozen_ns, cg.freeze_since = frozen_ns, freeze_since
+        if parent_id is not None:
+            h.charge_creator(cg, creator)
         cgroups[cgid] = cg
     h._next_id = data["next_id"]
     freezing: dict[Cgroup, bool] = {}  # parents first: a snapshot older than freeze times

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from ..budget import Budget
 from ..engine import Cgroup, Change, Hierarchy, fail
 from ..engine.cgroup import Commit, Event
 from .cftype import Caller, CfType
@@ -32,9 +33,10 @@ FILE_BASE = 2
 WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
 XATTRS_MAX = 128  # kernfs's limits on user xattrs per node
 XATTR_BYTES_MAX = 128 * 1024
-# All nodes together (names and values): kernfs charges xattrs to the writer's memory cgroup,
-# the daemon has only its own memory to spend.
+# All nodes together (bytes of names and values, and names): kernfs charges xattrs to the
+# writer's memory cgroup, the daemon has only its own memory to spend (some 150 bytes a name).
 XATTR_TOTAL_MAX = 64 << 20
+XATTR_NAMES_TOTAL_MAX = 1 << 18
 
 
 @dataclass(slots=True)
@@ -60,10 +62,12 @@ class Node:
 
 class Kernfs:
     def __init__(self, hierarchy: Hierarchy, processes: Processes, changes: Changes,
-                 file_tables: list[FileTableMaker], core: CoreTableMaker = core_files) -> None:
+                 file_tables: list[FileTableMaker], core: CoreTableMaker = core_files,
+                 owners: frozenset[int] = frozenset({0}), share: float = 1.0) -> None:
         """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`, `core` the
         cgroup.* rows.  Every change a request makes goes through `changes`, which makes it
-        durable first and then applies it here (the apply_* methods) or in the engine."""
+        durable first and then applies it here (the apply_* methods) or in the engine.  What
+        users make it keep (xattrs) is shared out to them: `share` to each but `owners`."""
         self.hierarchy = hierarchy
         self.changes = changes
         self.processes = processes
@@ -95,7 +99,13 @@ class Kernfs:
                                                            now)}
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
         self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
-        self._xattr_bytes = 0  # names and values in _xattrs
+        # Who set each xattr, charged its name and value's bytes and one name in the budgets.
+        self._xattr_setters: dict[tuple[int, bytes], int] = {}
+        self.owner = owner
+        self.xattr_bytes = Budget("bytes of extended attributes", XATTR_TOTAL_MAX,
+                                  errno.ENOSPC, owners, share)
+        self.xattr_names = Budget("extended attributes", XATTR_NAMES_TOTAL_MAX, errno.ENOSPC,
+                                  owners, share)
         self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
 
     # -- nodes --------------------------------------------------------------------------------
@@ -206,25 +216,47 @@ class Kernfs:
     def listxattr(self, node: Node) -> list[bytes]:
         return list(self._node_xattrs(node))
 
-    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller) -> None:
         self.changes.run("setxattr", node.cgroup.id, self._file_name(node), _text(name),
-                         _text(value))
+                         _text(value), caller.uid)
 
     def apply_setxattr(self, cg: Cgroup, file: str, name_text: str, value_text: str,
-                       commit: Commit) -> None:
+                       uid: int | None, commit: Commit) -> None:
+        """`uid`: who sets it (a record written before xattrs were charged: the owner)."""
         node, name, value = self._named(cg, file), _bytes(name_text), _bytes(value_text)
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         xattrs = self._xattrs.get(node.inode, {})
         old = xattrs.get(name)
         size = sum(len(v) for k, v in xattrs.items() if k != name) + len(value)
-        growth = len(value) - len(old) if old is not None else len(name) + len(value)
-        if (old is None and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX \
-                or self._xattr_bytes + growth > XATTR_TOTAL_MAX:
+        if (old is None and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX:
             raise fail(errno.ENOSPC)
-        commit()
+        setter = self.owner if uid is None else uid
+        replaced = self._uncharge_xattr(node.inode, name, old)
+        try:
+            self.xattr_bytes.check(setter, len(name) + len(value))
+            self.xattr_names.check(setter)
+            commit()
+        except OSError:
+            if replaced is not None:
+                self._charge_xattr(node.inode, name, old, replaced)  # type: ignore[arg-type]
+            raise
         self._xattrs.setdefault(node.inode, xattrs)[name] = value
-        self._xattr_bytes += growth
+        self._charge_xattr(node.inode, name, value, setter)
+
+    def _charge_xattr(self, inode: int, name: bytes, value: bytes, uid: int) -> None:
+        self.xattr_bytes.take(uid, len(name) + len(value))
+        self.xattr_names.take(uid)
+        self._xattr_setters[inode, name] = uid
+
+    def _uncharge_xattr(self, inode: int, name: bytes, value: bytes | None) -> int | None:
+        """Give back what setting xattr `name` took, if it is set; who had set it."""
+        if value is None:
+            return None
+        uid = self._xattr_setters.pop((inode, name))
+        self.xattr_bytes.give(uid, len(name) + len(value))
+        self.xattr_names.give(uid)
+        return uid
 
     def removexattr(self, node: Node, name: bytes) -> None:
         self.changes.run("removexattr", node.cgroup.id, self._file_name(node), _text(name))
@@ -237,8 +269,7 @@ class Kernfs:
         if name not in xattrs:
             raise fail(errno.ENODATA)
         commit()
-        value = xattrs.pop(name)
-        self._xattr_bytes -= len(name) + len(value)
+        self._uncharge_xattr(node.inode, name, xattrs.pop(name))
         if not xattrs:
             del self._xattrs[node.inode]
 
@@ -260,7 +291,7 @@ class Kernfs:
         row = self._row_by_name.get(name)
         if row is not None and self.cftypes[row].present_in(parent):
             raise fail(errno.EEXIST)
-        cg = self.hierarchy.mkdir(parent, name, commit, at)
+        cg = self.hierarchy.mkdir(parent, name, commit, at, creator=uid)
         now = time.time_ns()
         self._dir_attrs[cg.id] = NodeAttr(stat.S_IFDIR | mode, uid, gid, now, now)
         self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, uid, gid, now, now)
@@ -357,6 +388,8 @@ class Kernfs:
         for inode, xattrs in self._xattrs.items():
             cgid, name = self._id_and_name(inode)
             nodes[str(cgid)]["xattrs"][name] = {_text(k): _text(v) for k, v in xattrs.items()}
+            nodes[str(cgid)].setdefault("xattr_setters", {})[name] = {
+                _text(k): self._xattr_setters[inode, k] for k in xattrs}
         return nodes
 
     def load(self, nodes: dict) -> None:
@@ -370,9 +403,12 @@ class Kernfs:
             for name, (mode, uid, gid) in entry["attrs"].items():
                 self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid, now, now)
             for name, xattrs in entry["xattrs"].items():
-                values = {_bytes(k): _bytes(v) for k, v in xattrs.items()}
-                self._xattrs[self._named(cg, name).inode] = values
-                self._xattr_bytes += _xattr_size(values)
+                inode = self._named(cg, name).inode
+                setters = entry.get("xattr_setters", {}).get(name, {})
+                self._xattrs[inode] = {_bytes(k): _bytes(v) for k, v in xattrs.items()}
+                for key, value in xattrs.items():
+                    self._charge_xattr(inode, _bytes(key), _bytes(value),
+                                       setters.get(key, self.owner))
 
     def _id_and_name(self, inode: int) -> tuple[int, str]:
         cgid, slot = divmod(inode, STRIDE)
@@ -406,8 +442,8 @@ class Kernfs:
                     table.pop(inode, None)
         if self._xattrs:
             for inode in inodes:
-                if (xattrs := self._xattrs.pop(inode, None)) is not None:
-                    self._xattr_bytes -= _xattr_size(xattrs)
+                for name, value in self._xattrs.pop(inode, {}).items():
+                    self._uncharge_xattr(inode, name, value)
 
     def _dir(self, inode: int) -> Cgroup:
         node = self.node(inode)
@@ -474,10 +510,6 @@ class OpenFile:
         self.table.processes.settle()  # its checks see the processes as they are
         cft.write(self.node.cgroup, written_text(buf), self.caller)
         return len(buf)
-
-
-def _xattr_size(xattrs: dict[bytes, bytes]) -> int:
-    return sum(len(name) + len(value) for name, value in xattrs.items())
 
 
 # xattr names and values are bytes; records and snapshots carry them as Latin-1 text (one

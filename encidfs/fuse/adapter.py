@@ -240,7 +240,7 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):
-        self.kernfs.setxattr(self.kernfs.node(inode), name, value)
+        self.kernfs.setxattr(self.kernfs.node(inode), name, value, _caller(ctx))
 
     @translated
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):

@@ -17,6 +17,7 @@ import os
 import select
 import stat
 
+from ..budget import Budget
 from ..engine import Cgroup, Hierarchy, fail
 from ..engine.cgroup import Event
 from ..files.cftype import Caller
@@ -34,17 +35,17 @@ _PID_FILES = ("cgroup.procs", "cgroup.threads")
 class OverKernfs(Kernfs):
     def __init__(self, hierarchy: Hierarchy, tree: KernelTree, membership: KernelMembership,
                  changes: Changes, file_tables: list[FileTableMaker],
-                 descriptors: int = 1 << 20) -> None:
+                 descriptors: int = 1 << 20, owners: frozenset[int] = frozenset({0}),
+                 share: float = 1.0) -> None:
         """`descriptors`: how many the kernel's files open through the mount may hold (each
-        open holds one), a quarter of them for any one user."""
+        open holds one), shared out to the users as the xattrs are."""
         self.tree = tree
-        self._descriptors = descriptors
-        self._per_user = max(1, descriptors // 4)
-        self._held: dict[int, int] = {}  # uid -> descriptors its open files hold
-        self._held_total = 0
+        self.descriptors = Budget("kernel files open through the mount", descriptors,
+                                  errno.ENFILE, owners, share)
         self.membership = membership
         super().__init__(hierarchy, membership, changes, file_tables,
-                         core=lambda h, processes, c, may_write: merged_files(tree, h, c))
+                         core=lambda h, processes, c, may_write: merged_files(tree, h, c),
+                         owners=owners, share=share)
         # The kernel's file names, each given a slot the first time it is seen (the names
         # are the kernel's: a few hundred at most).
         self._real_names: list[str] = []
@@ -198,11 +199,11 @@ class OverKernfs(Kernfs):
         names = [os.fsencode(n) for n in os.listxattr(self._path(node), follow_symlinks=False)]
         return [*self.root_xattrs, *names] if node.inode == ROOT_INODE else names
 
-    def setxattr(self, node: Node, name: bytes, value: bytes) -> None:
+    def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller) -> None:
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         if not self._passed_through(node):
-            super().setxattr(node, name, value)
+            super().setxattr(node, name, value, caller)
             return
         os.setxattr(self._path(node), name, value, follow_symlinks=False)
 
@@ -252,20 +253,14 @@ class OverKernfs(Kernfs):
              flags: int = os.O_RDONLY) -> OpenFile | KernelFile:
         if node.real is None:
             return super().open(node, caller, flags)
-        held = self._held.get(caller.uid, 0)
-        if held >= self._per_user or self._held_total >= self._descriptors:
-            raise fail(errno.ENFILE, f"user {caller.uid} holds {held} kernel files open")
+        self.descriptors.check(caller.uid)
         opened = KernelFile(self, node, caller, flags)
-        self._held[caller.uid] = held + 1
-        self._held_total += 1
+        self.descriptors.take(caller.uid)
         return opened
 
     def closed(self, uid: int) -> None:
         """A kernel file of this user's is closed."""
-        left = self._held.pop(uid) - 1
-        if left:
-            self._held[uid] = left
-        self._held_total -= 1
+        self.descriptors.give(uid)
 
     # -- what changed -------------------------------------------------------------------------
 

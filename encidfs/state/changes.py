@@ -166,9 +166,10 @@ class Changes:
                 gid: int | None, commit: Commit = no_journal) -> None:
         self.kernfs.apply_setattr(self._cgroup(cgroup), file, mode, uid, gid, commit)
 
-    def setxattr(self, cgroup: int, file: str, name: str, value: str,
+    def setxattr(self, cgroup: int, file: str, name: str, value: str, uid: int | None = None,
                  commit: Commit = no_journal) -> None:
-        self.kernfs.apply_setxattr(self._cgroup(cgroup), file, name, value, commit)
+        """`uid`: who sets it (None in a record written before xattrs were charged)."""
+        self.kernfs.apply_setxattr(self._cgroup(cgroup), file, name, value, uid, commit)
 
     def removexattr(self, cgroup: int, file: str, name: str,
                     commit: Commit = no_journal) -> None:

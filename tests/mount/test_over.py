@@ -386,25 +386,29 @@ def test_under_exec_proc_cgroup_says_the_mounts_paths(over, scratch):
                                                        "/proc/PID/cgroup is the kernel's own\n")
 
 
-def test_open_kernel_files_are_bounded_per_user(scratch, encidfs_factory):
+def test_open_kernel_files_are_bounded_per_user(scratch, encidfs_factory, user, traversable):
     """Each kernel file open through the mount holds a descriptor of the daemon's: a user may
     hold a quarter of those the daemon sets aside for them (here, with 1024 descriptors: 64),
     and then gets ENFILE, while the emulated files and everyone else go on."""
     mount = encidfs_factory(options=("--over", str(scratch)), nofile=(1024, 1024))
-    held = []
+    script = ("import os, sys\n"
+              "held = []\n"
+              "while len(held) < 1000:\n"
+              "    try:\n"
+              f"        held.append(os.open({str(mount.path / 'cgroup.procs')!r}, os.O_RDONLY))\n"
+              "    except OSError as error:\n"
+              "        print(len(held), error.errno, flush=True)\n"
+              "        break\n"
+              f"print(open({str(mount.path / 'encids.sev.stat')!r}).read().split()[0], flush=True)\n"
+              "sys.stdin.read()\n")
+    traversable(mount.path)
+    holder = subprocess.Popen([*user.setpriv(), user_python(), "-c", script], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        while len(held) < 1000:
-            try:
-                held.append(os.open(mount.path / "cgroup.procs", os.O_RDONLY))
-            except OSError as error:
-                assert error.errno == errno.ENFILE
-                break
-        assert len(held) == 64
-        with open(mount.path / "encids.sev.stat") as f:  # an emulated file holds none
-            assert f.read().startswith("total ")
-        os.close(held.pop())
-        held.append(os.open(mount.path / "cgroup.procs", os.O_RDONLY))
+        assert holder.stdout.readline().split() == ["64", str(errno.ENFILE)]
+        assert holder.stdout.readline() == "total\n"  # an emulated file holds none
+        with open(mount.path / "cgroup.procs") as f:  # the owner is served
+            f.read()
     finally:
-        for fd in held:
-            os.close(fd)
+        holder.communicate("")
     assert read(mount.path / "cgroup.type") == read(scratch / "cgroup.type")
