@@ -22,6 +22,7 @@ from . import mount_helper
 from . import supervisor
 from .mountinfo import mounted_at
 from .namespace import NamespaceError, exec_with_cgroupfs
+from .procs.procfs import alive, read_stat
 from .runtime import RuntimeDirError
 from .state.store import StateError
 
@@ -400,11 +401,10 @@ def unmount(mountpoint: str | os.PathLike, lazy: bool = False) -> subprocess.Com
 def _supervisor_of(pid: int) -> int | None:
     """The supervisor that runs the daemon `pid`, if one does: the daemon's parent."""
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            parent = int(f.read().rsplit(")", 1)[1].split()[1])
+        parent = read_stat(pid).ppid
         with open(f"/proc/{parent}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    except (OSError, ValueError, IndexError):
+    except OSError:
         return None
     return parent if b"encidfs" in argv and b"--supervise" in argv else None
 
@@ -418,17 +418,15 @@ def mounted_fstype(mountpoint: str | os.PathLike) -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    """Whether the process runs: its zombie, not ours to reap, does not; another user's,
+    which /proc may hide (hidepid), does."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # reaped before or during the read
-        return False
+    return alive(pid)
 
 
 def _wait_until(condition: Callable[[], bool], timeout: float, message: str) -> None:

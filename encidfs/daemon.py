@@ -35,7 +35,8 @@ from .namespace import OVER_XATTR
 from .over.kernfs import OverKernfs
 from .over.membership import KernelMembership
 from .over.tree import KernelTree, kernel_controllers
-from .procs import ProcessTracker, ProcessWatcher
+from .procs.tracker import ProcessTracker
+from .procs.watcher import ProcessWatcher
 
 log = logging.getLogger(__name__)
 

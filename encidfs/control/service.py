@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import collector
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
-from ..procs import ProcessWatcher
+from ..procs.watcher import ProcessWatcher
 from ..state.changes import Changes
 from .protocol import error_reply
 

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from .procfs import thread_state
+from .procfs import state_of
 
 log = logging.getLogger(__name__)
 
@@ -182,7 +182,7 @@ class Freezer:
                 pass  # exiting: its exit is reaped
 
     def _stop_by_signal(self, held: _Held) -> None:
-        state = thread_state(self._proc, held.pid, held.pid)
+        state = state_of(held.pid, held.pid, self._proc)
         if state in ("T", "t") or self._in_vfork(held.pid, held.pid, state):
             return  # stopped by another, or stops as it returns: counted as it is
         os.kill(held.pid, signal.SIGSTOP)
@@ -220,7 +220,7 @@ class Freezer:
         if held.pid in self._exempt:
             return
         if held.signalled:
-            state = thread_state(self._proc, held.pid, held.pid)
+            state = state_of(held.pid, held.pid, self._proc)
             if state is None or state in ("Z", "X"):
                 return  # its exit is on its way
             if state in ("T", "t") or self._in_vfork(held.pid, held.pid, state):
@@ -272,7 +272,7 @@ class Freezer:
     def _in_vfork(self, pid: int, tid: int, state: str | None = None) -> bool:
         """Whether the thread waits in vfork() for its child (uninterruptibly: the kernel
         counts it as frozen)."""
-        if (state or thread_state(self._proc, pid, tid)) != "D":
+        if (state or state_of(pid, tid, self._proc)) != "D":
             return False
         try:
             with open(f"{self._proc}/{pid}/task/{tid}/syscall", "rb") as f:

@@ -37,7 +37,7 @@ import trio
 from ..engine import fail
 from .connector import Connector, Fork, Thread
 from .freezer import Freezer
-from .procfs import stat_fields, thread_state
+from .procfs import alive, read_stat
 from .watcher import ProcessWatcher, each, logged
 
 log = logging.getLogger(__name__)
@@ -204,12 +204,11 @@ class ProcessTracker(ProcessWatcher):
             if pid in self._members:
                 continue
             try:
-                fields = stat_fields(self._proc, pid)
+                stat = read_stat(pid, proc=self._proc)
             except (FileNotFoundError, ProcessLookupError):
                 continue
-            start = int(fields[19])
-            if self._watched.get(pid) != start:
-                found.append((start, int(fields[1]), pid))
+            if self._watched.get(pid) != stat.start_time:
+                found.append((stat.start_time, stat.ppid, pid))
         found.sort()
         return found
 
@@ -237,7 +236,7 @@ class ProcessTracker(ProcessWatcher):
                 self._news = True
 
     def _thread_lives(self, pid: int, tid: int) -> bool:
-        return thread_state(self._proc, pid, tid) not in (None, "Z", "X")
+        return alive(pid, tid, self._proc)
 
     def _adopt(self, parent: int, child: int, start: int | None = None,
                creator: int | None = None) -> None:

@@ -22,7 +22,7 @@ import trio
 
 from ..engine import fail
 from .pidns import PidNamespaces
-from .procfs import stat_fields
+from .procfs import read_stat
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -205,10 +205,10 @@ class ProcessWatcher:
         """When the process started (ticks since boot), as /proc says now: None for no
         process, or one that has exited (a zombie)."""
         try:
-            fields = stat_fields(self._proc, pid)
+            stat = read_stat(pid, proc=self._proc)
         except (FileNotFoundError, ProcessLookupError):
             return None
-        return None if fields[0] in ("Z", "X") else int(fields[19])
+        return None if stat.state in ("Z", "X") else stat.start_time
 
     # -- following a process -------------------------------------------------------------------
 
@@ -285,17 +285,17 @@ class ProcessWatcher:
             if pidfd is not None:
                 on_failure.callback(os.close, pidfd)
             try:
-                fields = stat_fields(self._proc, pid)
+                stat = read_stat(pid, proc=self._proc)
                 tgid = pid if pidfd is not None else self._tgid(pid)
             except (FileNotFoundError, ProcessLookupError):
                 raise fail(errno.ESRCH) from None
-            if int(fields[6]) & PF_NO_SETAFFINITY:
+            if stat.flags & PF_NO_SETAFFINITY:
                 raise fail(errno.EINVAL, "a kernel thread that cannot move")
             on_failure.pop_all()
         if pidfd is not None:
             if self._opened is not None:
                 os.close(self._opened[1])
-            start = None if fields[0] in ("Z", "X") else int(fields[19])
+            start = None if stat.state in ("Z", "X") else stat.start_time
             self._opened = (pid, pidfd, start)
         return tgid
 
