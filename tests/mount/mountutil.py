@@ -91,12 +91,6 @@ class User:
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", group_option]
 
 
-def start_ticks(pid: int) -> int:
-    """When a process started, in clock ticks since boot (/proc/PID/stat's starttime)."""
-    with open(f"/proc/{pid}/stat") as f:
-        return int(f.read().rsplit(")", 1)[1].split()[19])
-
-
 def wait_until(condition: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
     """Poll condition() until it returns something true; fail with `what` at the deadline."""
     deadline = time.monotonic() + timeout

@@ -41,6 +41,7 @@ import pytest
 from mountutil import DEADLINE, keyed, read, wait_until, write
 
 from encidfs.client import Client, ControlError
+from encidfs.procs.procfs import read_stat
 
 SECONDS = float(os.environ.get("ENCIDFS_CHAOS_SECONDS", "60"))
 SEED = os.environ.get("ENCIDFS_CHAOS_SEED") or os.urandom(4).hex()
@@ -247,8 +248,7 @@ class Chaos:
 
     def spawn(self) -> int:
         process = subprocess.Popen(["sleep", "600"])
-        with open(f"/proc/{process.pid}/stat") as f:
-            self.starts[process.pid] = int(f.read().rsplit(")", 1)[1].split()[19])
+        self.starts[process.pid] = read_stat(process.pid).start_time
         self.processes.append(process)
         self.killed.discard(process.pid)  # a PID of a holder killed before: alive again
         home = HOMES[len(self.processes) % 2]
@@ -302,8 +302,8 @@ class Chaos:
                 left = {pid: ids for pid, ids in ids_of(status).items() if pid in self.killed}
                 now = {}
                 for pid in left:
-                    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
-                        now[pid] = f.read()[:200]
+                    with contextlib.suppress(OSError):
+                        now[pid] = read_stat(pid)
                 raise AssertionError(f"killed holders still hold IDs: {left}; started "
                                      f"{[self.starts.get(p) for p in left]}; now {now}; "
                                      f"killed at {[self.killed_at.get(p) for p in left]}; "

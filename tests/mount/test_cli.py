@@ -18,6 +18,7 @@ import pytest
 from mountutil import DEADLINE, FSTYPE, mounted_fstype, read, wait_until, write
 
 from encidfs.client import Client
+from encidfs.procs.procfs import alive
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]
 
@@ -25,15 +26,6 @@ ENCIDFS = [sys.executable, "-m", "encidfs"]
 def encidfs(*args):
     return subprocess.run([*ENCIDFS, *args], capture_output=True, text=True, timeout=DEADLINE,
                           stdin=subprocess.DEVNULL)
-
-
-def gone(pid):
-    """No such process, or only its zombie (the daemon is not our child to reap)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 @pytest.fixture
@@ -48,8 +40,8 @@ def mountpoint(tmp_path):
         except OSError:
             pid = None
         subprocess.run(["umount", str(path)], capture_output=True)
-        if pid is not None and not gone(pid):
-            wait_until(lambda: gone(pid), "the daemon to exit after umount")
+        if pid is not None:  # the daemon is not our child: its zombie counts as gone
+            wait_until(lambda: not alive(pid), "the daemon to exit after umount")
 
 
 # -- options --------------------------------------------------------------------------------
@@ -148,14 +140,14 @@ def test_mount_returns_once_mounted_and_umount_stops_the_daemon(mountpoint):
     assert read(mountpoint / "cgroup.controllers") == "encids misc\n"
     pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
     assert f"(daemon pid {pid}, supervisor pid " in result.stdout
-    assert not gone(pid)
+    assert alive(pid)
     with open(f"/proc/{pid}/cmdline", "rb") as f:
         assert b"encidfs" in f.read()
 
     result = encidfs("umount", str(mountpoint))
     assert result.returncode == 0, result.stderr
     assert mounted_fstype(mountpoint) is None
-    assert gone(pid)
+    assert not alive(pid)
     assert os.listdir(mountpoint) == []
 
 
@@ -220,7 +212,7 @@ def test_mount_8_takes_every_setting_as_an_option_and_umount_8_stops_it(helper, 
     write(mountpoint / "a/encids.sev.max", "2")
     pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
     assert subprocess.run(["umount", str(mountpoint)]).returncode == 0
-    wait_until(lambda: gone(pid), "the daemon to stop after umount")
+    wait_until(lambda: not alive(pid), "the daemon to stop after umount")
     assert integrity(state) == "ok"
     assert subprocess.run(["mount", "-t", "fuse.encidfs", "encidfs", str(mountpoint), "-o",
                            f"capacity=sev:3:tdx:2,controllers=encids,state={state}"],

@@ -13,6 +13,7 @@ import pytest
 from mountutil import DEADLINE, events, nested, pids, read, wait_until, write
 
 from encidfs.client import Client
+from encidfs.procs.procfs import alive
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]
 
@@ -56,15 +57,6 @@ def move(pid, cg):
 
 def populated(cg):
     return events(cg)["populated"]
-
-
-def alive(pid):
-    """Running (a zombie counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def encidfs(*args):

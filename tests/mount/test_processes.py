@@ -19,6 +19,8 @@ import pytest
 from mountutil import (DEADLINE, events, outcome, pids, read, sh, wait_until, write,
                        write_result)
 
+from encidfs.procs.procfs import read_stat, state_of
+
 
 PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206
@@ -195,8 +197,7 @@ def test_a_kernel_thread_that_cannot_move_is_einval(cg):
     pf_no_setaffinity = 0x04000000
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
-            with open(f"/proc/{name}/stat") as f:
-                flags = int(f.read().rsplit(")", 1)[1].split()[6])
+            flags = read_stat(int(name)).flags
         except (FileNotFoundError, ProcessLookupError):
             continue
         if flags & pf_no_setaffinity:
@@ -347,16 +348,9 @@ def test_cgroup_stat_local_counts_the_time_spent_freezing(cg):
     assert [frozen_usec(cg / name) for name in ("", "a", "b")] == totals  # stopped counting
 
 
-def state(pid):
-    """The process's state letter in /proc/PID/stat."""
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0]
-
-
 def cpu_ticks(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
+    stat = read_stat(pid)
+    return stat.utime + stat.stime
 
 
 def spinner(procs):
@@ -407,15 +401,15 @@ def test_a_process_stopped_before_the_freeze_stays_stopped_after_the_thaw(cg, pr
     stopped = procs.sleep()
     move(stopped.pid, cg)
     os.kill(stopped.pid, signal.SIGSTOP)
-    wait_until(lambda: state(stopped.pid) == "T", "the process to stop")
+    wait_until(lambda: state_of(stopped.pid) == "T", "the process to stop")
     assert events(cg)["frozen"] == 0
     write(cg / "cgroup.freeze", "1")
     frozen(cg)
     write(cg / "cgroup.freeze", "0")
     wait_until(lambda: events(cg)["frozen"] == 0, "the cgroup to thaw")
-    wait_until(lambda: state(stopped.pid) == "T", "the process to be stopped as before")
+    wait_until(lambda: state_of(stopped.pid) == "T", "the process to be stopped as before")
     os.kill(stopped.pid, signal.SIGCONT)
-    wait_until(lambda: state(stopped.pid) == "S", "the process to run again")
+    wait_until(lambda: state_of(stopped.pid) == "S", "the process to run again")
 
 
 def test_a_process_another_tracer_holds_counts_as_frozen_and_is_left_to_it(cg, procs):
@@ -434,10 +428,10 @@ def test_a_process_another_tracer_holds_counts_as_frozen_and_is_left_to_it(cg, p
         frozen(cg)
         write(cg / "cgroup.freeze", "0")
         wait_until(lambda: events(cg)["frozen"] == 0, "the cgroup to thaw")
-        assert state(traced.pid) == "t"  # still the debugger's
+        assert state_of(traced.pid) == "t"  # still the debugger's
     finally:
         assert libc.ptrace(PTRACE_DETACH, traced.pid, None, None) == 0
-    wait_until(lambda: state(traced.pid) == "S", "the process to run again")
+    wait_until(lambda: state_of(traced.pid) == "S", "the process to run again")
 
 
 def test_a_parent_waiting_in_vfork_counts_as_frozen_and_stops_as_it_returns(cg, procs,
@@ -450,10 +444,10 @@ def test_a_parent_waiting_in_vfork_counts_as_frozen_and_stops_as_it_returns(cg, 
     move(child, shared_mnt)  # the child is not frozen: it goes on, and ends the vfork()
     write(cg / "cgroup.freeze", "1")
     frozen(cg)
-    assert state(parent.pid) == "D"
+    assert state_of(parent.pid) == "D"
     parent.process.stdin.write("exit\n")  # the child exits; the parent returns from vfork()
     parent.process.stdin.flush()
-    wait_until(lambda: state(parent.pid) == "t", "the parent to stop as it returns")
+    wait_until(lambda: state_of(parent.pid) == "t", "the parent to stop as it returns")
     assert events(cg)["frozen"] == 1
     runs_once_thawed(cg, parent.pid, cpu_ticks(parent.pid))
 

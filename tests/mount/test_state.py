@@ -16,10 +16,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from mountutil import (FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, start_ticks,
-                       wait_until, write)
+from mountutil import (FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, wait_until,
+                       write)
 
 from encidfs.client import Client
+from encidfs.procs.procfs import alive, read_stat
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]
 
@@ -70,13 +71,10 @@ def kill_daemon(mnt: Path) -> None:
     """kill -9 the daemon and its supervisor (which would mount again at once, see
     test_resilience): what is left is the dead mount and the state file."""
     pid = daemon_pid(mnt)
-    with open(f"/proc/{pid}/stat") as f:
-        supervisor = int(f.read().rsplit(")", 1)[1].split()[1])
+    supervisor = read_stat(pid).ppid
     for process in (supervisor, pid):
         os.kill(process, signal.SIGKILL)
-        wait_until(lambda: not os.path.exists(f"/proc/{process}") or
-                   open(f"/proc/{process}/stat").read().split(") ")[1][0] == "Z",
-                   f"process {process} to die")
+        wait_until(lambda: not alive(process), f"process {process} to die")
 
 
 def snapshot(mnt: Path) -> dict[str, object]:
@@ -505,7 +503,7 @@ def test_a_state_file_of_the_first_release_is_upgraded_in_place(stateful, sleeps
     cgroup removed since."""
     mnt, state, mount = stateful
     holder = sleeps()
-    start = start_ticks(holder.pid)
+    start = read_stat(holder.pid).start_time
     with contextlib.closing(sqlite3.connect(state)) as db:
         db.executescript((DATA / "state-v1.sql").read_text())
         with db:  # the fixture's first holder becomes a live process of this test
@@ -541,7 +539,7 @@ def test_a_state_file_of_the_release_before_misc_is_upgraded_with_one_set_of_boo
     removed /d (pid 17903), and a record after it (a/b's sev limit set to 4)."""
     mnt, state, mount = stateful
     holder = sleeps()
-    start = start_ticks(holder.pid)
+    start = read_stat(holder.pid).start_time
     with contextlib.closing(sqlite3.connect(state)) as db:
         db.executescript((DATA / "state-v2.sql").read_text())
         data = json.loads(db.execute("SELECT data FROM snapshot").fetchone()[0])
