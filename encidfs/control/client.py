@@ -20,14 +20,15 @@ DEFAULT_TIMEOUT = 5.0  # seconds a request may take before the client gives up o
 
 
 class ControlError(OSError):
-    """A refused request: errno, message, and for limits the controller and the cgroup whose
-    limit refused."""
+    """A refused request: errno, message, the type it asked for (an allocation's), and for
+    limits the controller and the cgroup whose limit refused."""
 
     def __init__(self, code: int, message: str, cgroup: str | None = None,
-                 controller: str | None = None) -> None:
+                 controller: str | None = None, type: str | None = None) -> None:
         super().__init__(code, message)
         self.cgroup = cgroup
         self.controller = controller
+        self.type = type
 
 
 class Allocation(list):
@@ -107,7 +108,8 @@ class Client:
         if not reply.get("ok"):
             code = getattr(errno, str(reply.get("errno")), errno.EIO)
             raise ControlError(code, str(reply.get("error")), reply.get("cgroup"),
-                               reply.get("controller"))
+                               reply.get("controller"),
+                               str(request["type"]) if "type" in request else None)
         return reply
 
     def allocate(self, type_name: str, count: int = 1, pid: int | None = None) -> Allocation:
