@@ -8,6 +8,8 @@ the tests of software that manages cgroups and encryption IDs, as root or as any
         vm = encidfs.run("sleep", "600", cgroup="/vm")          # holds one sev ID
         with pytest.raises(ControlError):
             encidfs.client().allocate("sev", pid=vm.pid)         # over the limit
+        with pytest.raises(ControlError) as refused:             # .errno, .type, .cgroup
+            encidfs.run("sleep", "600", cgroup="/vm")            # refused: it never starts
 
     @pytest.mark.encidfs(capacity={"sev": 4, "sev_es": 2}, controllers=["misc"], state=True)
     def test_on_a_small_host(encidfs): ...
@@ -27,7 +29,6 @@ from __future__ import annotations
 import collections
 import itertools
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -42,6 +43,24 @@ from .client import Client
 
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount, or to stop
 LOG_LINES = 20  # of the daemon's log, in a failing test's report
+
+# What Mount.run starts: it waits to be told (a byte on descriptor argv[1]) that its IDs are
+# charged to it, then becomes the command, so that the IDs live exactly as long as the command,
+# as with `encidfs run`; the plugin asks for them itself, so that a refusal is the client's
+# ControlError.  Untold (the pipe closed), it exits.
+_EXEC_WHEN_TOLD = """
+import os, sys
+told = int(sys.argv[1])
+go = os.read(told, 1)
+os.close(told)
+if go:
+    try:
+        os.execvp(sys.argv[2], sys.argv[2:])
+    except OSError as error:
+        print(f"encidfs: {sys.argv[2]}: {error.strerror}", file=sys.stderr)
+        sys.exit(127)
+sys.exit(1)
+"""
 
 
 class Mount:
@@ -68,17 +87,30 @@ class Mount:
             **popen: object) -> subprocess.Popen:
         """Start argv as `encidfs run` does: moved into `cgroup` (a path from the mount's root)
         if given, holding `count` IDs of `type` for as long as it runs.  Returns once it holds
-        them."""
-        command = [sys.executable, "-m", "encidfs", "run", "--mount", str(self.path),
-                   "--type", type, "--count", str(count), "--print-ids"]
-        if cgroup is not None:
-            command += ["--cgroup", cgroup]
-        process = subprocess.Popen([*command, "--", *argv], stderr=subprocess.PIPE, text=True,
-                                   **popen)  # type: ignore[call-overload]
-        said = process.stderr.readline()  # the IDs, or why not
-        if not re.fullmatch(r"[0-9 ]+\n", said):
+        them.  A refusal raises the client's ControlError (.errno, .type, and for a limit or
+        the capacity .cgroup and .controller), and argv does not run."""
+        told, tell = os.pipe()
+        try:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _EXEC_WHEN_TOLD, str(told), *argv],
+                pass_fds=(*popen.pop("pass_fds", ()), told),  # type: ignore[misc]
+                **popen)  # type: ignore[call-overload]
+        except BaseException:
+            os.close(tell)
+            raise
+        finally:
+            os.close(told)
+        try:
+            if cgroup is not None:
+                (self.path / cgroup.strip("/") / "cgroup.procs").write_text(str(process.pid))
+            with self.client() as client:
+                client.allocate(type, count, pid=process.pid)
+        except BaseException:
+            os.close(tell)  # untold: it exits without running argv
             process.wait()
-            raise RuntimeError(f"encidfs run {' '.join(argv)}: {said.strip()}")
+            raise
+        os.write(tell, b"x")
+        os.close(tell)
         return process
 
     def exec(self, *argv: str, mounts: bool = False, proc_cgroup: bool = False,

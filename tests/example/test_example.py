@@ -2,6 +2,8 @@
 installed with encidfs (no conftest), and pass as root and as any user with a usable
 /dev/fuse."""
 
+import errno
+
 import pytest
 
 from encidfs.client import ControlError
@@ -20,6 +22,19 @@ def test_a_vm_over_its_cgroups_limit_is_refused(encidfs):
     finally:
         vm.kill()
         vm.wait()
+
+
+def test_a_vm_refused_by_its_cgroups_limit_never_starts(encidfs, tmp_path):
+    (encidfs.path / "cgroup.subtree_control").write_text("+misc")
+    (encidfs.path / "vm").mkdir()
+    (encidfs.path / "vm" / "misc.max").write_text("sev 0")
+    started = tmp_path / "started"
+    with pytest.raises(ControlError) as refused:
+        encidfs.run("touch", str(started), cgroup="/vm")
+    assert (refused.value.errno, refused.value.type, refused.value.cgroup,
+            refused.value.controller) == (errno.EBUSY, "sev", "/vm", "misc")
+    assert not started.exists()
+    assert (encidfs.path / "vm" / "misc.events.local").read_text() == "sev.max 1\nsev_es.max 0\n"
 
 
 def test_a_small_host_keeps_its_books_across_a_restart(encidfs_factory):

@@ -1,12 +1,19 @@
-"""The pytest plugin as a project sees it: run in a pytest of its own, on test files of its own."""
+"""The pytest plugin as a project sees it: run in a pytest of its own, on test files of its own;
+and Mount.run through our own `encidfs` fixture."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from mountutil import DEADLINE, REPO, SITE, User, user_python
+import pytest
+
+from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python, wait_until
+
+from encidfs.client import ControlError
 
 
 def run_pytest(directory: Path, source: str, *argv: str, user: User | None = None
@@ -56,3 +63,56 @@ def test_needs_a_mount(encidfs):
     assert done.returncode == 1, done.stdout + done.stderr
     assert "FUSE is not available to uid" in done.stdout and "0666" in done.stdout
     assert "Traceback" not in done.stdout
+
+
+# -- Mount.run ------------------------------------------------------------------------------------
+
+def test_run_becomes_the_command_in_its_cgroup_holding_the_ids(encidfs):
+    (encidfs.path / "cgroup.subtree_control").write_text("+encids")
+    (encidfs.path / "vm").mkdir()
+    vm = encidfs.run("sleep", "600", count=2, cgroup="/vm")
+    try:
+        assert read(encidfs.path / "vm" / "encids.sev.current") == "2\n"
+        assert pids(encidfs.path / "vm") == [vm.pid]
+        wait_until(lambda: os.readlink(f"/proc/{vm.pid}/exe").endswith("/sleep"), "the exec")
+    finally:
+        vm.kill()
+        vm.wait()
+    wait_until(lambda: read(encidfs.path / "vm" / "encids.sev.current") == "0\n",
+               "the killed command's IDs to be freed")
+
+
+@pytest.mark.encidfs(capacity={"sev": 1, "sev_es": 1}, controllers=["encids"])
+def test_a_run_over_the_capacity_raises_the_roots_refusal(encidfs, tmp_path):
+    holder = encidfs.run("sleep", "600")
+    started = tmp_path / "started"
+    try:
+        with pytest.raises(ControlError) as refused:
+            encidfs.run("touch", str(started))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (refused.value.errno, refused.value.type, refused.value.cgroup,
+            refused.value.controller) == (errno.EBUSY, "sev", "/", "encids")
+    assert not started.exists()
+
+
+def test_a_run_of_an_unknown_type_raises_einval_naming_it(encidfs):
+    with pytest.raises(ControlError) as refused:
+        encidfs.run("true", type="tdx")
+    assert (refused.value.errno, refused.value.type, refused.value.cgroup) == (
+        errno.EINVAL, "tdx", None)
+    assert keyed(read(encidfs.path / "encids.sev.stat"))["used"] == 0
+
+
+def test_a_run_into_no_such_cgroup_raises_and_charges_nothing(encidfs):
+    with pytest.raises(FileNotFoundError):
+        encidfs.run("true", cgroup="/missing")
+    assert keyed(read(encidfs.path / "encids.sev.stat"))["used"] == 0
+
+
+def test_a_command_run_cannot_exec_exits_127_with_one_line(encidfs):
+    missing = encidfs.run("encidfs-no-such-command", stderr=subprocess.PIPE, text=True)
+    assert missing.wait(timeout=DEADLINE) == 127
+    assert missing.stderr.read() == ("encidfs: encidfs-no-such-command: No such file or "
+                                     "directory\n")
