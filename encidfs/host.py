@@ -1,9 +1,11 @@
 """How many encryption IDs this host has, as its kernel would count them.
 
-In order: the host kernel's own misc.capacity (KVM registers its ASIDs there); else, where
-kvm_amd has SEV enabled, CPUID Fn8000_001F read through /dev/cpu/0/cpuid and split as
-sev_hardware_setup() (arch/x86/kvm/svm/sev.c) splits it; else nothing, and the caller uses
-its defaults.  ENCIDFS_HOST_ROOT puts a fake host's /sys and /dev under a directory (tests).
+In order: the host kernel's own misc.capacity (KVM registers its SEV ASIDs and TDX KeyIDs
+there); else, where kvm_amd has SEV enabled, CPUID Fn8000_001F read through /dev/cpu/0/cpuid
+and split as sev_hardware_setup() (arch/x86/kvm/svm/sev.c) splits it; else nothing, and the
+caller uses its defaults.  TDX has no such second source: KVM's count of KeyIDs reaches user
+space only in misc.capacity.  ENCIDFS_HOST_ROOT puts a fake host's /sys and /dev under a
+directory (tests).
 """
 
 from __future__ import annotations
@@ -17,7 +19,11 @@ from .mountinfo import cgroup2_mounts
 CPUID_SEV_LEAF = 0x8000001F  # AMD: encrypted memory capabilities
 CPUID_SEV = 1 << 1  # EAX bit 1: SEV
 CPUID_SEV_ES = 1 << 3  # EAX bit 3: SEV-ES
-TYPES = ("sev", "sev_es")
+# The encryption-ID types of the misc controller, in the order of the kernel's enum
+# misc_res_type, which misc.capacity lists them in.
+TYPES = ("sev", "sev_es", "tdx")
+# KVM splits one ASID space between these two: a host with either has both, one maybe empty.
+SEV_TYPES = ("sev", "sev_es")
 
 
 def kernel_release() -> tuple[int, int]:
@@ -61,11 +67,8 @@ def detect(host: Host) -> Detected | None:
     for root in host.cgroup_roots:
         capacities = _misc_capacity(os.path.join(root, "misc.capacity"))
         if capacities is not None:
-            # misc.capacity has the counts; CPUID, if it is there, where the SEV IDs start.
-            first = ranges[1] if ranges else None
-            if first is None or first["sev_es"] + capacities["sev_es"] > first["sev"]:
-                first = {"sev_es": 1, "sev": capacities["sev_es"] + 1}
-            return Detected(capacities, first, f"{root}/misc.capacity")
+            return Detected(capacities, _first_ids(capacities, ranges),
+                            f"{root}/misc.capacity")
     if ranges is not None:
         capacities, first = ranges
         return Detected(capacities, first, f"CPUID Fn8000_001F ({host.cpuid}), kvm_amd sev "
@@ -73,9 +76,24 @@ def detect(host: Host) -> Detected | None:
     return None
 
 
+def _first_ids(capacities: dict[str, int],
+               ranges: tuple[dict[str, int], dict[str, int]] | None) -> dict[str, int]:
+    """Where each type's IDs start, misc.capacity having the counts: SEV's where CPUID says
+    (if that agrees with the counts), SEV-ES's at 1; TDX's after them, as IDs are unique
+    across types (user space cannot see which KeyIDs KVM gives TDs)."""
+    first: dict[str, int] = {}
+    if "sev" in capacities:
+        first = dict(ranges[1]) if ranges else {}
+        if not first or first["sev_es"] + capacities["sev_es"] > first["sev"]:
+            first = {"sev_es": 1, "sev": capacities["sev_es"] + 1}
+    if "tdx" in capacities:
+        first["tdx"] = max((first[t] + capacities[t] for t in first), default=1)
+    return first
+
+
 def _misc_capacity(path: str) -> dict[str, int] | None:
-    """sev and sev_es from a misc.capacity file, if it lists either (a type without IDs is
-    not listed)."""
+    """The encryption-ID types a misc.capacity file lists, if any (the kernel lists a type only
+    where it has IDs), in the kernel's order."""
     try:
         with open(path) as f:
             lines = f.read().splitlines()
@@ -84,11 +102,13 @@ def _misc_capacity(path: str) -> dict[str, int] | None:
     found = {}
     for line in lines:
         name, _, value = line.partition(" ")
-        if name in TYPES and value.isdigit():
+        if name in TYPES and value.isdigit() and int(value):
             found[name] = int(value)
     if not found:
         return None
-    return {name: found.get(name, 0) for name in TYPES}
+    if found.keys() & set(SEV_TYPES):
+        found = {name: 0 for name in SEV_TYPES} | found
+    return {name: found[name] for name in TYPES if name in found}
 
 
 def _enabled(host: Host, parameter: str) -> bool:

@@ -67,6 +67,28 @@ def test_a_misc_capacity_without_encryption_ids_is_no_answer(fake):
     assert detect(fake.host) is None
 
 
+def test_a_tdx_host_has_tdx_alone(fake):
+    """KVM (kvm_intel tdx=Y) registers its TDX KeyIDs, less the TDX module's own, as `tdx`."""
+    fake.misc_capacity("tdx 31\n")
+    assert detect(fake.host) == Detected({"tdx": 31}, {"tdx": 1},
+                                         f"{fake.root}/sys/fs/cgroup/misc.capacity")
+
+
+def test_every_type_is_taken_in_the_kernels_order_with_ids_unique_across_them(fake):
+    fake.misc_capacity("tdx 7\nres_a 3\nsev_es 4\nsev 11\n")
+    detected = detect(fake.host)
+    assert list(detected.capacities.items()) == [("sev", 11), ("sev_es", 4), ("tdx", 7)]
+    assert detected.first_ids == {"sev_es": 1, "sev": 5, "tdx": 16}
+
+
+def test_a_type_listed_without_ids_is_left_out(fake):
+    """The kernel lists only types with IDs; one listed as 0 counts as not listed."""
+    fake.misc_capacity("sev 9\ntdx 0\n")
+    assert detect(fake.host).capacities == {"sev": 9, "sev_es": 0}
+    fake.misc_capacity("tdx 0\n")
+    assert detect(fake.host) is None
+
+
 def test_cpuid_split_as_kvm_does(fake):
     """sev_hardware_setup(): SEV guests use ASIDs EDX..ECX, SEV-ES guests 1..EDX-1."""
     fake.kvm_amd(sev="Y", sev_es="Y")
