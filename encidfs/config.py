@@ -43,6 +43,8 @@ class Config:
     metrics: tuple[str, int] | None = None  # where /metrics is served (ADDRESS, PORT)
     # Where the capacities came from, for the log and status (None: not given; the host's).
     capacity_source: str | None = None
+    # What the host has that the capacities found leave out, for the log and status.
+    capacity_notes: list[str] = field(default_factory=list)
     # A directory of a cgroup v2 hierarchy whose tree the mount shows, the encryption-ID
     # controllers added (None: the standalone tree).
     over: str | None = None
@@ -138,7 +140,8 @@ def _check_over(path: object) -> str:
 
 
 def _use_host(config: Config) -> None:
-    detected = host.detect(host.Host.this_one())
+    this_host = host.Host.this_one()
+    detected = host.detect(this_host)
     if detected is None:
         config.capacities, config.first_ids = dict(DEFAULT_CAPACITIES), None
         config.capacity_source = ("defaults: neither the host's misc.capacity nor its CPUID "
@@ -146,6 +149,8 @@ def _use_host(config: Config) -> None:
     else:
         config.capacities, config.first_ids = detected.capacities, detected.first_ids
         config.capacity_source = detected.source
+    unseen = host.tdx_unseen(this_host, config.capacities)
+    config.capacity_notes = [unseen] if unseen else []
 
 
 def _check_controllers(names: object) -> list[str]:

@@ -125,7 +125,9 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(kernfs, CACHE_TIMEOUT, bus)
     bus.consumers.append(operations.consume)  # kernfs: invalidation and poll
-    limitations = list(tracker.limitations)
+    for note in config.capacity_notes:
+        log.warning("%s", note)
+    limitations = [*config.capacity_notes, *tracker.limitations]
     notifier = ModifyNotifier(kernfs, mountpoint) if ModifyNotifier.available() else None
     if notifier:
         bus.consumers.append(notifier.consume)  # inotify: IN_MODIFY

@@ -49,6 +49,7 @@ class Host:
     cgroup_roots: tuple[str, ...]  # roots of cgroup2 hierarchies
     kvm_amd: str  # kvm_amd's module parameters
     cpuid: str  # the cpuid device of one CPU (they agree on this leaf)
+    kvm_intel: str  # kvm_intel's module parameters
 
     @classmethod
     def this_one(cls) -> Host:
@@ -56,9 +57,10 @@ class Host:
         if root:
             return cls((os.path.join(root, "sys/fs/cgroup"),),
                        os.path.join(root, "sys/module/kvm_amd/parameters"),
-                       os.path.join(root, "dev/cpu/0/cpuid"))
+                       os.path.join(root, "dev/cpu/0/cpuid"),
+                       os.path.join(root, "sys/module/kvm_intel/parameters"))
         return cls(tuple(cgroup2_mounts()), "/sys/module/kvm_amd/parameters",
-                   "/dev/cpu/0/cpuid")
+                   "/dev/cpu/0/cpuid", "/sys/module/kvm_intel/parameters")
 
 
 def detect(host: Host) -> Detected | None:
@@ -74,6 +76,16 @@ def detect(host: Host) -> Detected | None:
         return Detected(capacities, first, f"CPUID Fn8000_001F ({host.cpuid}), kvm_amd sev "
                                            f"enabled")
     return None
+
+
+def tdx_unseen(host: Host, capacities: dict[str, int]) -> str | None:
+    """A note for the log and status where kvm_intel has TDX enabled but the capacities have
+    no tdx IDs: its count is in the host kernel's misc.capacity alone, which is out of sight
+    (a cgroup namespace's root has none) or without the misc controller."""
+    if capacities.get("tdx") or not _enabled(host.kvm_intel, "tdx"):
+        return None
+    return (f"kvm_intel has TDX enabled ({host.kvm_intel}/tdx) but no misc.capacity this "
+            "daemon can read lists tdx IDs: the mount has no tdx (give --capacity tdx=N)")
 
 
 def _first_ids(capacities: dict[str, int],
@@ -111,9 +123,10 @@ def _misc_capacity(path: str) -> dict[str, int] | None:
     return {name: found[name] for name in TYPES if name in found}
 
 
-def _enabled(host: Host, parameter: str) -> bool:
+def _enabled(parameters: str, parameter: str) -> bool:
+    """A KVM module's boolean parameter, read from its directory in /sys/module."""
     try:
-        with open(os.path.join(host.kvm_amd, parameter)) as f:
+        with open(os.path.join(parameters, parameter)) as f:
             return f.read().strip() in ("Y", "y", "1")
     except OSError:
         return False
@@ -122,7 +135,7 @@ def _enabled(host: Host, parameter: str) -> bool:
 def _cpuid_ranges(host: Host) -> tuple[dict[str, int], dict[str, int]] | None:
     """(capacities, first IDs) as sev_hardware_setup() computes them: SEV guests use ASIDs
     EDX..ECX, SEV-ES guests 1..EDX-1; only where kvm_amd has SEV enabled."""
-    if not _enabled(host, "sev"):
+    if not _enabled(host.kvm_amd, "sev"):
         return None
     try:
         fd = os.open(host.cpuid, os.O_RDONLY)
@@ -139,6 +152,6 @@ def _cpuid_ranges(host: Host) -> tuple[dict[str, int], dict[str, int]] | None:
     eax, _, max_sev_asid, min_sev_asid = struct.unpack("<4I", data)
     if not eax & CPUID_SEV or not max_sev_asid or not 1 <= min_sev_asid <= max_sev_asid:
         return None
-    sev_es = min_sev_asid - 1 if eax & CPUID_SEV_ES and _enabled(host, "sev_es") else 0
+    sev_es = min_sev_asid - 1 if eax & CPUID_SEV_ES and _enabled(host.kvm_amd, "sev_es") else 0
     return ({"sev": max_sev_asid - min_sev_asid + 1, "sev_es": sev_es},
             {"sev": min_sev_asid, "sev_es": 1})

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from encidfs import config
-from encidfs.host import CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect
+from encidfs.host import (CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect,
+                          tdx_unseen)
 
 
 class FakeHost:
@@ -17,7 +18,8 @@ class FakeHost:
         self.root = root
         self.host = Host((str(root / "sys/fs/cgroup"),),
                          str(root / "sys/module/kvm_amd/parameters"),
-                         str(root / "dev/cpu/0/cpuid"))
+                         str(root / "dev/cpu/0/cpuid"),
+                         str(root / "sys/module/kvm_intel/parameters"))
 
     def misc_capacity(self, text: str) -> None:
         path = self.root / "sys/fs/cgroup/misc.capacity"
@@ -25,7 +27,13 @@ class FakeHost:
         path.write_text(text)
 
     def kvm_amd(self, **parameters: str) -> None:
-        directory = self.root / "sys/module/kvm_amd/parameters"
+        self._parameters("kvm_amd", parameters)
+
+    def kvm_intel(self, **parameters: str) -> None:
+        self._parameters("kvm_intel", parameters)
+
+    def _parameters(self, module: str, parameters: dict[str, str]) -> None:
+        directory = self.root / "sys/module" / module / "parameters"
         directory.mkdir(parents=True, exist_ok=True)
         for name, value in parameters.items():
             (directory / name).write_text(value + "\n")
@@ -70,8 +78,11 @@ def test_a_misc_capacity_without_encryption_ids_is_no_answer(fake):
 def test_a_tdx_host_has_tdx_alone(fake):
     """KVM (kvm_intel tdx=Y) registers its TDX KeyIDs, less the TDX module's own, as `tdx`."""
     fake.misc_capacity("tdx 31\n")
-    assert detect(fake.host) == Detected({"tdx": 31}, {"tdx": 1},
-                                         f"{fake.root}/sys/fs/cgroup/misc.capacity")
+    fake.kvm_intel(tdx="Y")
+    detected = detect(fake.host)
+    assert detected == Detected({"tdx": 31}, {"tdx": 1},
+                                f"{fake.root}/sys/fs/cgroup/misc.capacity")
+    assert tdx_unseen(fake.host, detected.capacities) is None
 
 
 def test_every_type_is_taken_in_the_kernels_order_with_ids_unique_across_them(fake):
@@ -87,6 +98,32 @@ def test_a_type_listed_without_ids_is_left_out(fake):
     assert detect(fake.host).capacities == {"sev": 9, "sev_es": 0}
     fake.misc_capacity("tdx 0\n")
     assert detect(fake.host) is None
+
+
+@pytest.mark.parametrize("case, misc_capacity", [
+    ("no misc.capacity in sight", None),
+    ("misc.capacity without tdx", "res_a 10\n"),
+    ("misc.capacity with tdx 0", "tdx 0\n"),
+])
+def test_tdx_enabled_in_kvm_intel_but_not_in_misc_capacity_is_said(fake, monkeypatch, case,
+                                                                    misc_capacity):
+    fake.kvm_intel(tdx="Y")
+    if misc_capacity is not None:
+        fake.misc_capacity(misc_capacity)
+    found = load(monkeypatch, fake.root)
+    assert "tdx" not in found.capacities, case
+    assert found.capacity_notes == [
+        f"kvm_intel has TDX enabled ({fake.root}/sys/module/kvm_intel/parameters/tdx) but no "
+        "misc.capacity this daemon can read lists tdx IDs: the mount has no tdx (give "
+        "--capacity tdx=N)"], case
+
+
+def test_no_note_without_tdx_in_kvm_intel_or_with_tdx_given(fake, monkeypatch):
+    assert load(monkeypatch, fake.root).capacity_notes == []
+    fake.kvm_intel(tdx="N")
+    assert load(monkeypatch, fake.root).capacity_notes == []
+    fake.kvm_intel(tdx="Y")
+    assert load(monkeypatch, fake.root, "tdx=31").capacity_notes == []  # not detected
 
 
 def test_cpuid_split_as_kvm_does(fake):
