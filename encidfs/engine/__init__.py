@@ -10,13 +10,14 @@ from .allocator import Allocation, Allocator
 from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
 from .encids import EncidsController
 from .errors import ChargeRefused, fail
+from .kernel import KernelInterface
 from .misc import MiscController
 from .resource import U64_MAX, Charge, ResourceController, Types
 
 __all__ = [
     "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
-    "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "Membership", "MiscController",
-    "ResourceController", "Types", "fail", "new_engine",
+    "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "KernelInterface", "Membership",
+    "MiscController", "ResourceController", "Types", "fail", "new_engine",
 ]
 
 
@@ -29,10 +30,12 @@ class Engine:
 
 def new_engine(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
                controllers: tuple[type[ResourceController], ...] = (EncidsController,),
-               max_cgroups: int = INT_MAX, budget: Budget | None = None) -> Engine:
+               max_cgroups: int = INT_MAX, budget: Budget | None = None,
+               kernel: KernelInterface = KernelInterface()) -> Engine:
     """A hierarchy with these controllers (in this order) for the given resource types, and the
-    allocator that charges them; `budget` shares the cgroups out to their creators."""
+    allocator that charges them; `budget` shares the cgroups out to their creators; `kernel`
+    is the kernel whose interface misc shows."""
     types = Types(capacities, first_ids)
-    hierarchy = Hierarchy([controller(types) for controller in controllers], max_cgroups,
-                          budget=budget)
+    hierarchy = Hierarchy([controller(types, kernel) for controller in controllers],
+                          max_cgroups, budget=budget)
     return Engine(hierarchy, types, Allocator(hierarchy, types))

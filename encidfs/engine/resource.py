@@ -19,6 +19,7 @@ import errno
 from .cgroup import Cgroup, Commit, css_put, no_journal
 from .css import Controller, Css
 from .errors import ChargeRefused, fail
+from .kernel import KernelInterface
 
 U64_MAX = 2**64 - 1  # a limit of "max"
 
@@ -82,8 +83,9 @@ class Charge:
 
 
 class ResourceController(Controller):
-    def __init__(self, types: Types) -> None:
+    def __init__(self, types: Types, kernel: KernelInterface = KernelInterface()) -> None:
         self.types = types
+        self.kernel = kernel  # whose interface the controller shows, if it has the kernel's
 
     def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> ResourceCss:
         return ResourceCss(self.ssid, cgroup, parent, len(self.types.names))

@@ -1,5 +1,5 @@
 """The misc controller's rules (kernel/cgroup/misc.c) beside encids, and the allocator that
-charges both, all or nothing."""
+charges both, all or nothing; and the rules of older kernels' misc."""
 
 import errno
 from collections import Counter
@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 
 from encidfs.engine import ChargeRefused, EncidsController, MiscController, new_engine
+from encidfs.engine.kernel import KernelInterface
 
 ENCIDS, MISC = 1, 2  # subtree_control masks
 SEV = 0
@@ -145,3 +146,55 @@ def test_a_type_without_capacity_is_einval_in_the_allocator(engine, tree):
         engine.allocator.allocate(7, "tdx", 1)
     assert refused.value.errno == errno.EINVAL
     assert misc(engine, b).events_local == [0, 0, 0]
+
+
+# Where a refused charge counts, misc's (events, events_local) of the refusing cgroup, on each
+# side of the kernels that changed it: nowhere before misc.events (5.16), events.local from 6.11.
+@pytest.mark.parametrize("version, counted", [
+    ((5, 13), (0, 0)), ((5, 15), (0, 0)), ((5, 16), (1, 0)), ((6, 10), (1, 0)),
+    ((6, 11), (1, 1)), ((6, 16), (1, 1)),
+])
+def test_an_older_kernel_counts_a_refusal_where_it_had_files(version, counted):
+    engine = new_engine({"sev": 10}, controllers=(EncidsController, MiscController),
+                        kernel=KernelInterface(version))
+    h = engine.hierarchy
+    h.write_subtree_control(h.root, ENCIDS | MISC, 0)
+    a = h.mkdir(h.root, "a")
+    h.attach(7, a)
+    h.controller("misc").set_max(a, SEV, 0)
+    h.drain_changes()
+    with pytest.raises(ChargeRefused) as refused:
+        engine.allocator.allocate(7, "sev", 1)
+    assert (refused.value.controller, refused.value.path) == ("misc", "/a")
+    assert (misc(engine, a).events[SEV], misc(engine, a).events_local[SEV]) == counted
+    notified = {key for key, _ in h.drain_changes()}
+    assert notified == {name for name, n in zip(("misc.events", "misc.events.local"), counted)
+                        if n}
+
+
+@pytest.mark.parametrize("version", [(5, 13), (6, 1), (6, 15)])
+def test_a_kernel_before_tdx_refuses_a_tdx_charge_as_an_unknown_type(version):
+    engine = new_engine({"sev": 10, "tdx": 4}, controllers=(EncidsController, MiscController),
+                        kernel=KernelInterface(version))
+    h = engine.hierarchy
+    h.write_subtree_control(h.root, ENCIDS | MISC, 0)
+    a = h.mkdir(h.root, "a")
+    h.attach(7, a)
+    with pytest.raises(OSError) as refused:
+        engine.allocator.allocate(7, "tdx", 1)
+    assert refused.value.errno == errno.EINVAL
+    assert "before Linux 6.16" in refused.value.strerror
+    assert engine.allocator.holdings() == {}
+    assert encids(engine, a).usage == misc(engine, a).usage == [0, 0]
+    assert engine.allocator.allocate(7, "sev", 1) == [1]  # the types it has work as ever
+
+
+def test_from_6_16_misc_has_tdx():
+    engine = new_engine({"sev": 10, "tdx": 4}, controllers=(EncidsController, MiscController),
+                        kernel=KernelInterface((6, 16)))
+    h = engine.hierarchy
+    h.write_subtree_control(h.root, ENCIDS | MISC, 0)
+    a = h.mkdir(h.root, "a")
+    h.attach(7, a)
+    assert engine.allocator.allocate(7, "tdx", 2) == [11, 12]
+    assert misc(engine, a).usage == [0, 2]
