@@ -1,6 +1,7 @@
 """The misc controller's files, as kernel/cgroup/misc.c renders and parses them: flat-keyed,
 a line a resource type.  A type is listed if it has a capacity (or, for usage, watermark and
-events, a value other than 0)."""
+events, a value other than 0).  Which files there are, and where, is the chosen kernel's
+(engine/kernel.py)."""
 
 from __future__ import annotations
 
@@ -24,36 +25,43 @@ def parse_max(text: bytes, type_names: list[str]) -> tuple[str, int]:
 
 
 def misc_files(controller: MiscController, changes: Changes) -> list[CfType]:
-    types = controller.types
+    """The rows of controller.kernel's misc_cg_files[], showing the types it names."""
+    types, kernel = controller.types, controller.kernel
+    known = [t for t in range(len(types.names)) if t not in controller.unknown]
+    names = [types.names[t] for t in known]
 
     def flat(values: list[int], suffix: str = "") -> str:
-        return "".join(f"{name}{suffix} {value}\n"
-                       for name, capacity, value in zip(types.names, types.capacity, values)
-                       if capacity or value)
+        return "".join(f"{types.names[t]}{suffix} {values[t]}\n" for t in known
+                       if types.capacity[t] or values[t])
 
     def show_capacity(cg: Cgroup) -> str:
         return flat(types.capacity)
 
     def show_max(cg: Cgroup) -> str:
         maxes = controller.css_of(cg).max
-        return "".join(f"{name} {'max' if value == U64_MAX else value}\n"
-                       for name, capacity, value in zip(types.names, types.capacity, maxes)
-                       if capacity)
+        return "".join(f"{types.names[t]} {'max' if maxes[t] == U64_MAX else maxes[t]}\n"
+                       for t in known if types.capacity[t])
 
     def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        name, value = parse_max(text, types.names)
+        name, value = parse_max(text, names)
         changes.run("set_max", cg.id, controller.name, name, value)
 
     not_on_root = Placement.NOT_ON_ROOT
-    return [
+    current_on = Placement.EVERYWHERE if kernel.misc_current_on_root else not_on_root
+    rows = [
         CfType("misc.capacity", show_capacity, None, Placement.ONLY_ON_ROOT, controller),
-        CfType("misc.current", lambda cg: flat(controller.css_of(cg).usage), None,
-               controller=controller),
-        CfType("misc.peak", lambda cg: flat(controller.css_of(cg).peak), None,
-               controller=controller),
-        CfType("misc.max", show_max, write_max, not_on_root, controller),
-        CfType("misc.events", lambda cg: flat(controller.css_of(cg).events, ".max"), None,
-               not_on_root, controller, notify=EVENTS_FILE),
-        CfType("misc.events.local", lambda cg: flat(controller.css_of(cg).events_local, ".max"),
-               None, not_on_root, controller, notify=EVENTS_LOCAL_FILE),
+        CfType("misc.current", lambda cg: flat(controller.css_of(cg).usage), None, current_on,
+               controller),
     ]
+    if kernel.misc_peak:  # no write handler: misc.peak is not reset, unlike memory.peak
+        rows.append(CfType("misc.peak", lambda cg: flat(controller.css_of(cg).peak), None,
+                           controller=controller))
+    rows.append(CfType("misc.max", show_max, write_max, not_on_root, controller))
+    if kernel.misc_events:
+        rows.append(CfType("misc.events", lambda cg: flat(controller.css_of(cg).events, ".max"),
+                           None, not_on_root, controller, notify=EVENTS_FILE))
+    if kernel.misc_events_local:
+        rows.append(CfType("misc.events.local",
+                           lambda cg: flat(controller.css_of(cg).events_local, ".max"), None,
+                           not_on_root, controller, notify=EVENTS_LOCAL_FILE))
+    return rows
