@@ -400,9 +400,15 @@ class Kernfs:
             mode, uid, gid = entry["dir"]
             self._dir_attrs[cg.id] = NodeAttr(mode, uid, gid, now, now)
             self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, *entry["files"], now, now)
+            # What the snapshot's mount had on a file this one lacks (another kernel's misc,
+            # other controllers) goes with the file, as when a controller is disabled.
             for name, (mode, uid, gid) in entry["attrs"].items():
-                self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid, now, now)
+                if self._has(cg, name):
+                    self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid,
+                                                                             now, now)
             for name, xattrs in entry["xattrs"].items():
+                if not self._has(cg, name):
+                    continue
                 inode = self._named(cg, name).inode
                 setters = entry.get("xattr_setters", {}).get(name, {})
                 self._xattrs[inode] = {_bytes(k): _bytes(v) for k, v in xattrs.items()}
@@ -414,13 +420,18 @@ class Kernfs:
         cgid, slot = divmod(inode, STRIDE)
         return cgid, "" if slot == ROOT_INODE else self.cftypes[slot - FILE_BASE].name
 
+    def _has(self, cg: Cgroup, file: str) -> bool:
+        """Whether cg has the node ("" for the directory)."""
+        row = self._row_by_name.get(file)
+        return file == "" or row is not None and self.cftypes[row].present_in(cg)
+
     def _named(self, cg: Cgroup, file: str) -> Node:
         """A node by cgroup and file name ("" for the directory); ENOENT if not present."""
+        if not self._has(cg, file):
+            raise fail(errno.ENOENT)
         if file == "":
             return Node(self.dir_inode(cg), cg, None)
-        row = self._row_by_name.get(file)
-        if row is None or not self.cftypes[row].present_in(cg):
-            raise fail(errno.ENOENT)
+        row = self._row_by_name[file]
         return Node(self.file_inode(cg, row), cg, self.cftypes[row])
 
     @staticmethod

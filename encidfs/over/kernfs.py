@@ -305,10 +305,13 @@ class OverKernfs(Kernfs):
                 if int(cgid) in self.hierarchy.by_id}
         for cgid_text, entry in kept.items():
             cg = self.hierarchy.by_id[int(cgid_text)]
+            # A file this mount lacks (another kernel's misc) takes what it had with it.
             for name, (mode, uid, gid) in entry["attrs"].items():
-                inode = self._named(cg, name).inode
-                self._file_attrs[inode] = NodeAttr(mode, uid, gid, 0, 0)
+                if self._has(cg, name):
+                    self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid, 0, 0)
             for name, xattrs in entry["xattrs"].items():
+                if not self._has(cg, name):
+                    continue
                 values = {k.encode("latin-1"): v.encode("latin-1") for k, v in xattrs.items()}
                 self._xattrs[self._named(cg, name).inode] = values
                 self._xattr_bytes += sum(len(k) + len(v) for k, v in values.items())

@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -329,6 +330,23 @@ def test_a_limit_goes_with_its_controller(stateful, then):
         kill_daemon(mnt)
         assert mount().returncode == 0
     assert read(mnt / "a/encids.sev.max") == "max\n"
+
+
+def test_the_files_a_mount_lacks_take_their_attributes_with_them(stateful):
+    """A state file of a mount with other controllers: the nodes it has keep theirs."""
+    mnt, state, mount = stateful
+    assert mount().returncode == 0
+    write(mnt / "cgroup.subtree_control", "+encids +misc")  # a's controller files: new nodes
+    (mnt / "a").mkdir()
+    os.chmod(mnt / "a/misc.max", 0o600)
+    os.chmod(mnt / "a/encids.sev.max", 0o600)
+    os.setxattr(mnt / "a/misc.current", "user.note", b"x")
+    assert encidfs("umount", str(mnt)).returncode == 0
+    result = mount("--controllers", "encids")
+    assert result.returncode == 0, result.stderr
+    assert read(mnt / "cgroup.subtree_control") == "encids\n"
+    assert stat.S_IMODE(os.stat(mnt / "a/encids.sev.max").st_mode) == 0o600
+    assert not (mnt / "a/misc.max").exists()
 
 
 def test_any_name_the_kernel_takes_is_kept(stateful):
