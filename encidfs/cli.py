@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--control-group", metavar="GROUP",
                        help="the control socket's group (with --control-mode 0660, its members "
                             "may allocate for processes placed in their cgroups)")
+    mount.add_argument("--kernel-interface", metavar="VERSION",
+                       help="the misc files and rules of Linux VERSION (5.13 or later, e.g. "
+                            "5.14, 6.1; default: the newest)")
     mount.add_argument("-o", dest="options", action="append", default=[], metavar="OPTS",
                        help="FUSE mount options, comma-separated (e.g. allow_other)")
     mount.add_argument("--foreground", "-f", action="store_true",
@@ -143,7 +146,8 @@ def _mount(args: argparse.Namespace) -> int:
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
                                 options, args.control, args.state, args.max_cgroups,
                                 args.control_mode, args.control_group, args.controllers,
-                                args.over, args.user_share)
+                                args.over, args.user_share,
+                                kernel_interface=args.kernel_interface)
     config.proc_connector = args.tracking == "auto"
     if args.metrics:
         config.metrics = _metrics_address(args.metrics)
@@ -341,6 +345,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--user-share", str(args.user_share)]
     if args.metrics:
         argv += ["--metrics", args.metrics]
+    if args.kernel_interface:
+        argv += ["--kernel-interface", args.kernel_interface]
     argv += ["--tracking", args.tracking]
     for option in args.options:
         argv += ["-o", option]

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 from . import host
 from .controllers import CONTROLLERS
+from .engine import kernel
 from .mountinfo import cgroup2_mount_of
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
@@ -48,6 +49,8 @@ class Config:
     # A directory of a cgroup v2 hierarchy whose tree the mount shows, the encryption-ID
     # controllers added (None: the standalone tree).
     over: str | None = None
+    # The kernel whose misc files and rules the mount shows (engine/kernel.py).
+    kernel_interface: kernel.KernelInterface = kernel.KernelInterface()
 
     def layout(self) -> dict:
         """What IDs there are: a state file is only good for the layout it was made with."""
@@ -90,7 +93,7 @@ def load(path: str | None, capacities: list[str], asids: int | None,
          state: str | None = None, max_cgroups: int | None = None,
          control_mode: str | None = None, control_group: str | None = None,
          controllers: str | None = None, over: str | None = None,
-         user_share: int | None = None) -> Config:
+         user_share: int | None = None, kernel_interface: str | None = None) -> Config:
     """The file first, then the command line over it; without capacities from either (or
     with `--capacity auto`), the host's."""
     config = Config()
@@ -122,6 +125,8 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.over = over
     if user_share is not None:
         config.user_share = _check_user_share(user_share)
+    if kernel_interface is not None:
+        config.kernel_interface = _parse_kernel_interface(kernel_interface)
     if config.over is not None:
         config.over = _check_over(config.over)
     return config
@@ -181,6 +186,17 @@ def _parse_group(name: object) -> int:
         raise ConfigError(f"control group {name!r}: no such group") from None
 
 
+def _parse_kernel_interface(text: object) -> kernel.KernelInterface:
+    # A TOML number would lose the version's zeros: 6.10 reads as 6.1.
+    if not isinstance(text, str):
+        raise ConfigError(f"kernel_interface must be a version in a string, such as \"6.1\", "
+                          f"got {text!r}")
+    try:
+        return kernel.parse(text)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _check_max_cgroups(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
         raise ConfigError(f"max_cgroups must be a whole number from 0 to 2^31-1, got {value!r}")
@@ -203,7 +219,7 @@ def _load_file(config: Config, path: str) -> None:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
                            "state", "max_cgroups", "control_mode", "control_group",
-                           "controllers", "over", "user_share"}
+                           "controllers", "over", "user_share", "kernel_interface"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -244,3 +260,5 @@ def _load_file(config: Config, path: str) -> None:
         config.over = data["over"]
     if "user_share" in data:
         config.user_share = _check_user_share(data["user_share"])
+    if "kernel_interface" in data:
+        config.kernel_interface = _parse_kernel_interface(data["kernel_interface"])

@@ -69,7 +69,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     share = config.user_share / 100
     engine = new_engine(config.capacities, config.first_ids,
                         tuple(controller for controller, _ in offered), config.max_cgroups,
-                        Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share))
+                        Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share),
+                        config.kernel_interface)
     hierarchy = engine.hierarchy
     changes = Changes(engine)
     bus = ChangeBus(hierarchy)
@@ -170,9 +171,9 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             log.info("process tracking: %s; control socket %s; %d descriptors",
                      tracker.mode, control, fd_limit)
             await nursery.start(_stop_on_signal)
-            log.info("mounted on %s with %s (from %s); controllers %s", mountpoint,
-                     config.capacities, config.capacity_source,
-                     " ".join(config.controllers))
+            log.info("mounted on %s with %s (from %s); controllers %s; misc of Linux %s",
+                     mountpoint, config.capacities, config.capacity_source,
+                     " ".join(config.controllers), config.kernel_interface)
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
             capacities = " ".join(f"{name} {n}" for name, n in config.capacities.items())

@@ -22,6 +22,7 @@ def test_every_setting_has_an_o_spelling():
     assert to_cli(["x", "/m", "-o", "capacity=auto"])[3:] == ["--capacity", "auto"]
     assert to_cli(["x", "/m", "-o", "debug,metrics=127.0.0.1:9100"])[3:] == [
         "--debug", "--metrics", "127.0.0.1:9100"]
+    assert to_cli(["x", "/m", "-o", "kernel_interface=6.1"])[3:] == ["--kernel-interface", "6.1"]
 
 
 def test_generic_options_are_accepted_and_the_rest_go_to_fuse():
@@ -38,6 +39,7 @@ def test_a_fake_mount_does_nothing():
 @pytest.mark.parametrize("argv", [
     ["encidfs"], ["encidfs", "/m", "/n"], ["encidfs", "/m", "-x"],
     ["encidfs", "/m", "-o", "capacity=sev:1:sev_es"], ["encidfs", "/m", "-o", "state"],
+    ["encidfs", "/m", "-o", "kernel_interface"],
 ])
 def test_what_cannot_be_taken_is_one_error(argv):
     with pytest.raises(HelperError):
