@@ -14,6 +14,10 @@ the tests of software that manages cgroups and encryption IDs, as root or as any
     @pytest.mark.encidfs(capacity={"sev": 4, "sev_es": 2}, controllers=["misc"], state=True)
     def test_on_a_small_host(encidfs): ...
 
+    @pytest.mark.parametrize("kernel", ["5.14", "6.1", None])     # RHEL 9, Debian 12, newest
+    def test_on_the_kernels_of_our_users(encidfs_factory, kernel):
+        mount = encidfs_factory(kernel_interface=kernel)         # misc's files of that kernel
+
     def test_across_a_restart(encidfs_factory):
         mount = encidfs_factory(state=True)
         mount.restart()                                          # the state is kept
@@ -228,12 +232,14 @@ class _Pool:
 
 def _options(capacity: dict[str, int] | None = None, controllers: list[str] | None = None,
              state: bool | str | os.PathLike = False, options: tuple[str, ...] = (),
-             base: Path | None = None) -> tuple[str, ...]:
+             base: Path | None = None, kernel_interface: str | None = None) -> tuple[str, ...]:
     """The daemon's command line for the fixture's keywords."""
     argv = [arg for name, count in (capacity or {}).items()
             for arg in ("--capacity", f"{name}={count}")]
     if controllers is not None:
         argv += ["--controllers", ",".join(controllers)]
+    if kernel_interface is not None:
+        argv += ["--kernel-interface", kernel_interface]
     if state:
         assert base is not None
         argv += ["--state", str(base / "state.db") if state is True else os.fspath(state)]
@@ -251,8 +257,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
-        "markers", "encidfs(capacity=None, controllers=None, state=False, options=()): the "
-        "mount the `encidfs` fixture makes for this test")
+        "markers", "encidfs(capacity=None, controllers=None, state=False, options=(), "
+        "kernel_interface=None): the mount the `encidfs` fixture makes for this test "
+        "(kernel_interface: the misc files of that kernel, e.g. \"6.1\")")
 
 
 @pytest.fixture(scope="session")
@@ -269,8 +276,9 @@ def _encidfs_pool(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest
 @pytest.fixture
 def encidfs_factory(_encidfs_pool: _Pool, tmp_path: Path, request: pytest.FixtureRequest
                     ) -> Iterator[object]:
-    """encidfs_factory(capacity=..., controllers=[...], state=False, options=(...)) mounts a
-    fresh encidfs and returns its `Mount`; every one is unmounted after the test."""
+    """encidfs_factory(capacity=..., controllers=[...], state=False, options=(...),
+    kernel_interface=None) mounts a fresh encidfs and returns its `Mount`; every one is
+    unmounted after the test."""
     problem = fuse_problem()
     if problem:
         pytest.fail(problem, pytrace=False)
@@ -279,12 +287,15 @@ def encidfs_factory(_encidfs_pool: _Pool, tmp_path: Path, request: pytest.Fixtur
 
     def factory(capacity: dict[str, int] | None = None, controllers: list[str] | None = None,
                 state: bool | str | os.PathLike = False, options: tuple[str, ...] = (),
-                nofile: tuple[int, int] | None = None) -> Mount:
-        """`nofile`: the daemon's (soft, hard) limit on descriptors, if not the inherited."""
+                nofile: tuple[int, int] | None = None,
+                kernel_interface: str | None = None) -> Mount:
+        """`nofile`: the daemon's (soft, hard) limit on descriptors, if not the inherited;
+        `kernel_interface`: the kernel whose misc files the mount shows (None: the newest)."""
         state_dir = tmp_path / f"encidfs-state{next(counter)}"
         if state is True:
             state_dir.mkdir()
-        argv = _options(capacity, controllers, state, tuple(options), state_dir)
+        argv = _options(capacity, controllers, state, tuple(options), state_dir,
+                        kernel_interface)
         fresh = argv or nofile is not None
         mount = _encidfs_pool.new(argv, nofile) if fresh else _encidfs_pool.take()
         mounts.append(mount)
@@ -303,7 +314,8 @@ def encidfs_factory(_encidfs_pool: _Pool, tmp_path: Path, request: pytest.Fixtur
 @pytest.fixture
 def encidfs(encidfs_factory: object, request: pytest.FixtureRequest) -> Mount:
     """A fresh encidfs mount in a temporary directory, as `@pytest.mark.encidfs(...)` says
-    (by default: sev with 509 IDs, sev_es with 99, both controllers, no state file)."""
+    (by default: sev with 509 IDs, sev_es with 99, both controllers, no state file, the
+    newest kernel's misc files)."""
     marker = request.node.get_closest_marker("encidfs")
     return encidfs_factory(**(marker.kwargs if marker else {}))  # type: ignore[operator]
 

@@ -52,6 +52,15 @@ def test_the_marker_configures_the_mount(encidfs):
     assert (encidfs.path / "cgroup.controllers").read_text() == "encids\n"
 
 
+@pytest.mark.encidfs(kernel_interface="5.15")  # Ubuntu 22.04's: no misc.events or misc.peak
+def test_the_marker_chooses_the_kernel_whose_misc_files_the_mount_has(encidfs):
+    (encidfs.path / "cgroup.subtree_control").write_text("+misc")
+    (encidfs.path / "vm").mkdir()
+    assert sorted(p.name for p in encidfs.path.glob("misc.*")) == ["misc.capacity"]
+    assert sorted(p.name for p in (encidfs.path / "vm").glob("misc.*")) == [
+        "misc.current", "misc.max"]
+
+
 def test_software_that_insists_on_sys_fs_cgroup(encidfs):
     done = encidfs.exec("sh", "-c", "cat /sys/fs/cgroup/cgroup.controllers && "
                         "mkdir /sys/fs/cgroup/pod && echo +misc > /sys/fs/cgroup/cgroup.subtree_control",
