@@ -9,7 +9,7 @@ from ..budget import Budget
 from .allocator import Allocation, Allocator
 from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
 from .encids import EncidsController
-from .errors import ChargeRefused, fail
+from .errors import ChargeRefused, RangeFull, Refused, fail
 from .kernel import KernelInterface
 from .misc import MiscController
 from .resource import U64_MAX, Charge, ResourceController, Types
@@ -17,7 +17,8 @@ from .resource import U64_MAX, Charge, ResourceController, Types
 __all__ = [
     "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
     "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "KernelInterface", "Membership",
-    "MiscController", "ResourceController", "Types", "fail", "new_engine",
+    "MiscController", "RangeFull", "Refused", "ResourceController", "Types", "fail",
+    "new_engine",
 ]
 
 
@@ -31,11 +32,13 @@ class Engine:
 def new_engine(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
                controllers: tuple[type[ResourceController], ...] = (EncidsController,),
                max_cgroups: int = INT_MAX, budget: Budget | None = None,
-               kernel: KernelInterface = KernelInterface()) -> Engine:
+               kernel: KernelInterface = KernelInterface(),
+               snp_asids: int | None = 0) -> Engine:
     """A hierarchy with these controllers (in this order) for the given resource types, and the
     allocator that charges them; `budget` shares the cgroups out to their creators; `kernel`
-    is the kernel whose interface misc shows."""
+    is the kernel whose interface misc shows; `snp_asids`, the SNP guests' own IDs (see
+    Allocator)."""
     types = Types(capacities, first_ids)
     hierarchy = Hierarchy([controller(types, kernel) for controller in controllers],
                           max_cgroups, budget=budget)
-    return Engine(hierarchy, types, Allocator(hierarchy, types))
+    return Engine(hierarchy, types, Allocator(hierarchy, types, snp_asids))

@@ -9,7 +9,12 @@ def fail(code: int, detail: str = "") -> OSError:
     return OSError(code, message)
 
 
-class ChargeRefused(OSError):
+class Refused(OSError):
+    """EBUSY that leaves something behind (an event counted, a watermark raised): journalled
+    as a fact, and refused again when replayed."""
+
+
+class ChargeRefused(Refused):
     """A charge went over a limit or the capacity: `controller` refused it at `path`."""
 
     def __init__(self, controller: str, resource: str, path: str) -> None:
@@ -17,3 +22,13 @@ class ChargeRefused(OSError):
         self.controller = controller
         self.resource = resource
         self.path = path
+
+
+class RangeFull(Refused):
+    """The charge passed, but the guest's range has no free ID: sev_asid_new() gives the charge
+    back and answers EBUSY, and no controller counts an event."""
+
+    def __init__(self, guest: str, ids: range) -> None:
+        super().__init__(errno.EBUSY, f"all {len(ids)} IDs of {guest} guests "
+                                      f"({ids.start} - {ids.stop - 1}) are in use")
+        self.guest = guest

@@ -27,6 +27,10 @@ class IdSpace:
         assert taken[-1] in self.ids
         return taken
 
+    def available(self) -> int:
+        """How many IDs are free."""
+        return self.ids.stop - self._next + len(self._freed)
+
     def claim(self, id_: int) -> None:
         """Mark one particular free ID as taken (restoring what a holder had)."""
         if id_ >= self._next:

@@ -149,6 +149,13 @@ class ResourceController(Controller):
         css.refs += 1  # the charge pins its css until uncharged
         return Charge(css, t, amount)
 
+    def raise_peak(self, css: ResourceCss, t: int, amount: int) -> None:
+        """What a charge given back at once leaves: the watermarks of css and its ancestors."""
+        level: ResourceCss | None = css
+        while level is not None:
+            level.peak[t] = max(level.peak[t], level.usage[t] + amount)
+            level = level.parent  # type: ignore[assignment]
+
     def try_charge(self, cg: Cgroup, type_name: str, amount: int,
                    commit: Commit = no_journal) -> Charge:
         """misc_cg_try_charge() against cg's effective css."""

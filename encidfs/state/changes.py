@@ -17,7 +17,7 @@ from typing import Protocol
 
 import outcome
 
-from ..engine import ChargeRefused, Engine, ResourceController
+from ..engine import Engine, Refused, ResourceController
 from ..engine.cgroup import Cgroup, Commit, no_journal
 from ..files.kernfs import Kernfs
 
@@ -59,8 +59,8 @@ class Changes:
         commit = no_journal if journal is None else (lambda: journal.append(record))
         try:
             return getattr(self, op)(*args, commit=commit)
-        except ChargeRefused:
-            self._stage(record)  # it counted an event: replayed, it refuses and counts again
+        except Refused:
+            self._stage(record)  # it left a trace: replayed, it refuses and leaves it again
             raise
 
     def run_all(self, records: list[Record]) -> list[outcome.Outcome]:
@@ -87,7 +87,7 @@ class Changes:
                 if record[0] not in self.NAMES:
                     raise ValueError(f"unknown change {record[0]!r}")
                 getattr(self, record[0])(*record[1:])
-            except ChargeRefused:
+            except Refused:
                 pass  # refused then too
             except (OSError, LookupError, TypeError, ValueError) as error:
                 failed += 1
