@@ -189,11 +189,13 @@ class Changes:
         self._started(pid, start)
 
     def allocate(self, holder: int, start: int, type_name: str, count: int,
-                 cgroup: int | None = None, commit: Commit = no_journal) -> list[int]:
+                 cgroup: int | None = None, guest: str | None = None,
+                 commit: Commit = no_journal) -> list[int]:
         """Charged to `cgroup`, the holder's when it asked (a journal of an older release
-        has none: the holder's cgroup as replayed)."""
+        has none: the holder's cgroup as replayed), for `guest`, whose range the IDs come
+        from (an older release's has none: the type's own guest)."""
         origin = None if cgroup is None else self._cgroup(cgroup)
-        ids = self.allocator.allocate(holder, type_name, count, commit, origin)
+        ids = self.allocator.allocate(holder, type_name, count, commit, origin, guest)
         self._started(holder, start)
         return ids
 

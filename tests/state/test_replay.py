@@ -1,0 +1,47 @@
+"""Allocations replayed from the journal without a mount: a record names its guest, so that
+the replay takes the IDs from the same range; an older record without one is for its type's
+own guest."""
+
+import pytest
+
+from encidfs.engine import MiscController, RangeFull, new_engine
+from encidfs.state.changes import Changes
+
+SEV_ES = 1
+HOLDER, START = 7, 100
+
+
+def changes_with(snp_asids):
+    engine = new_engine({"sev": 4, "sev_es": 6}, {"sev": 7, "sev_es": 1},
+                        (MiscController,), snp_asids=snp_asids)
+    return Changes(engine)
+
+
+def test_a_replay_takes_each_guests_ids_from_its_range():
+    live = changes_with(snp_asids=2)
+    root = live.hierarchy.root.id
+    records = [("allocate", HOLDER, START, "sev_es", 2, root, "snp"),
+               ("allocate", HOLDER, START, "sev_es", 1, root, "sev_es"),
+               ("allocate", HOLDER, START, "sev_es", 1, root, "snp")]  # SNP's range is full
+    outcomes = live.run_all(records)
+    assert [outcome.unwrap() for outcome in outcomes[:2]] == [[1, 2], [3]]
+    with pytest.raises(RangeFull):
+        outcomes[2].unwrap()
+    replayed = changes_with(snp_asids=2)
+    assert replayed.replay(records) == 0  # the refusal is refused again, not a failure
+    for changes in (live, replayed):
+        allocator = changes.allocator
+        assert allocator.holdings() == {HOLDER: {1, 2, 3}}
+        assert [allocator.allocation_of(i).guest.name for i in (1, 2, 3)] == [
+            "snp", "snp", "sev_es"]
+        root_css = changes.hierarchy.root.css[0]
+        assert (root_css.usage[SEV_ES], root_css.peak[SEV_ES]) == (3, 4)  # the refusal's peak
+
+
+def test_an_older_record_without_a_guest_is_for_the_types_own():
+    changes = changes_with(snp_asids=2)
+    root = changes.hierarchy.root.id
+    assert changes.replay([("allocate", HOLDER, START, "sev_es", 1, root),
+                           ("allocate", HOLDER, START, "sev", 1)]) == 0
+    assert changes.allocator.allocation_of(3).guest.name == "sev_es"
+    assert changes.allocator.allocation_of(7).guest.name == "sev"
