@@ -11,6 +11,9 @@ import time
 from .control.client import DEFAULT_TIMEOUT, Client, ControlError, figures
 
 DEFAULT_MOUNT = os.environ.get("ENCIDFS_MOUNT", "/run/encidfs")
+GUEST_HELP = "the guests the IDs are for (default: T's own; snp takes sev_es IDs)"
+# sev_hardware_setup()'s names for the guests, in its log lines.
+KVM_NAMES = {"sev": "SEV", "sev_es": "SEV-ES", "snp": "SEV-SNP"}
 
 
 def add_parsers(commands: argparse._SubParsersAction) -> None:
@@ -28,6 +31,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--cgroup", metavar="PATH", help="move into this cgroup first (e.g. /a/b)")
     run.add_argument("--type", required=True, metavar="T")
     run.add_argument("--count", type=int, default=1, metavar="N")
+    run.add_argument("--guest", metavar="G", help=GUEST_HELP)
     run.add_argument("--print-ids", action="store_true", help="print the IDs to stderr")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     run.set_defaults(handler=_run)
@@ -36,6 +40,7 @@ def add_parsers(commands: argparse._SubParsersAction) -> None:
     connection_options(alloc)
     alloc.add_argument("--type", required=True, metavar="T")
     alloc.add_argument("--count", type=int, default=1, metavar="N")
+    alloc.add_argument("--guest", metavar="G", help=GUEST_HELP)
     alloc.add_argument("--pid", type=int, required=True)
     alloc.set_defaults(handler=_alloc)
 
@@ -100,7 +105,7 @@ def _run(args: argparse.Namespace) -> int:
             procs = os.path.join(mount, args.cgroup.strip("/"), "cgroup.procs")
             with open(procs, "w") as f:
                 f.write(str(os.getpid()))
-        ids = client.allocate(args.type, args.count)
+        ids = client.allocate(args.type, args.count, guest=args.guest)
     if args.print_ids:
         print(" ".join(map(str, ids)), file=sys.stderr, flush=True)
     # The same process goes on as the command, so the IDs live exactly as long as it does.
@@ -113,7 +118,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _alloc(args: argparse.Namespace) -> int:
     with _connect(args) as client:
-        for id_ in client.allocate(args.type, args.count, pid=args.pid):
+        for id_ in client.allocate(args.type, args.count, pid=args.pid, guest=args.guest):
             print(id_)
     return 0
 
@@ -146,6 +151,9 @@ def _status(args: argparse.Namespace) -> int:
     if "capacities" in status:
         capacities = "  ".join(f"{name} {n}" for name, n in status["capacities"].items())
         print(f"capacities: {capacities}   from {status['capacity_source']}")
+    for guest in status.get("guests", []):  # as KVM logs them
+        print(f"{KVM_NAMES[guest['guest']]} {guest['state']} (ASIDs {guest['first']} - "
+              f"{guest['last']})")
     print(f"controllers: {' '.join(status.get('controllers', []))}")
     tree = []  # printed at once: 20,000 cgroups are 40,000 lines
     plain: dict[str, str] = {}  # a controller's line for a new cgroup's figures, as most are
@@ -168,7 +176,9 @@ def _status(args: argparse.Namespace) -> int:
         print("holders:")
     for holder in status["holders"]:
         ids = " ".join(map(str, holder["ids"]))
-        print(f"  pid {holder['pid']:<8} {holder['type']:<8} {holder['cgroup']:<24} {ids}")
+        guest = holder.get("guest", holder["type"])  # a daemon of an older release has none
+        kind = holder["type"] if guest == holder["type"] else f"{holder['type']} ({guest})"
+        print(f"  pid {holder['pid']:<8} {kind:<8} {holder['cgroup']:<24} {ids}")
     return 0
 
 

@@ -35,10 +35,11 @@ class Allocation(list):
     """The IDs of one allocation; as a context manager, frees them on exit."""
 
     def __init__(self, client: Client, type_name: str, ids: list[int], holder: int,
-                 cgroup: str) -> None:
+                 cgroup: str, guest: str) -> None:
         super().__init__(ids)
         self.client = client
         self.type = type_name
+        self.guest = guest
         self.holder = holder
         self.cgroup = cgroup
 
@@ -112,13 +113,18 @@ class Client:
                                str(request["type"]) if "type" in request else None)
         return reply
 
-    def allocate(self, type_name: str, count: int = 1, pid: int | None = None) -> Allocation:
-        """Allocate IDs charged to the cgroup of `pid` (this process by default), held by it."""
+    def allocate(self, type_name: str, count: int = 1, pid: int | None = None,
+                 guest: str | None = None) -> Allocation:
+        """Allocate IDs charged to the cgroup of `pid` (this process by default), held by it,
+        for `guest`s (by default the type's own; "snp" is of type sev_es), from their range."""
         request: dict = {"op": "allocate", "type": type_name, "count": count}
         if pid is not None:
             request["pid"] = pid
+        if guest is not None:
+            request["guest"] = guest
         reply = self.request(**request)
-        return Allocation(self, type_name, reply["ids"], reply["holder"], reply["cgroup"])
+        return Allocation(self, type_name, reply["ids"], reply["holder"], reply["cgroup"],
+                          reply.get("guest", type_name))  # an older daemon's names none
 
     def free(self, ids: list[int], pid: int | None = None) -> None:
         """Free IDs held by `pid` (this process by default): who may signal it may, and the

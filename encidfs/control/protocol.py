@@ -2,7 +2,8 @@
 
 Requests (`?`: may be left out, a PID is named in the client's PID namespace):
 
-- {"op": "allocate", "type": T, "count": N?, "pid": P?}: N IDs (1) for process P (the client)
+- {"op": "allocate", "type": T, "count": N?, "pid": P?, "guest": G?}: N IDs (1) for process P
+  (the client), for guests G (T's own by default; snp is of type sev_es)
 - {"op": "free", "ids": [...], "pid": P?}: IDs that process P (the client) holds
 - {"op": "status", "sparse": true?}: the tree and the holders; sparse, without what a new
   cgroup has

@@ -184,8 +184,10 @@ class ControlService:
         type_name = request.get("type")
         count = request.get("count", 1)
         pid = request.get("pid", peer.pid)
-        if not isinstance(type_name, str) or not _whole(count) or not _whole(pid) or pid <= 0:
-            raise fail(errno.EINVAL, "allocate takes a type, a count >= 1 and a PID")
+        guest_name = request.get("guest")
+        if not isinstance(type_name, str) or not _whole(count) or not _whole(pid) or pid <= 0 \
+                or not isinstance(guest_name, (str, type(None))):
+            raise fail(errno.EINVAL, "allocate takes a type, a count >= 1, a PID and a guest")
         if "pid" in request:  # named in the client's PID namespace
             pid = self.tracker.pid_from(peer.pid, pid)
         holder = self.tracker.thread_group(pid)
@@ -201,11 +203,12 @@ class ControlService:
                                     "owner charges the root, others' processes are placed first")
         if count < 1:  # the allocator's own checks, before the request is journalled
             raise fail(errno.EINVAL, "count must be at least 1")
-        self.types.usable(type_name)
+        guest = self.allocator.guest(type_name, guest_name).name
         (named,) = self.tracker.pids_for(peer.pid, [holder])
-        return _Change(("allocate", holder, start, type_name, count, cg.id), (holder, start),
-                       lambda ids: {"type": type_name, "ids": ids, "holder": named,
-                                    "cgroup": cg.path})
+        return _Change(("allocate", holder, start, type_name, count, cg.id, guest),
+                       (holder, start),
+                       lambda ids: {"type": type_name, "guest": guest, "ids": ids,
+                                    "holder": named, "cgroup": cg.path})
 
     def _free(self, request: dict, peer: Peer) -> _Change:
         """Free IDs of one holder, for a client that may act for it (as for allocating)."""
@@ -265,17 +268,19 @@ class ControlService:
                 assert allocation is not None
                 charged = tuple((controller.name, charge.cgroup.path) for controller, charge
                                 in zip(self.allocator.controllers, allocation.charges))
-                key = (pid, types.names[allocation.type], allocation.origin.path, charged)
+                key = (pid, types.names[allocation.type], allocation.guest.name,
+                       allocation.origin.path, charged)
                 holders.setdefault(key, []).append(id_)
         return {"mountpoint": self.mountpoint, "tracking": self.tracker.mode,
                 "limitations": self.limitations, "restarts": self.restarts,
                 "capacities": dict(zip(types.names, types.capacity)),
                 "capacity_source": self.capacity_source,
+                "guests": self.allocator.kvm_log(),
                 "controllers": [c.name for c in self.allocator.controllers],
                 "cgroups": sorted(cgroups, key=lambda c: c["path"]),
-                "holders": [{"pid": pid, "type": t, "cgroup": origin, "charged": dict(charged),
-                             "ids": ids}
-                            for (pid, t, origin, charged), ids in holders.items()]}
+                "holders": [{"pid": pid, "type": t, "guest": guest, "cgroup": origin,
+                             "charged": dict(charged), "ids": ids}
+                            for (pid, t, guest, origin, charged), ids in holders.items()]}
 
     def _seen_by(self, peer: Peer, reply: dict) -> dict:
         """A status as the client's PID namespace sees it: its PIDs, 0 for those outside."""
