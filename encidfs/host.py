@@ -88,6 +88,20 @@ def tdx_unseen(host: Host, capacities: dict[str, int]) -> str | None:
             "daemon can read lists tdx IDs: the mount has no tdx (give --capacity tdx=N)")
 
 
+def snp_asids(host: Host) -> int | None:
+    """The ASIDs kvm_amd gives SEV-SNP guests alone, as sev_hardware_setup() leaves its 0444
+    parameters: None where it runs no SNP guests (sev_snp N, rewritten so where the host
+    cannot, or absent: before Linux 6.11), else ciphertext_hiding_asids (Linux 6.18,
+    rewritten to the number in effect; absent or 0: SNP and SEV-ES guests share their ASIDs)."""
+    if not _enabled(host.kvm_amd, "sev_snp"):
+        return None
+    try:
+        with open(os.path.join(host.kvm_amd, "ciphertext_hiding_asids")) as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 0
+
+
 def _first_ids(capacities: dict[str, int],
                ranges: tuple[dict[str, int], dict[str, int]] | None) -> dict[str, int]:
     """Where each type's IDs start, misc.capacity having the counts: SEV's where CPUID says

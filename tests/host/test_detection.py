@@ -10,7 +10,7 @@ import pytest
 
 from encidfs import config
 from encidfs.host import (CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect,
-                          tdx_unseen)
+                          snp_asids, tdx_unseen)
 
 
 class FakeHost:
@@ -194,3 +194,17 @@ def test_without_an_answer_the_defaults_say_so(fake, monkeypatch):
     found = load(monkeypatch, fake.root)
     assert found.capacities == config.DEFAULT_CAPACITIES and found.first_ids is None
     assert found.capacity_source.startswith("defaults: ")
+
+
+# -- SEV-SNP: kvm_amd's sev_snp and ciphertext_hiding_asids, as sev_hardware_setup() leaves them
+
+@pytest.mark.parametrize("parameters, expected", [
+    ({"sev_snp": "Y", "ciphertext_hiding_asids": "16"}, 16),  # Linux 6.18, ciphertext hiding
+    ({"sev_snp": "Y", "ciphertext_hiding_asids": "0"}, 0),  # without: SNP shares SEV-ES's
+    ({"sev_snp": "Y"}, 0),  # before 6.18
+    ({"sev_snp": "N", "ciphertext_hiding_asids": "16"}, None),  # the host runs no SNP guests
+    ({}, None),  # before 6.11: KVM ran no SNP guests
+])
+def test_snp_asids_from_kvm_amd(fake, parameters, expected):
+    fake.kvm_amd(sev="Y", sev_es="Y", **parameters)
+    assert snp_asids(fake.host) == expected
