@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     mount.add_argument("--asids", type=int, metavar="N", help="ASIDs on this host (as KVM)")
     mount.add_argument("--min-sev-asid", type=int, metavar="M",
                        help="lowest SEV ASID; the ones below it are SEV-ES ASIDs")
+    mount.add_argument("--snp-asids", type=int, metavar="N",
+                       help="SEV-SNP guests take the N lowest SEV-ES IDs, SEV-ES guests the "
+                            "rest (kvm_amd's ciphertext_hiding_asids; 0: they share them)")
     mount.add_argument("--config", metavar="FILE.toml")
     mount.add_argument("--state", metavar="FILE",
                        help="keep the state in this file (and FILE.log beside it) and restore "
@@ -147,7 +150,8 @@ def _mount(args: argparse.Namespace) -> int:
                                 options, args.control, args.state, args.max_cgroups,
                                 args.control_mode, args.control_group, args.controllers,
                                 args.over, args.user_share,
-                                kernel_interface=args.kernel_interface)
+                                kernel_interface=args.kernel_interface,
+                                snp_asids=args.snp_asids)
     config.proc_connector = args.tracking == "auto"
     if args.metrics:
         config.metrics = _metrics_address(args.metrics)
@@ -325,6 +329,8 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--asids", str(args.asids)]
     if args.min_sev_asid is not None:
         argv += ["--min-sev-asid", str(args.min_sev_asid)]
+    if args.snp_asids is not None:
+        argv += ["--snp-asids", str(args.snp_asids)]
     if args.config:
         argv += ["--config", args.config]
     if args.control:

@@ -51,10 +51,20 @@ class Config:
     over: str | None = None
     # The kernel whose misc files and rules the mount shows (engine/kernel.py).
     kernel_interface: kernel.KernelInterface = kernel.KernelInterface()
+    # How many of sev_es's IDs SEV-SNP guests have to themselves, as kvm_amd's
+    # ciphertext_hiding_asids gives them (0: they share them with SEV-ES guests; None: no SNP
+    # guests), and where that came from (None: not given; the host's, or 0).
+    snp_asids: int | None = 0
+    snp_source: str | None = None
 
     def layout(self) -> dict:
-        """What IDs there are: a state file is only good for the layout it was made with."""
-        return {"capacities": self.capacities, "first_ids": self.first_ids}
+        """What IDs there are: a state file is only good for the layout it was made with.  The
+        SNP guests' own IDs are part of it where they have any (without, it is the layout
+        of a release that had no SNP guests, and IDs held by one are SEV-ES's)."""
+        layout = {"capacities": self.capacities, "first_ids": self.first_ids}
+        if self.snp_asids:
+            layout["snp_asids"] = self.snp_asids
+        return layout
 
     def use_asids(self, asids: int, min_sev_asid: int) -> None:
         """KVM's split: SEV uses ASIDs min_sev_asid..asids, SEV-ES the ones below min_sev_asid."""
@@ -93,7 +103,8 @@ def load(path: str | None, capacities: list[str], asids: int | None,
          state: str | None = None, max_cgroups: int | None = None,
          control_mode: str | None = None, control_group: str | None = None,
          controllers: str | None = None, over: str | None = None,
-         user_share: int | None = None, kernel_interface: str | None = None) -> Config:
+         user_share: int | None = None, kernel_interface: str | None = None,
+         snp_asids: int | None = None) -> Config:
     """The file first, then the command line over it; without capacities from either (or
     with `--capacity auto`), the host's."""
     config = Config()
@@ -108,8 +119,12 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.capacities = dict(parse_capacity(text) for text in capacities)
         config.first_ids = None
         config.capacity_source = "--capacity"
+    if snp_asids is not None:
+        config.snp_asids, config.snp_source = _check_snp_asids(snp_asids), "--snp-asids"
     if config.capacity_source is None or capacities == ["auto"]:
         _use_host(config)
+    if config.snp_asids:  # capped at all of SEV-ES's, as kvm_amd caps it
+        config.snp_asids = min(config.snp_asids, config.capacities.get("sev_es", 0))
     config.fuse_options += fuse_options
     config.control = control or config.control
     config.state = os.path.abspath(state) if state else config.state
@@ -154,6 +169,8 @@ def _use_host(config: Config) -> None:
     else:
         config.capacities, config.first_ids = detected.capacities, detected.first_ids
         config.capacity_source = detected.source
+        if config.snp_source is None:
+            config.snp_asids = host.snp_asids(this_host)
     unseen = host.tdx_unseen(this_host, config.capacities)
     config.capacity_notes = [unseen] if unseen else []
 
@@ -197,6 +214,12 @@ def _parse_kernel_interface(text: object) -> kernel.KernelInterface:
         raise ConfigError(str(error)) from None
 
 
+def _check_snp_asids(value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+        raise ConfigError(f"snp_asids must be a whole number from 0 to 2^32-1, got {value!r}")
+    return value
+
+
 def _check_max_cgroups(value: object) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**31:
         raise ConfigError(f"max_cgroups must be a whole number from 0 to 2^31-1, got {value!r}")
@@ -219,7 +242,8 @@ def _load_file(config: Config, path: str) -> None:
         raise ConfigError(f"{path} is not valid TOML: {error}") from None
     unknown = set(data) - {"capacity", "asids", "min_sev_asid", "fuse_options", "control",
                            "state", "max_cgroups", "control_mode", "control_group",
-                           "controllers", "over", "user_share", "kernel_interface"}
+                           "controllers", "over", "user_share", "kernel_interface",
+                           "snp_asids"}
     if unknown:
         raise ConfigError(f"{path}: unknown keys {sorted(unknown)}")
     if "capacity" in data:
@@ -262,3 +286,5 @@ def _load_file(config: Config, path: str) -> None:
         config.user_share = _check_user_share(data["user_share"])
     if "kernel_interface" in data:
         config.kernel_interface = _parse_kernel_interface(data["kernel_interface"])
+    if "snp_asids" in data:
+        config.snp_asids, config.snp_source = _check_snp_asids(data["snp_asids"]), path

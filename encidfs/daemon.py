@@ -70,7 +70,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     engine = new_engine(config.capacities, config.first_ids,
                         tuple(controller for controller, _ in offered), config.max_cgroups,
                         Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share),
-                        config.kernel_interface)
+                        config.kernel_interface, config.snp_asids)
     hierarchy = engine.hierarchy
     changes = Changes(engine)
     bus = ChangeBus(hierarchy)

@@ -15,7 +15,7 @@ SETTINGS = {
     "max_cgroups": "--max-cgroups", "control": "--control", "control_mode": "--control-mode",
     "control_group": "--control-group", "asids": "--asids", "min_sev_asid": "--min-sev-asid",
     "metrics": "--metrics", "over": "--over", "user_share": "--user-share",
-    "kernel_interface": "--kernel-interface",
+    "kernel_interface": "--kernel-interface", "snp_asids": "--snp-asids",
 }
 # What mount(8), fstab and systemd add for themselves.
 GENERIC = {"defaults", "rw", "auto", "noauto", "nofail", "_netdev", "user", "nouser", "users",

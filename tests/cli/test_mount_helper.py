@@ -17,8 +17,8 @@ def test_every_setting_has_an_o_spelling():
         "--state", "/var/lib/encidfs/state.db", "--controllers", "encids,misc",
         "--tracking", "scan", "--max-cgroups", "10", "--control", "/run/c.sock",
         "--control-mode", "0660", "--control-group", "kvm", "--config", "/etc/encidfs.toml"]
-    assert to_cli(["x", "/m", "-oasids=509,min_sev_asid=100"]) == [
-        "mount", "/m", "--quiet", "--asids", "509", "--min-sev-asid", "100"]
+    assert to_cli(["x", "/m", "-oasids=509,min_sev_asid=100,snp_asids=16"]) == [
+        "mount", "/m", "--quiet", "--asids", "509", "--min-sev-asid", "100", "--snp-asids", "16"]
     assert to_cli(["x", "/m", "-o", "capacity=auto"])[3:] == ["--capacity", "auto"]
     assert to_cli(["x", "/m", "-o", "debug,metrics=127.0.0.1:9100"])[3:] == [
         "--debug", "--metrics", "127.0.0.1:9100"]

@@ -166,9 +166,9 @@ def test_no_answer(fake, case, setup):
 
 
 def load(monkeypatch, root: Path, *capacities: str, asids=None, min_sev_asid=None,
-         path=None) -> config.Config:
+         path=None, snp_asids=None) -> config.Config:
     monkeypatch.setenv("ENCIDFS_HOST_ROOT", str(root))
-    return config.load(path, list(capacities), asids, min_sev_asid, [])
+    return config.load(path, list(capacities), asids, min_sev_asid, [], snp_asids=snp_asids)
 
 
 def test_the_host_is_used_unless_capacities_are_given(fake, monkeypatch, tmp_path):
@@ -208,3 +208,56 @@ def test_without_an_answer_the_defaults_say_so(fake, monkeypatch):
 def test_snp_asids_from_kvm_amd(fake, parameters, expected):
     fake.kvm_amd(sev="Y", sev_es="Y", **parameters)
     assert snp_asids(fake.host) == expected
+
+
+def snp_host(fake, **parameters):
+    """An AMD host with ASIDs 1..15, SEV from 5, and kvm_amd's SNP parameters as given."""
+    fake.kvm_amd(sev="Y", sev_es="Y", **parameters)
+    fake.cpuid(SEV_AND_ES, ecx=15, edx=5)
+
+
+def test_detected_capacities_come_with_the_hosts_snp_split(fake, monkeypatch):
+    snp_host(fake, sev_snp="Y", ciphertext_hiding_asids="3")
+    found = load(monkeypatch, fake.root)
+    assert found.snp_asids == 3
+    assert found.layout() == {"capacities": {"sev": 11, "sev_es": 4},
+                              "first_ids": {"sev": 5, "sev_es": 1}, "snp_asids": 3}
+
+
+def test_without_snp_guests_or_ciphertext_hiding_the_layout_is_as_before(fake, monkeypatch):
+    """A state file of a release without SNP guests is good for such a host."""
+    snp_host(fake, sev_snp="N")
+    off = load(monkeypatch, fake.root)
+    snp_host(fake, sev_snp="Y", ciphertext_hiding_asids="0")
+    shared = load(monkeypatch, fake.root)
+    assert (off.snp_asids, shared.snp_asids) == (None, 0)
+    assert off.layout() == shared.layout() == {"capacities": {"sev": 11, "sev_es": 4},
+                                               "first_ids": {"sev": 5, "sev_es": 1}}
+
+
+def test_given_snp_asids_win_over_the_hosts_and_are_capped(fake, monkeypatch, tmp_path):
+    snp_host(fake, sev_snp="Y", ciphertext_hiding_asids="3")
+    assert load(monkeypatch, fake.root, snp_asids=1).snp_asids == 1
+    toml = tmp_path / "encidfs.toml"
+    toml.write_text("snp_asids = 0\n")
+    assert load(monkeypatch, fake.root, path=str(toml)).snp_asids == 0
+    assert load(monkeypatch, fake.root, path=str(toml), snp_asids=2).snp_asids == 2
+    # As kvm_amd caps ciphertext_hiding_asids: -1u gives SNP guests every SEV-ES ID.
+    assert load(monkeypatch, fake.root, snp_asids=2**32 - 1).snp_asids == 4
+
+
+def test_snp_guests_share_unless_told_where_the_capacities_are_not_the_hosts(fake, monkeypatch):
+    snp_host(fake, sev_snp="Y", ciphertext_hiding_asids="3")
+    assert load(monkeypatch, fake.root, asids=9, min_sev_asid=3).snp_asids == 0
+    assert load(monkeypatch, fake.root, asids=9, min_sev_asid=3, snp_asids=1).snp_asids == 1
+    assert load(monkeypatch, fake.root / "nothing").snp_asids == 0  # the defaults
+
+
+@pytest.mark.parametrize("value", [-1, 2**32, True, "16"])
+def test_a_malformed_snp_asids_is_one_error(fake, monkeypatch, tmp_path, value):
+    with pytest.raises(config.ConfigError, match="snp_asids"):
+        load(monkeypatch, fake.root, snp_asids=value)
+    toml = tmp_path / "encidfs.toml"
+    toml.write_text(f"snp_asids = {value!r}\n".replace("True", "true").replace("'", '"'))
+    with pytest.raises(config.ConfigError, match="snp_asids"):
+        load(monkeypatch, fake.root, path=str(toml))
