@@ -303,7 +303,8 @@ def test_status_shows_the_tree_and_the_proc_connector(mount_encidfs, procs):
     lines = result.stdout.splitlines()
     assert lines[0] == f"mount: {mnt}   process tracking: proc connector"
     assert lines[1].startswith("capacities: sev 509  sev_es 99   from defaults: ")
-    assert lines[2] == "controllers: encids misc"
+    assert lines[2:6] == ["SEV enabled (ASIDs 1 - 509)", "SEV-ES enabled (ASIDs 510 - 608)",
+                          "SEV-SNP enabled (ASIDs 510 - 608)", "controllers: encids misc"]
     root = lines.index(next(line for line in lines if line.startswith("/ ")))
     assert lines[root].split()[:4] == ["/", "encids:", "sev", "1/509"]
     assert lines[root + 1].split()[:3] == ["misc:", "sev", "1/509"]
