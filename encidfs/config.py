@@ -142,6 +142,7 @@ def load(path: str | None, capacities: list[str], asids: int | None,
         config.user_share = _check_user_share(user_share)
     if kernel_interface is not None:
         config.kernel_interface = _parse_kernel_interface(kernel_interface)
+    _snp_as_the_kernel_has_it(config)
     if config.over is not None:
         config.over = _check_over(config.over)
     return config
@@ -173,6 +174,21 @@ def _use_host(config: Config) -> None:
             config.snp_asids = host.snp_asids(this_host)
     unseen = host.tdx_unseen(this_host, config.capacities)
     config.capacity_notes = [unseen] if unseen else []
+
+
+def _snp_as_the_kernel_has_it(config: Config) -> None:
+    """SNP guests as KVM of the chosen kernel has them: none before 6.11, sharing SEV-ES's IDs
+    before ciphertext hiding (6.18).  A split asked for that the kernel cannot make is an
+    error; one found on the host is the host kernel's, not the chosen one's."""
+    chosen = config.kernel_interface
+    if config.snp_asids is None or (chosen.ciphertext_hiding or not config.snp_asids) \
+            and chosen.snp_guests:
+        return
+    if config.snp_source is not None and config.snp_asids:
+        need = kernel.CIPHERTEXT_HIDING if chosen.snp_guests else kernel.SNP
+        raise ConfigError(f"snp_asids ({config.snp_source}) needs the interface of Linux "
+                          f"{need[0]}.{need[1]} or later, not {chosen}")
+    config.snp_asids = 0 if chosen.snp_guests else None
 
 
 def _check_controllers(names: object) -> list[str]:

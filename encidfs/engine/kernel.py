@@ -16,7 +16,10 @@ EVENTS = (5, 16)  # misc.events; before, a refusal was a kernel log line, counte
 ROOT_CURRENT = (6, 5)  # misc.current at the root too (CFTYPE_NOT_ON_ROOT before)
 PEAK = (6, 11)  # misc.peak and misc.events.local
 TDX = (6, 16)  # the tdx resource type (MISC_CG_RES_TDX), with KVM's TDX host support
-NEWEST = TDX
+# KVM's, not misc's: which SEV guests there are, and so which IDs an allocation may take.
+SNP = (6, 11)  # SEV-SNP guests (their ASIDs charged to sev_es)
+CIPHERTEXT_HIDING = (6, 18)  # kvm_amd's ciphertext_hiding_asids: SNP's own ASIDs
+NEWEST = CIPHERTEXT_HIDING
 
 # Resource types misc.c named after its first release: a kernel before has no such type.
 TYPES_SINCE = {"tdx": TDX}
@@ -48,6 +51,14 @@ class KernelInterface:
     def misc_events_local(self) -> bool:
         """misc.events.local exists, and a refusal counts there."""
         return self.version >= PEAK
+
+    @property
+    def snp_guests(self) -> bool:
+        return self.version >= SNP
+
+    @property
+    def ciphertext_hiding(self) -> bool:
+        return self.version >= CIPHERTEXT_HIDING
 
     def has_type(self, name: str) -> bool:
         """Whether misc knows the resource type.  A name no kernel has (a test's own) is kept

@@ -25,8 +25,8 @@ def test_a_version_names_a_kernel(text, version):
 
 
 def test_by_default_the_newest():
-    assert load().kernel_interface == KernelInterface() == KernelInterface((6, 16))
-    assert str(KernelInterface()) == "6.16"
+    assert load().kernel_interface == KernelInterface() == KernelInterface((6, 18))
+    assert str(KernelInterface()) == "6.18"
 
 
 @pytest.mark.parametrize("text, message", [
@@ -65,3 +65,23 @@ def test_the_command_line_says_so_in_one_line(tmp_path, capsys):
     assert status == 1
     assert capsys.readouterr().err == (
         "encidfs: kernel interface 5.10 is older than the misc controller (Linux 5.13)\n")
+
+
+@pytest.mark.parametrize("kernel, asked, snp_asids", [
+    (None, None, 0), ("6.18", 16, 16), ("6.11", 0, 0), ("6.11", None, 0), ("6.10", None, None),
+    ("6.1", 0, None),
+])
+def test_snp_guests_as_the_chosen_kernels_kvm_has_them(kernel, asked, snp_asids):
+    """SEV-SNP guests since 6.11, their own IDs (ciphertext hiding) since 6.18."""
+    chosen = config.load(None, ["sev=4", "sev_es=20"], None, None, [], kernel_interface=kernel,
+                         snp_asids=asked)
+    assert chosen.snp_asids == snp_asids
+
+
+@pytest.mark.parametrize("kernel, needed", [("6.17", "6.18"), ("6.10", "6.11")])
+def test_snp_ids_of_their_own_need_a_kernel_with_ciphertext_hiding(kernel, needed):
+    with pytest.raises(config.ConfigError) as refused:
+        config.load(None, ["sev=4", "sev_es=20"], None, None, [], kernel_interface=kernel,
+                    snp_asids=4)
+    assert str(refused.value) == (f"snp_asids (--snp-asids) needs the interface of Linux "
+                                  f"{needed} or later, not {kernel}")

@@ -37,7 +37,7 @@ def test_each_kernel_has_its_files_where_it_had_them(version, files):
 
 
 def test_the_newest_is_the_default():
-    assert KernelInterface() == KernelInterface((6, 16))
+    assert KernelInterface() == KernelInterface((6, 18))
 
 
 @pytest.mark.parametrize("version, types", [((6, 15), ["sev"]), ((6, 16), ["sev", "tdx"])])
