@@ -88,9 +88,10 @@ class Mount:
         return Client.connect(mount=str(self.path), timeout=timeout)
 
     def run(self, *argv: str, type: str = "sev", count: int = 1, cgroup: str | None = None,
-            **popen: object) -> subprocess.Popen:
+            guest: str | None = None, **popen: object) -> subprocess.Popen:
         """Start argv as `encidfs run` does: moved into `cgroup` (a path from the mount's root)
-        if given, holding `count` IDs of `type` for as long as it runs.  Returns once it holds
+        if given, holding `count` IDs of `type` (for `guest`s: "snp" with sev_es; by default
+        the type's own) for as long as it runs.  Returns once it holds
         them.  A refusal raises the client's ControlError (.errno, .type, and for a limit or
         the capacity .cgroup and .controller), and argv does not run."""
         told, tell = os.pipe()
@@ -108,7 +109,7 @@ class Mount:
             if cgroup is not None:
                 (self.path / cgroup.strip("/") / "cgroup.procs").write_text(str(process.pid))
             with self.client() as client:
-                client.allocate(type, count, pid=process.pid)
+                client.allocate(type, count, pid=process.pid, guest=guest)
         except BaseException:
             os.close(tell)  # untold: it exits without running argv
             process.wait()

@@ -97,6 +97,21 @@ def test_a_run_over_the_capacity_raises_the_roots_refusal(encidfs, tmp_path):
     assert not started.exists()
 
 
+def test_a_run_for_snp_guests_takes_their_own_ids(encidfs_factory):
+    mount = encidfs_factory(capacity={"sev": 2, "sev_es": 4}, options=("--snp-asids", "2"))
+    holder = mount.run("sleep", "600", type="sev_es", guest="snp", count=2)
+    try:
+        with pytest.raises(ControlError) as refused:  # SNP's IDs are all taken: no limit's
+            mount.run("true", type="sev_es", guest="snp")
+        assert (refused.value.errno, refused.value.cgroup) == (errno.EBUSY, None)
+        with mount.client() as client:
+            # sev_es's IDs follow sev's (3 - 6): SNP has the first two of them.
+            assert [holder["ids"] for holder in client.status()["holders"]] == [[3, 4]]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_run_of_an_unknown_type_raises_einval_naming_it(encidfs):
     with pytest.raises(ControlError) as refused:
         encidfs.run("true", type="tdx")
