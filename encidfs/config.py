@@ -36,7 +36,7 @@ class Config:
     proc_connector: bool = True  # follow forks through the proc connector when permitted
     max_cgroups: int = DEFAULT_MAX_CGROUPS  # below the root, live and dying (mkdir: EAGAIN)
     # Of each resource the outside can make the daemon keep, the percentage one user other
-    # than the mount's owner (and root) may (see budget.py).
+    # than the mount's owner (and root) may (see engine/budget.py).
     user_share: int = DEFAULT_USER_SHARE
     control_mode: int = 0o600  # the control socket's: by default the mount's owner alone
     control_group: int | None = None  # the control socket's group (a GID), if not the owner's

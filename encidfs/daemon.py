@@ -13,7 +13,7 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .budget import Budget
+from .engine.budget import Budget
 from .config import Config
 from .control.protocol import CONTROL_XATTR, default_control_path
 from .control.server import Limits, serve_control

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from . import collector
+from .engine import collector
 from .engine import U64_MAX, Engine
 
 # Request latencies: FUSE requests take about 0.1 ms to 1 ms; a slow one, a disk's fsync.

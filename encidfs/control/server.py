@@ -11,7 +11,7 @@ Everything a client can make the daemon hold is bounded: connections, a request'
 (MAX_LINE), a round's requests (one a connection), and replies waiting for a reader (a
 connection whose replies have not moved for SEND_TIMEOUT is dropped; all of them together take
 at most REPLY_BUDGET bytes, beyond which a request is answered ENOBUFS).  Connections and
-replies are budgets shared out per user (budget.py).
+replies are budgets shared out per user (engine/budget.py).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import struct
 
 import trio
 
-from ..budget import Budget
+from ..engine.budget import Budget
 from .protocol import MAX_LINE, decode, encode, error_reply
 from .service import ControlService, Peer
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from .. import collector
+from ..engine import collector
 from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs.watcher import ProcessWatcher
 from ..state.changes import Changes

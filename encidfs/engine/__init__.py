@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..budget import Budget
+from .budget import Budget
 from .allocator import Allocation, Allocator
 from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
 from .encids import EncidsController

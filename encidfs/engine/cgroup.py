@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from typing import Protocol
 
-from ..budget import Budget
+from .budget import Budget
 from .css import Controller, Css
 from .errors import fail
 

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..budget import Budget
+from ..engine.budget import Budget
 from ..engine import Cgroup, Change, Hierarchy, fail
 from ..engine.cgroup import Commit, Event
 from .cftype import Caller, CfType

@@ -17,7 +17,7 @@ import os
 import select
 import stat
 
-from ..budget import Budget
+from ..engine.budget import Budget
 from ..engine import Cgroup, Hierarchy, fail
 from ..engine.cgroup import Event
 from ..files.cftype import Caller

@@ -6,6 +6,10 @@ each resource the outside can make it spend has a Budget: a total; for each user
 the mount's owner and root, a share of it (a quarter, unless --user-share says otherwise);
 and for those users together, all of it but a reserve (an eighth), which is the owner's.  One
 user at her share leaves the others served, and the owner can always act.
+
+It lives in the engine, the lowest layer that bounds something (the cgroups a user makes);
+kernfs's xattrs, the kernel files opened --over DIR and the control socket's connections and
+replies take their budgets from here too.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Python's cyclic garbage collector held off while a large copy of the state is made."""
+"""Python's cyclic garbage collector held off while a large copy of the state is made.
+
+The copies are of the engine (a status reply on the control socket, a metrics snapshot), so it
+lives beside it, where both the control socket and the daemon's exporter can import it."""
 
 from __future__ import annotations
 
