@@ -8,10 +8,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from . import host
+from .host import capacity
 from .controllers import CONTROLLERS
 from .engine import kernel
-from .mountinfo import cgroup2_mount_of
+from .host.mountinfo import cgroup2_mount_of
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
 CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in this order
@@ -161,8 +161,8 @@ def _check_over(path: object) -> str:
 
 
 def _use_host(config: Config) -> None:
-    this_host = host.Host.this_one()
-    detected = host.detect(this_host)
+    this_host = capacity.Host.this_one()
+    detected = capacity.detect(this_host)
     if detected is None:
         config.capacities, config.first_ids = dict(DEFAULT_CAPACITIES), None
         config.capacity_source = ("defaults: neither the host's misc.capacity nor its CPUID "
@@ -171,8 +171,8 @@ def _use_host(config: Config) -> None:
         config.capacities, config.first_ids = detected.capacities, detected.first_ids
         config.capacity_source = detected.source
         if config.snp_source is None:
-            config.snp_asids = host.snp_asids(this_host)
-    unseen = host.tdx_unseen(this_host, config.capacities)
+            config.snp_asids = capacity.snp_asids(this_host)
+    unseen = capacity.tdx_unseen(this_host, config.capacities)
     config.capacity_notes = [unseen] if unseen else []
 
 

@@ -42,7 +42,7 @@ from pathlib import Path
 
 import pytest
 
-from .cli import FSTYPE, fuse_problem, mounted_fstype, unmount
+from .host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
 from .client import Client
 
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount, or to stop

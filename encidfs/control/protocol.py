@@ -18,7 +18,7 @@ from __future__ import annotations
 import errno
 import json
 
-from ..runtime import runtime_path
+from ..host.runtime import runtime_path
 
 MAX_LINE = 64 * 1024  # a longer request is refused and the connection closed
 CONTROL_XATTR = "user.encidfs.control"

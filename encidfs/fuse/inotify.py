@@ -31,7 +31,7 @@ import trio
 
 from ..engine.cgroup import Cgroup, Event
 from ..files.kernfs import Kernfs
-from ..mountinfo import mounted_at
+from ..host.mountinfo import mounted_at
 
 log = logging.getLogger("encidfs")
 

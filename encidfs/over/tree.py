@@ -22,7 +22,7 @@ from collections.abc import Callable
 from inotify_simple import INotify, flags
 
 from ..engine import EVENTS_FILE, Cgroup, Hierarchy
-from ..mountinfo import cgroup2_mount_of
+from ..host.mountinfo import cgroup2_mount_of
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 
-from ..runtime import runtime_path
+from ..host.runtime import runtime_path
 from .changes import Record
 
 log = logging.getLogger(__name__)

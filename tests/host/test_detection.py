@@ -1,4 +1,4 @@
-"""Capacities from the host (encidfs/host.py), against fake hosts: a sysfs tree, a cgroup2 root
+"""Capacities from the host (encidfs/host/capacity.py), against fake hosts: a sysfs tree, a cgroup2 root
 with misc.capacity, and a cpuid device file holding leaf Fn8000_001F at its offset."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from encidfs import config
-from encidfs.host import (CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect,
+from encidfs.host.capacity import (CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect,
                           snp_asids, tdx_unseen)
 
 

@@ -34,7 +34,7 @@ import pytest
 
 from mountutil import DEADLINE, NOBODY, User, events, wait_until, write
 
-from encidfs.mountinfo import cgroup2_mounts
+from encidfs.host.mountinfo import cgroup2_mounts
 from encidfs.pytest_plugin import Mount
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from encidfs.cli import FSTYPE, mounted_fstype  # noqa: F401 (for the tests)
+from encidfs.host.mount import FSTYPE, mounted_fstype  # noqa: F401 (for the tests)
 
 T = TypeVar("T")
 
