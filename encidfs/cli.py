@@ -19,7 +19,7 @@ from . import config as configuration
 from . import mount_helper
 from . import supervisor
 from .host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
-from .namespace import NamespaceError, exec_with_cgroupfs
+from .exec.namespace import NamespaceError, exec_with_cgroupfs
 from .procs.procfs import alive, read_stat
 from .host.runtime import RuntimeDirError
 from .state.store import StateError

@@ -31,7 +31,7 @@ from .fuse.inotify import ModifyNotifier
 from .fuse import loop
 from . import metrics
 from .notify import notify
-from .namespace import OVER_XATTR
+from .exec.namespace import OVER_XATTR
 from .over.kernfs import OverKernfs
 from .over.membership import KernelMembership
 from .over.tree import KernelTree, kernel_controllers

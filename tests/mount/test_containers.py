@@ -24,8 +24,8 @@ import pytest
 from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python, wait_until, \
     write
 
-from encidfs import seccomp
-from encidfs.cgroup_bpf import PROG_QUERY, bpf_number
+from encidfs.exec import seccomp
+from encidfs.exec.cgroup_bpf import PROG_QUERY, bpf_number
 
 CRUN = shutil.which("crun")
 RUNC = shutil.which("runc")

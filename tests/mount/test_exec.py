@@ -18,7 +18,7 @@ import pytest
 
 from mountutil import DEADLINE, REPO, SITE, user_python, wait_until, write
 
-from encidfs import seccomp
+from encidfs.exec import seccomp
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]
 

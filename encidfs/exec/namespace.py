@@ -14,7 +14,7 @@ On a mount over a cgroup below the hierarchy's root (`--over DIR`), the command 
 cgroup namespace rooted at DIR, so that /proc/PID/cgroup of a process in the mount's tree says
 its path in the mount.  A namespace's root is the cgroup of the task that makes it: a helper
 process joins DIR, makes the namespace and holds it until the command has entered it
-(`python -m encidfs.namespace DIR -- ...`, run before the bind mount hides DIR).
+(`python -m encidfs.exec.namespace DIR -- ...`, run before the bind mount hides DIR).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from collections.abc import Callable
 
 from . import seccomp
 from .cgroup_bpf import CgroupBpf
-from .control.client import Client, ControlError
-from .host.capacity import kernel_release
-from .host.mountinfo import cgroup2_mount_of
+from ..control.client import Client, ControlError
+from ..host.capacity import kernel_release
+from ..host.mountinfo import cgroup2_mount_of
 
 # Run by sh in the new namespaces: $0 is the mount, "$@" the command (and its own unshare).
 _BIND = 'mount --bind "$0" /sys/fs/cgroup && exec "$@"'
@@ -68,7 +68,7 @@ def exec_with_cgroupfs(mount: str, argv: list[str], mounts: bool = False,
     over = _over(mount)
     below_root = _below_root(over)
     if below_root is not None:
-        chain[len(outer):len(outer)] = [sys.executable, "-m", "encidfs.namespace", below_root,
+        chain[len(outer):len(outer)] = [sys.executable, "-m", "encidfs.exec.namespace", below_root,
                                         "--"]
     cgroup_of = None
     if proc_cgroup:
@@ -99,7 +99,7 @@ def _supervise(chain: list[str], argv: list[str], supervisor: seccomp.Supervisor
     options = [*(["--opens"] if supervisor.mounts or supervisor.cgroup_of else []),
                *(["--bpf"] if supervisor.cgroup_bpf else [])]
     command = subprocess.Popen(
-        [*chain, sys.executable, "-m", "encidfs.seccomp", str(theirs.fileno()), *options, "--",
+        [*chain, sys.executable, "-m", "encidfs.exec.seccomp", str(theirs.fileno()), *options, "--",
          *argv], pass_fds=[theirs.fileno()])
     theirs.close()
     for signum in _FORWARDED:
@@ -250,7 +250,7 @@ def enter_cgroup_namespace(top: str) -> None:
 
 
 def main() -> None:
-    """python -m encidfs.namespace DIR -- CMD [ARGS...]: CMD in a cgroup namespace at DIR."""
+    """python -m encidfs.exec.namespace DIR -- CMD [ARGS...]: CMD in a cgroup namespace at DIR."""
     enter_cgroup_namespace(sys.argv[1])
     argv = sys.argv[3:]
     os.execvp(argv[0], argv)

@@ -27,7 +27,7 @@ import struct
 from collections.abc import Callable
 
 from . import caller
-from .host.mountinfo import mounts_of
+from ..host.mountinfo import mounts_of
 
 PROG_ATTACH, PROG_DETACH, PROG_QUERY = 8, 9, 16
 _F_REPLACE = 1 << 2

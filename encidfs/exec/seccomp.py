@@ -2,7 +2,7 @@
 `encidfs exec`: tools that ask the kernel what /sys/fs/cgroup is (systemd, crun, runc) take the
 mount for the cgroup2 file system it looks like.
 
-The command installs a seccomp filter just before its exec (`python -m encidfs.seccomp SOCKET
+The command installs a seccomp filter just before its exec (`python -m encidfs.exec.seccomp SOCKET
 -- CMD`): statfs and fstatfs go to a supervisor (SECCOMP_RET_USER_NOTIF), every other call runs
 as it would.  The supervisor is `encidfs exec` itself, the command's parent, which receives the
 filter's listener on SOCKET.  For a call on a file of the mount (by device number, read
@@ -286,7 +286,7 @@ def _as_cgroup2(text: bytes, table: str, ours: set[bytes]) -> bytes:
 
 
 def main() -> int:
-    """python -m encidfs.seccomp SOCKET [--opens] [--bpf] -- CMD [ARGS...]: install the filter
+    """python -m encidfs.exec.seccomp SOCKET [--opens] [--bpf] -- CMD [ARGS...]: install the filter
     (with --opens, for the calls that open a file too; with --bpf, for bpf(2)), hand its
     listener over SOCKET (then closed), and exec CMD."""
     sock_fd, options = int(sys.argv[1]), sys.argv[2:sys.argv.index("--")]
