@@ -15,9 +15,9 @@ from collections.abc import Callable
 from importlib import resources
 
 from . import commands as client_commands
-from . import config as configuration
+from .daemon import config as configuration
 from . import mount_helper
-from . import supervisor
+from .daemon import supervisor
 from .host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
 from .exec.namespace import NamespaceError, exec_with_cgroupfs
 from .procs.procfs import alive, read_stat
@@ -204,8 +204,8 @@ def _check_fuse(options: list[str]) -> None:
 
 
 def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespace) -> int:
-    from . import daemon  # pyfuse3 and prometheus_client load only where they are needed
-    from .metrics import MetricsError
+    from .daemon import serve  # pyfuse3 and prometheus_client load only where they are needed
+    from .daemon.metrics import MetricsError
 
     _setup_logging(args.foreground, args.debug)
     ready_fd = args.ready_fd
@@ -215,7 +215,7 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
             _tell_ready(ready_fd)
 
     try:
-        daemon.run(mountpoint, config, ready)
+        serve.run(mountpoint, config, ready)
     except RuntimeError as error:  # pyfuse3 reports a failed mount this way
         raise CliError(f"cannot mount {mountpoint}: {error}") from None
     except (StateError, RuntimeDirError, MetricsError) as error:
@@ -233,7 +233,7 @@ def _unit(mountpoint: str) -> int:
 
 
 def _supervise(args: argparse.Namespace) -> int:
-    """The supervisor (see supervisor.py), between `encidfs mount` and the daemon."""
+    """The supervisor (see daemon/supervisor.py), between `encidfs mount` and the daemon."""
     _setup_logging(False, args.debug)
     daemon_argv = [sys.executable, "-m", "encidfs", *_forwarded(args)]
     return supervisor.supervise(daemon_argv, lambda: _tell_ready(args.ready_fd))

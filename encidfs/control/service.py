@@ -26,7 +26,7 @@ from .protocol import error_reply
 
 if TYPE_CHECKING:
     from ..engine.resource import ResourceCss
-    from ..metrics import RequestMetrics
+    from ..daemon.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ..engine.cgroup import Event
 from ..files.kernfs import Kernfs, Node, OpenFile
 
 if TYPE_CHECKING:
-    from ..metrics import RequestMetrics
+    from ..daemon.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 

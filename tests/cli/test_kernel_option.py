@@ -4,7 +4,8 @@ tests/mount/test_kernel_interface.py mounts them)."""
 
 import pytest
 
-from encidfs import cli, config
+from encidfs import cli
+from encidfs.daemon import config
 from encidfs.engine.kernel import KernelInterface
 
 CAPACITY = ["sev=4"]  # given, so that nothing is detected on this host

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from encidfs import config
+from encidfs.daemon import config
 from encidfs.host.capacity import (CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect,
                           snp_asids, tdx_unseen)
 

@@ -1,4 +1,5 @@
-"""The daemon: wires engine, process tracking, file table and FUSE adapter, and runs them."""
+"""The daemon's wiring: the engine, membership, the file tables, the journal, the FUSE adapter
+and the control socket, made for one mount and run on trio until it is unmounted."""
 
 from __future__ import annotations
 
@@ -13,30 +14,30 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from .engine.budget import Budget
-from .config import Config
-from .control.protocol import CONTROL_XATTR, default_control_path
-from .control.server import Limits, serve_control
-from .control.service import ControlService
-from .controllers import CONTROLLERS
-from .engine import Hierarchy, new_engine
-from .engine.cgroup import Event
-from .files.kernfs import Kernfs
-from .state.changes import Changes, Record
-from .state.restore import restore
-from .state.store import StateStore, runtime_state_path
-from .supervisor import restarts, supervisor_pid
-from .fuse.adapter import CgroupOperations, mount_options
-from .fuse.inotify import ModifyNotifier
-from .fuse import loop
+from ..control.protocol import CONTROL_XATTR, default_control_path
+from ..control.server import Limits, serve_control
+from ..control.service import ControlService
+from ..engine import new_engine
+from ..engine.budget import Budget
+from ..exec.namespace import OVER_XATTR
+from ..files.kernfs import Kernfs
+from ..fuse import loop
+from ..fuse.adapter import CgroupOperations, mount_options
+from ..fuse.inotify import ModifyNotifier
+from ..over.kernfs import OverKernfs
+from ..over.membership import KernelMembership
+from ..over.tree import KernelTree, kernel_controllers
+from ..procs.tracker import ProcessTracker
+from ..procs.watcher import ProcessWatcher
+from ..state.changes import Changes, Record
+from ..state.restore import restore
+from ..state.store import StateStore, runtime_state_path
 from . import metrics
-from .notify import notify
-from .exec.namespace import OVER_XATTR
-from .over.kernfs import OverKernfs
-from .over.membership import KernelMembership
-from .over.tree import KernelTree, kernel_controllers
-from .procs.tracker import ProcessTracker
-from .procs.watcher import ProcessWatcher
+from .bus import ChangeBus
+from .config import Config
+from .controllers import CONTROLLERS
+from .sdnotify import notify
+from .supervisor import restarts, supervisor_pid
 
 log = logging.getLogger(__name__)
 
@@ -190,24 +191,6 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         if clean:
             store.close(remove=runtime)  # a runtime state ends with its mount
         log.info("unmounted %s", mountpoint)
-
-
-class ChangeBus:
-    """The engine's changes, handed once per request or event, as one batch, to each of its
-    consumers (the FUSE adapter, for kernfs's invalidation and poll; the inotify notifier)."""
-
-    def __init__(self, hierarchy: Hierarchy) -> None:
-        self.hierarchy = hierarchy
-        self.consumers: list[Callable[[list[Event]], None]] = []
-
-    def pending(self) -> bool:
-        return bool(self.hierarchy.changes)
-
-    def deliver(self) -> None:
-        batch = self.hierarchy.drain_changes()
-        if batch:
-            for consume in self.consumers:
-                consume(batch)
 
 
 class _FlushedSoon:

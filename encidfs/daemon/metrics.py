@@ -19,8 +19,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .engine import collector
-from .engine import U64_MAX, Engine
+from ..engine import collector
+from ..engine import U64_MAX, Engine
 
 # Request latencies: FUSE requests take about 0.1 ms to 1 ms; a slow one, a disk's fsync.
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)

@@ -8,10 +8,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from .host import capacity
+from ..host import capacity
 from .controllers import CONTROLLERS
-from .engine import kernel
-from .host.mountinfo import cgroup2_mount_of
+from ..engine import kernel
+from ..host.mountinfo import cgroup2_mount_of
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
 CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in this order
