@@ -4,7 +4,7 @@ tests/mount/test_kernel_interface.py mounts them)."""
 
 import pytest
 
-from encidfs import cli
+from encidfs.cli import main as cli
 from encidfs.daemon import config
 from encidfs.engine.kernel import KernelInterface
 

@@ -3,7 +3,7 @@ real mount(8) is tried in tests/mount/test_cli.py)."""
 
 import pytest
 
-from encidfs.mount_helper import HelperError, is_helper_call, to_cli
+from encidfs.cli.mount_helper import HelperError, is_helper_call, to_cli
 
 COMMANDS = {"mount", "umount", "status"}
 

@@ -14,15 +14,15 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
+from ..daemon import config as configuration
+from ..daemon import supervisor
+from ..exec.namespace import NamespaceError, exec_with_cgroupfs
+from ..host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
+from ..host.runtime import RuntimeDirError
+from ..procs.procfs import alive, read_stat
+from ..state.store import StateError
 from . import commands as client_commands
-from .daemon import config as configuration
 from . import mount_helper
-from .daemon import supervisor
-from .host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
-from .exec.namespace import NamespaceError, exec_with_cgroupfs
-from .procs.procfs import alive, read_stat
-from .host.runtime import RuntimeDirError
-from .state.store import StateError
 
 MOUNT_TIMEOUT = 10.0
 UMOUNT_TIMEOUT = 10.0
@@ -204,8 +204,8 @@ def _check_fuse(options: list[str]) -> None:
 
 
 def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespace) -> int:
-    from .daemon import serve  # pyfuse3 and prometheus_client load only where they are needed
-    from .daemon.metrics import MetricsError
+    from ..daemon import serve  # pyfuse3 and prometheus_client load only where they are needed
+    from ..daemon.metrics import MetricsError
 
     _setup_logging(args.foreground, args.debug)
     ready_fd = args.ready_fd
@@ -225,7 +225,7 @@ def _serve(mountpoint: str, config: configuration.Config, args: argparse.Namespa
 
 def _unit(mountpoint: str) -> int:
     """The unit shipped with the package, for this installation's interpreter."""
-    template = resources.files(__package__).joinpath("encidfs.service").read_text()
+    template = resources.files("encidfs").joinpath("encidfs.service").read_text()
     program = f"{sys.executable} -m encidfs"
     sys.stdout.write(template.replace("@ENCIDFS@", program)
                      .replace("@MOUNTPOINT@", os.path.abspath(mountpoint)))

@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from .control.client import DEFAULT_TIMEOUT, Client, ControlError, figures
+from ..control.client import DEFAULT_TIMEOUT, Client, ControlError, figures
 
 DEFAULT_MOUNT = os.environ.get("ENCIDFS_MOUNT", "/run/encidfs")
 GUEST_HELP = "the guests the IDs are for (default: T's own; snp takes sev_es IDs)"

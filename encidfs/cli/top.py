@@ -13,7 +13,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-from .control.client import Client, figures
+from ..control.client import Client, figures
 
 BAR = 10  # characters of a usage bar
 
