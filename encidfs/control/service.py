@@ -23,6 +23,7 @@ from ..engine import U64_MAX, ChargeRefused, Engine, fail
 from ..procs.watcher import ProcessWatcher
 from ..state.changes import Changes
 from .protocol import error_reply
+from ..state.operations import Op
 
 if TYPE_CHECKING:
     from ..engine.resource import ResourceCss
@@ -205,7 +206,7 @@ class ControlService:
             raise fail(errno.EINVAL, "count must be at least 1")
         guest = self.allocator.guest(type_name, guest_name).name
         (named,) = self.tracker.pids_for(peer.pid, [holder])
-        return _Change(("allocate", holder, start, type_name, count, cg.id, guest),
+        return _Change((Op.ALLOCATE, holder, start, type_name, count, cg.id, guest),
                        (holder, start),
                        lambda ids: {"type": type_name, "guest": guest, "ids": ids,
                                     "holder": named, "cgroup": cg.path})
@@ -226,7 +227,7 @@ class ControlService:
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {named}: {foreign}")
         self._check_may_act_for(peer, holder)
-        return _Change(("free", ids), None, lambda _: {"ids": ids, "holder": named})
+        return _Change((Op.FREE, ids), None, lambda _: {"ids": ids, "holder": named})
 
     def _cgroup(self, request: dict, peer: Peer) -> dict:
         """The cgroup of a task, as its /proc/PID/cgroup would name it.  The task is named in

@@ -30,6 +30,7 @@ from ..over.tree import KernelTree, kernel_controllers
 from ..procs.tracker import ProcessTracker
 from ..procs.watcher import ProcessWatcher
 from ..state.changes import Changes, Record
+from ..state.operations import Op
 from ..state.restore import restore
 from ..state.store import StateStore, runtime_state_path
 from . import metrics
@@ -82,13 +83,13 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         operations.invalidate_soon()
 
     def on_fork(parent: int, child: int, start: int | None, creator: int | None) -> None:
-        changes.fact("fork", parent, child, start, creator)
+        changes.fact(Op.FORK, parent, child, start, creator)
 
     def on_threads(pid: int, threads: list[int]) -> None:
-        changes.fact("threads", pid, threads)
+        changes.fact(Op.THREADS, pid, threads)
 
     def on_exit(pid: int) -> None:
-        changes.fact("exit", pid)
+        changes.fact(Op.EXIT, pid)
 
     def frozen(pid: int) -> bool:
         return hierarchy.freezing(pid)

@@ -9,11 +9,12 @@ from typing import Protocol
 from ..engine import EVENTS_FILE, INT_MAX, Cgroup, Hierarchy, fail
 from .cftype import Caller, CfType, Placement
 from .parse import kstrtoint, strstrip
+from ..state.operations import Op
 
 
 class Changes(Protocol):
-    def run(self, op: str, *args: object) -> object:
-        """Journal the change named `op`, then apply it (state/changes.py)."""
+    def run(self, op: Op, *args: object) -> object:
+        """Journal the change `op`, then apply it (state/changes.py)."""
 
 
 class Processes(Protocol):
@@ -130,7 +131,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         if start is None:
             return
         check_migration(hierarchy.cgroup_of(tgid), cg, caller)
-        changes.run("attach", tgid, start, cg.id)
+        changes.run(Op.ATTACH, tgid, start, cg.id)
         if not cg.is_root:
             processes.joined(tgid)
         processes.apply_freezer([tgid])
@@ -157,7 +158,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         if start is None:
             return
         check_migration(hierarchy.thread_cgroup(tgid, tid), cg, caller)
-        changes.run("attach_thread", tgid, start, tid, cg.id,
+        changes.run(Op.ATTACH_THREAD, tgid, start, tid, cg.id,
                     processes.threads(tgid))
         if tgid in hierarchy.members:
             processes.joined(tgid)
@@ -176,7 +177,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
                 enable, disable = enable | bit, disable & ~bit
             else:
                 enable, disable = enable & ~bit, disable | bit
-        changes.run("subtree_control", cg.id, hierarchy.names(enable), hierarchy.names(disable),
+        changes.run(Op.SUBTREE_CONTROL, cg.id, hierarchy.names(enable), hierarchy.names(disable),
                     caller.uid, caller.gid)
 
     def show_stat(cg: Cgroup) -> str:
@@ -198,10 +199,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         # Only a domain can turn threaded; nothing turns back.
         if strstrip(text) != b"threaded":
             raise fail(errno.EINVAL, "only \"threaded\" can be written")
-        changes.run("threaded", cg.id)
+        changes.run(Op.THREADED, cg.id)
 
     def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        changes.run("set", cg.id, "freeze", _parse_switch(text, range(2)), hierarchy.clock())
+        changes.run(Op.SET, cg.id, "freeze", _parse_switch(text, range(2)), hierarchy.clock())
         processes.sync()
         processes.apply_freezer(hierarchy.subtree_pids(cg))
 
@@ -214,10 +215,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         processes.kill(hierarchy.subtree_pids(cg))
 
     def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        changes.run("set", cg.id, "max_descendants", _parse_limit(text))
+        changes.run(Op.SET, cg.id, "max_descendants", _parse_limit(text))
 
     def write_max_depth(cg: Cgroup, text: bytes, caller: Caller) -> None:
-        changes.run("set", cg.id, "max_depth", _parse_limit(text))
+        changes.run(Op.SET, cg.id, "max_depth", _parse_limit(text))
 
     not_on_root = Placement.NOT_ON_ROOT
     return [

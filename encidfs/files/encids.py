@@ -7,6 +7,7 @@ from ..engine.encids import events_file
 from .cftype import Caller, CfType, Placement
 from .core import Changes
 from .parse import kstrtoull, strstrip
+from ..state.operations import Op
 
 
 def _limit(value: int) -> str:
@@ -25,7 +26,7 @@ def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]
         def write_max(cg: Cgroup, text: bytes, caller: Caller, t: int = t) -> None:
             text = strstrip(text)
             value = U64_MAX if text == b"max" else kstrtoull(text, 0)
-            changes.run("set_max", cg.id, controller.name, types.names[t], value)
+            changes.run(Op.SET_MAX, cg.id, controller.name, types.names[t], value)
 
         def show_current(cg: Cgroup, t: int = t) -> str:
             return f"{controller.css_of(cg).usage[t]}\n"

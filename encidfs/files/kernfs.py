@@ -20,6 +20,7 @@ from ..engine.cgroup import Commit, Event
 from .cftype import Caller, CfType
 from .core import Changes, Processes, core_files
 from .parse import written_text
+from ..state.operations import Op
 
 FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
 # (hierarchy, processes, changes, may_write) -> the rows every cgroup has besides its controllers'
@@ -179,7 +180,7 @@ class Kernfs:
         and owners are durable; times are not (a restarted daemon starts its own)."""
         self.attr(node)  # ENOENT once removed
         if mode is not None or uid is not None or gid is not None:
-            self.changes.run("setattr", node.cgroup.id, self._file_name(node), mode, uid, gid)
+            self.changes.run(Op.SETATTR, node.cgroup.id, self._file_name(node), mode, uid, gid)
         attr = self._own_attr(node)
         if mtime_ns is not None:
             attr.mtime_ns = mtime_ns
@@ -217,7 +218,7 @@ class Kernfs:
         return list(self._node_xattrs(node))
 
     def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller) -> None:
-        self.changes.run("setxattr", node.cgroup.id, self._file_name(node), _text(name),
+        self.changes.run(Op.SETXATTR, node.cgroup.id, self._file_name(node), _text(name),
                          _text(value), caller.uid)
 
     def apply_setxattr(self, cg: Cgroup, file: str, name_text: str, value_text: str,
@@ -259,7 +260,7 @@ class Kernfs:
         return uid
 
     def removexattr(self, node: Node, name: bytes) -> None:
-        self.changes.run("removexattr", node.cgroup.id, self._file_name(node), _text(name))
+        self.changes.run(Op.REMOVEXATTR, node.cgroup.id, self._file_name(node), _text(name))
 
     def apply_removexattr(self, cg: Cgroup, file: str, name_text: str, commit: Commit) -> None:
         node, name = self._named(cg, file), _bytes(name_text)
@@ -282,7 +283,7 @@ class Kernfs:
     def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
         parent = self._dir(parent_inode)
         self.processes.settle()  # an exit may release dying cgroups that count in the limits
-        cg = self.changes.run("mkdir", parent.id, os.fsdecode(name), stat.S_IMODE(mode),
+        cg = self.changes.run(Op.MKDIR, parent.id, os.fsdecode(name), stat.S_IMODE(mode),
                               caller.uid, caller.gid, self.hierarchy.clock())
         return Node(self.dir_inode(cg), cg, None)  # type: ignore[arg-type]
 
@@ -302,7 +303,7 @@ class Kernfs:
         if not node.is_dir:
             raise fail(errno.ENOTDIR)
         self.processes.settle()  # a process that has exited is gone from the cgroup
-        self.changes.run("rmdir", node.cgroup.id)
+        self.changes.run(Op.RMDIR, node.cgroup.id)
 
     def check_file_collisions(self, cg: Cgroup, enable: int) -> None:
         """The kernel cannot create a control file where a child has a directory of that name

@@ -12,6 +12,7 @@ from ..engine.misc import EVENTS_FILE, EVENTS_LOCAL_FILE
 from .cftype import Caller, CfType, Placement
 from .core import Changes
 from .parse import kstrtoull, strstrip
+from ..state.operations import Op
 
 
 def parse_max(text: bytes, type_names: list[str]) -> tuple[str, int]:
@@ -44,7 +45,7 @@ def misc_files(controller: MiscController, changes: Changes) -> list[CfType]:
 
     def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:
         name, value = parse_max(text, names)
-        changes.run("set_max", cg.id, controller.name, name, value)
+        changes.run(Op.SET_MAX, cg.id, controller.name, name, value)
 
     not_on_root = Placement.NOT_ON_ROOT
     current_on = Placement.EVERYWHERE if kernel.misc_current_on_root else not_on_root

@@ -18,6 +18,7 @@ from ..files.cftype import Caller, CfType
 from ..files.parse import strstrip
 from ..state.changes import Changes
 from .tree import KernelTree
+from ..state.operations import Op
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ def merged_files(tree: KernelTree, hierarchy: Hierarchy, changes: Changes) -> li
             before = tree.read(cg, SUBTREE_CONTROL_FILE).split()
             tree.write(cg, SUBTREE_CONTROL_FILE, b" ".join(kernels).decode("latin-1"))
         try:
-            changes.run("subtree_control", cg.id, list(enable), list(disable), caller.uid,
+            changes.run(Op.SUBTREE_CONTROL, cg.id, list(enable), list(disable), caller.uid,
                         caller.gid)
         except BaseException:
             if before is not None:

@@ -23,6 +23,7 @@ from inotify_simple import INotify, flags
 
 from ..engine import EVENTS_FILE, Cgroup, Hierarchy
 from ..host.mountinfo import cgroup2_mount_of
+from ..state.operations import Op
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def kernel_controllers(top: str) -> list[str]:
 class KernelTree:
     def __init__(self, top: str, hierarchy: Hierarchy, fact: Fact) -> None:
         """`top`: DIR as a real path; `fact` records and applies the mirror's changes (the
-        journal's "appeared" and "vanished")."""
+        journal's Op.APPEARED and Op.VANISHED)."""
         mount = cgroup2_mount_of(top)
         if mount is None:
             raise ValueError(f"{top} is not in a cgroup v2 hierarchy")
@@ -152,7 +153,7 @@ class KernelTree:
         if child is None:
             if parent.dying:
                 return None
-            self._fact("appeared", parent.id, name, st.st_ino)
+            self._fact(Op.APPEARED, parent.id, name, st.st_ino)
             child = parent.children[name]
             self._watch_cgroup(child)
         return child
@@ -161,7 +162,7 @@ class KernelTree:
         for node in self.hierarchy.subtree(cg):
             for wd in self._watches_of.pop(node, ()):
                 self._unwatch(wd)
-        self._fact("vanished", cg.id)
+        self._fact(Op.VANISHED, cg.id)
 
     def reconcile(self) -> int:
         """Bring the whole mirror in line with the kernel's tree (at start, and after the

@@ -12,18 +12,20 @@ id, names and bytes as text, nothing that needs /proc.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
-from typing import Protocol
+from collections.abc import Callable, Iterable
+from typing import Protocol, TypeVar
 
 import outcome
 
 from ..engine import Engine, Refused, ResourceController
 from ..engine.cgroup import Cgroup, Commit, no_journal
 from ..files.kernfs import Kernfs
+from .operations import Op
 
 log = logging.getLogger(__name__)
 
-Record = tuple  # (name, *arguments)
+Record = tuple  # (an Op's value, *arguments)
+T = TypeVar("T", bound=Callable[..., object])
 
 
 class Journal(Protocol):
@@ -37,11 +39,16 @@ class Journal(Protocol):
         """Keep a fact, to be made durable with the next record (or the next flush)."""
 
 
+def applies(op: Op) -> Callable[[T], T]:
+    """Mark the method of Changes that applies `op`, live and replayed."""
+    def mark(method: T) -> T:
+        method.applies = op  # type: ignore[attr-defined]
+        return method
+    return mark
+
+
 class Changes:
-    NAMES = frozenset({"mkdir", "rmdir", "subtree_control", "threaded", "set", "set_max",
-                       "setattr", "setxattr", "removexattr", "attach", "attach_thread",
-                       "allocate", "free", "fork", "threads", "exit", "appeared",
-                       "vanished"})
+    APPLY: dict[Op, Callable[..., object]]  # set below, once the class is made
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -53,12 +60,12 @@ class Changes:
         # whose PID has another process by then.
         self.starts: dict[int, int] = {}
 
-    def run(self, op: str, *args: object) -> object:
-        record = (op, *args)
+    def run(self, op: Op, *args: object) -> object:
+        record = (op.value, *args)
         journal = self.journal
         commit = no_journal if journal is None else (lambda: journal.append(record))
         try:
-            return getattr(self, op)(*args, commit=commit)
+            return self.APPLY[op](self, *args, commit=commit)
         except Refused:
             self._stage(record)  # it left a trace: replayed, it refuses and leaves it again
             raise
@@ -73,20 +80,20 @@ class Changes:
                 self.journal.append_all(records)
             except OSError as error:
                 return [outcome.Error(error) for _ in records]
-        return [outcome.capture(getattr(self, op), *args) for op, *args in records]
+        return [outcome.capture(self.APPLY[Op(name)], self, *args) for name, *args in records]
 
-    def fact(self, op: str, *args: object) -> None:
-        getattr(self, op)(*args)
-        self._stage((op, *args))
+    def fact(self, op: Op, *args: object) -> None:
+        self.APPLY[op](self, *args)
+        self._stage((op.value, *args))
 
     def replay(self, records: Iterable[Record]) -> int:
         """Apply records read back from a journal; return how many could not be (logged)."""
         failed = 0
         for record in records:
             try:
-                if record[0] not in self.NAMES:
+                if record[0] not in _NAMES:
                     raise ValueError(f"unknown change {record[0]!r}")
-                getattr(self, record[0])(*record[1:])
+                self.APPLY[Op(record[0])](self, *record[1:])
             except Refused:
                 pass  # refused then too
             except (OSError, LookupError, TypeError, ValueError) as error:
@@ -103,24 +110,29 @@ class Changes:
 
     # -- the tree and its settings --------------------------------------------------------------
 
+    @applies(Op.MKDIR)
     def mkdir(self, parent: int, name: str, mode: int, uid: int, gid: int,
               at: int | None = None, commit: Commit = no_journal) -> Cgroup:
         """`at`: when, on the engine's clock (a freezing parent's time counts from then)."""
         return self.kernfs.apply_mkdir(self._cgroup(parent), name, mode, uid, gid, commit, at)
 
+    @applies(Op.RMDIR)
     def rmdir(self, cgroup: int, commit: Commit = no_journal) -> None:
         self.hierarchy.rmdir(self._cgroup(cgroup), commit)
 
+    @applies(Op.APPEARED)
     def appeared(self, parent: int, name: str, cgroup: int) -> None:
         """A cgroup the kernel has made (--over), by its cgroup ID."""
         self.hierarchy.mirror(self._cgroup(parent), name, cgroup)
 
+    @applies(Op.VANISHED)
     def vanished(self, cgroup: int) -> None:
         """A cgroup the kernel has removed (--over), and what the mirror had below it."""
         h = self.hierarchy
         for cg in reversed(list(h.subtree(self._cgroup(cgroup)))):
             h.rmdir(cg)
 
+    @applies(Op.SUBTREE_CONTROL)
     def subtree_control(self, cgroup: int, enable: list[str], disable: list[str], uid: int,
                         gid: int, commit: Commit = no_journal) -> None:
         cg, h = self._cgroup(cgroup), self.hierarchy
@@ -139,10 +151,12 @@ class Changes:
                                                                    disable_mask)[0])
         return enable_mask, disable_mask
 
+    @applies(Op.THREADED)
     def threaded(self, cgroup: int, commit: Commit = no_journal) -> None:
         """"threaded" written to cgroup.type."""
         self.hierarchy.enable_threaded(self._cgroup(cgroup), commit)
 
+    @applies(Op.SET)
     def set(self, cgroup: int, key: str, value: int, at: int | None = None,
             commit: Commit = no_journal) -> None:
         """cgroup.max.depth, cgroup.max.descendants, cgroup.freeze (`at`: when, on the
@@ -154,6 +168,7 @@ class Changes:
         setter = {"max_depth": h.set_max_depth, "max_descendants": h.set_max_descendants}
         setter[key](cg, value, commit)
 
+    @applies(Op.SET_MAX)
     def set_max(self, cgroup: int, controller: str, type_name: str, value: int,
                 commit: Commit = no_journal) -> None:
         """encids.<type>.max, misc.max."""
@@ -162,32 +177,38 @@ class Changes:
 
     # -- node attributes ------------------------------------------------------------------------
 
+    @applies(Op.SETATTR)
     def setattr(self, cgroup: int, file: str, mode: int | None, uid: int | None,
                 gid: int | None, commit: Commit = no_journal) -> None:
         self.kernfs.apply_setattr(self._cgroup(cgroup), file, mode, uid, gid, commit)
 
+    @applies(Op.SETXATTR)
     def setxattr(self, cgroup: int, file: str, name: str, value: str, uid: int | None = None,
                  commit: Commit = no_journal) -> None:
         """`uid`: who sets it (None in a record written before xattrs were charged)."""
         self.kernfs.apply_setxattr(self._cgroup(cgroup), file, name, value, uid, commit)
 
+    @applies(Op.REMOVEXATTR)
     def removexattr(self, cgroup: int, file: str, name: str,
                     commit: Commit = no_journal) -> None:
         self.kernfs.apply_removexattr(self._cgroup(cgroup), file, name, commit)
 
     # -- processes and IDs ----------------------------------------------------------------------
 
+    @applies(Op.ATTACH)
     def attach(self, pid: int, start: int, cgroup: int, commit: Commit = no_journal) -> None:
         cg = self._cgroup(cgroup)
         self.hierarchy.attach(pid, cg, commit)
         self._started(pid, start)
 
+    @applies(Op.ATTACH_THREAD)
     def attach_thread(self, pid: int, start: int, tid: int, cgroup: int, threads: list[int],
                       commit: Commit = no_journal) -> None:
         """A cgroup.threads write; `threads` are the process's threads then."""
         self.hierarchy.attach_thread(pid, tid, self._cgroup(cgroup), threads, commit)
         self._started(pid, start)
 
+    @applies(Op.ALLOCATE)
     def allocate(self, holder: int, start: int, type_name: str, count: int,
                  cgroup: int | None = None, guest: str | None = None,
                  commit: Commit = no_journal) -> list[int]:
@@ -199,20 +220,24 @@ class Changes:
         self._started(holder, start)
         return ids
 
+    @applies(Op.FREE)
     def free(self, ids: list[int], commit: Commit = no_journal) -> None:
         holders = {self.allocator.holder_of(id_) for id_ in ids}
         self.allocator.free(ids, commit)
         for holder in holders:
             self._started(holder, None)
 
+    @applies(Op.FORK)
     def fork(self, parent: int, child: int, start: int, creator: int | None = None) -> None:
         self.hierarchy.fork(parent, child, creator)
         self._started(child, start)
 
+    @applies(Op.THREADS)
     def threads(self, pid: int, threads: list[int]) -> None:
         """The threads of a process whose threads are in more than one cgroup changed."""
         self.hierarchy.set_threads(pid, threads)
 
+    @applies(Op.EXIT)
     def exit(self, pid: int) -> None:
         self.hierarchy.exit(pid)
         self.allocator.release_holder(pid)  # like a VM's fd closing with it
@@ -233,3 +258,10 @@ class Changes:
         if not isinstance(controller, ResourceController):
             raise LookupError(f"no controller {name!r}")
         return controller
+
+
+Changes.APPLY = {method.applies: method for method in vars(Changes).values()
+                 if hasattr(method, "applies")}
+if set(Changes.APPLY) != set(Op):
+    raise TypeError(f"no method of Changes applies {sorted(set(Op) - set(Changes.APPLY))}")
+_NAMES = frozenset(op.value for op in Op)
