@@ -17,20 +17,38 @@ from .cgroup import Cgroup, Hierarchy
 from .css import Css
 
 
+# A snapshot names its records' fields; an older release wrote each as a list of these, in
+# this order, shorter the older it is (what it did not have yet takes the default).
+_CGROUP_FIELDS = ("id", "parent", "name", "dying", "subtree_control", "max_depth",
+                  "max_descendants", "freeze", "dom", "frozen_ns", "freeze_since", "creator")
+_CGROUP_DEFAULTS = {"dom": None, "frozen_ns": 0, "freeze_since": None, "creator": None}
+_CSS_FIELDS = ("controller", "cgroup", "parent", "online", "state")
+
+
+def _named(record: dict | list, fields: tuple[str, ...], defaults: dict) -> dict:
+    if isinstance(record, dict):
+        return {**defaults, **record}
+    return {**defaults, **dict(zip(fields, record))}
+
+
 def dump(h: Hierarchy, allocator: Allocator) -> dict:
     csses = _csses(h, allocator)
     css_index = {css: index for index, css in enumerate(csses)}
     cgroups = _cgroups(h, csses)
     return {
         "next_id": h._next_id,
-        "cgroups": [[cg.id, cg.parent.id if cg.parent else None, cg.name, cg.dying,
-                     h.names(cg.subtree_control), cg.max_depth, cg.max_descendants, cg.freeze,
-                     cg.dom.id if cg.is_threaded else None, cg.frozen_ns, cg.freeze_since,
-                     None if cg.made_by is None else cg.made_by[1]]
+        "cgroups": [{"id": cg.id, "parent": cg.parent.id if cg.parent else None,
+                     "name": cg.name, "dying": cg.dying,
+                     "subtree_control": h.names(cg.subtree_control),
+                     "max_depth": cg.max_depth, "max_descendants": cg.max_descendants,
+                     "freeze": cg.freeze, "dom": cg.dom.id if cg.is_threaded else None,
+                     "frozen_ns": cg.frozen_ns, "freeze_since": cg.freeze_since,
+                     "creator": None if cg.made_by is None else cg.made_by[1]}
                     for cg in cgroups],
-        "csses": [[h.controllers[css.ssid].name, css.cgroup.id,
-                   None if css.parent is None else css_index[css.parent], css.online,
-                   h.controllers[css.ssid].dump_css(css)] for css in csses],
+        "csses": [{"controller": h.controllers[css.ssid].name, "cgroup": css.cgroup.id,
+                   "parent": None if css.parent is None else css_index[css.parent],
+                   "online": css.online, "state": h.controllers[css.ssid].dump_css(css)}
+                  for css in csses],
         "members": sorted([pid, cg.id] for pid, cg in h.members.items()),
         "threads": sorted([pid, tid, cg.id] for pid, threads in h.split.items()
                           for tid, cg in threads.items()),
@@ -45,11 +63,12 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
     root = h.root
     cgroups: dict[int, Cgroup] = {}
     now = h.clock()
-    for cgid, parent_id, name, dying, subtree_control, max_depth, max_descendants, freeze, \
-            *added in data["cgroups"]:
+    for record in data["cgroups"]:
+        entry = _named(record, _CGROUP_FIELDS, _CGROUP_DEFAULTS)
+        cgid, parent_id, name, dying = entry["id"], entry["parent"], entry["name"], entry["dying"]
         # The domain of a threaded cgroup is kept, not derived: as in cgroup_enable_threaded(),
         # a threaded cgroup below a domain invalid one has the domain of the thread root above.
-        dom_id, frozen_ns, freeze_since, creator = [*added, None, 0, None, None][:4]
+        dom_id = entry["dom"]
         if parent_id is None:
             cg = root
             del h.by_id[cg.id]
@@ -64,11 +83,12 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
                 parent.children[name] = cg
         if not cg.dying:
             h.by_id[cgid] = cg
-        cg.subtree_control = _mask(h, subtree_control)
-        cg.max_depth, cg.max_descendants, cg.freeze = max_depth, max_descendants, freeze
-        cg.frozen_ns, cg.freeze_since = frozen_ns, freeze_since
+        cg.subtree_control = _mask(h, entry["subtree_control"])
+        cg.max_depth, cg.max_descendants = entry["max_depth"], entry["max_descendants"]
+        cg.freeze, cg.frozen_ns = entry["freeze"], entry["frozen_ns"]
+        cg.freeze_since = entry["freeze_since"]
         if parent_id is not None:
-            h.charge_creator(cg, creator)
+            h.charge_creator(cg, entry["creator"])
         cgroups[cgid] = cg
     h._next_id = data["next_id"]
     freezing: dict[Cgroup, bool] = {}  # parents first: a snapshot older than freeze times
@@ -79,7 +99,10 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
     fresh_roots = {ssid: css for ssid, css in enumerate(root.css)}  # made with the engine
     root.css = [None] * len(h.controllers)
     csses: dict[int, Css] = {}  # by index in the snapshot
-    for index, (name, cgid, parent_index, online, state) in enumerate(data["csses"]):
+    for index, record in enumerate(data["csses"]):
+        entry = _named(record, _CSS_FIELDS, {})
+        name, cgid, parent_index = entry["controller"], entry["cgroup"], entry["parent"]
+        online, state = entry["online"], entry["state"]
         controller = h.controller(name)
         if controller is None:
             continue  # a controller this daemon does not offer: its books are left out

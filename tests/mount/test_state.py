@@ -266,7 +266,7 @@ def test_sigterm_unmounts_and_leaves_the_state_consistent(stateful):
         data = json.loads(db.execute("SELECT data FROM snapshot").fetchone()[0])
         generation = dict(db.execute("SELECT key, value FROM meta"))["generation"]
     assert Path(f"{state}.log").read_text() == f'["encidfs-log", {generation}]\n'
-    assert sorted(cg[2] for cg in data["engine"]["cgroups"]) == ["", "kept"]
+    assert sorted(cg["name"] for cg in data["engine"]["cgroups"]) == ["", "kept"]
 
 
 def integrity(state: Path) -> str:
