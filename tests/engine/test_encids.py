@@ -18,16 +18,6 @@ def engine():
 
 
 @pytest.fixture
-def h(engine):
-    return engine.hierarchy
-
-
-@pytest.fixture
-def allocator(engine):
-    return engine.allocator
-
-
-@pytest.fixture
 def encids(h):
     return h.controller("encids")
 

@@ -11,11 +11,6 @@ from encidfs.engine import EVENTS_FILE, Change, ChargeRefused, new_engine
 ENCIDS = 1  # subtree_control mask of encids, the hierarchy's only controller
 
 
-@pytest.fixture
-def h():
-    return new_hierarchy({"sev": 8})
-
-
 def new_hierarchy(capacities):
     return new_engine(capacities).hierarchy
 

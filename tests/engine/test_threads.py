@@ -19,16 +19,6 @@ def raises_errno(code):
     return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
-@pytest.fixture
-def engine():
-    return new_engine({"sev": 8})
-
-
-@pytest.fixture
-def h(engine):
-    return engine.hierarchy
-
-
 def tree(h, *paths):
     """mkdir each path (parents first); the cgroups by path."""
     made = {"/": h.root}

@@ -1,0 +1,24 @@
+"""Fixtures the engine tests share: an engine of the encids controller alone, 8 SEV IDs, its
+hierarchy and its allocator.  A module that needs other capacities or controllers defines its
+own `engine`; `h` and `allocator` follow it."""
+
+from __future__ import annotations
+
+import pytest
+
+from encidfs.engine import Allocator, Engine, Hierarchy, new_engine
+
+
+@pytest.fixture
+def engine() -> Engine:
+    return new_engine({"sev": 8})
+
+
+@pytest.fixture
+def h(engine: Engine) -> Hierarchy:
+    return engine.hierarchy
+
+
+@pytest.fixture
+def allocator(engine: Engine) -> Allocator:
+    return engine.allocator
