@@ -1,0 +1,178 @@
+"""The journal replayed without a mount: the records a sequence of requests and facts leaves,
+replayed into a fresh engine (by Changes.replay, or by restore() from a store's files), give
+back the same snapshot; a change the journal refuses is never applied."""
+
+from __future__ import annotations
+
+import errno
+import stat
+
+import pytest
+
+from encidfs.engine import ChargeRefused, EncidsController, MiscController, new_engine
+from encidfs.files.cftype import Caller
+from encidfs.files.encids import encids_files
+from encidfs.files.kernfs import ROOT_INODE, Kernfs
+from encidfs.files.misc import misc_files
+from encidfs.state import restore
+from encidfs.state.changes import Changes
+from encidfs.state.operations import Op
+from encidfs.state.store import StateStore
+
+ROOT = Caller(pid=1, uid=0, gid=0)
+ALICE = Caller(pid=2, uid=1000, gid=1000)
+LAYOUT = {"sev": 4, "sev_es": 2}
+
+
+class Processes:
+    """Every process there and movable: the journal is what is tested."""
+
+    def thread_group(self, pid):
+        return pid
+
+    def all_pids(self):
+        return []
+
+    def threads(self, pid):
+        return [pid]
+
+    def watch(self, pid):
+        return 100 + pid
+
+    def pid_from(self, caller, pid, thread=False):
+        return pid
+
+    def pids_for(self, caller, pids):
+        return pids
+
+    def sync(self): pass
+    def settle(self): pass
+    def joined(self, pid): pass
+    def check_signalable(self, pid): pass
+    def kill(self, pids): pass
+    def apply_freezer(self, pids): pass
+
+
+class Recorder:
+    """A journal that keeps its records in memory, facts staged before the next record, or
+    refuses every commit once `full`."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple] = []
+        self.staged: list[tuple] = []
+        self.full = False
+
+    def append(self, record: tuple) -> None:
+        self.append_all([record])
+
+    def append_all(self, records: list[tuple]) -> None:
+        if self.full:
+            raise OSError(errno.ENOSPC, "full")
+        self.records += self.staged + records
+        self.staged = []
+
+    def stage(self, record: tuple) -> None:
+        self.staged.append(record)
+
+
+def fresh() -> Changes:
+    engine = new_engine(LAYOUT, controllers=(EncidsController, MiscController))
+    engine.hierarchy.clock = lambda: 10**12  # freezing times the same on both sides
+    changes = Changes(engine)
+    changes.kernfs = Kernfs(engine.hierarchy, Processes(), changes, [encids_files, misc_files])
+    return changes
+
+
+def state(changes: Changes) -> dict:
+    data = restore.snapshot(changes)
+    del data["boot"]
+    return data
+
+
+def write(table: Kernfs, inode: int, name: str, text: bytes, caller: Caller = ROOT) -> None:
+    table.open(table.lookup(inode, name.encode()), caller).write(text)
+
+
+def mkdir(table: Kernfs, parent: int, name: str, caller: Caller = ROOT) -> int:
+    return table.mkdir(parent, name.encode(), stat.S_IFDIR | 0o755, caller).inode
+
+
+def requests(changes: Changes) -> None:
+    """Some of every kind of change, through the files as a mount's requests make them."""
+    table = changes.kernfs
+    write(table, ROOT_INODE, "cgroup.subtree_control", b"+encids +misc")
+    a = mkdir(table, ROOT_INODE, "a", ALICE)
+    b = mkdir(table, a, "b", ALICE)
+    mkdir(table, ROOT_INODE, "gone")
+    write(table, a, "cgroup.subtree_control", b"+encids", ALICE)
+    write(table, a, "encids.sev.max", b"2")
+    write(table, a, "misc.max", b"sev_es 1")
+    write(table, a, "cgroup.freeze", b"1")
+    write(table, b, "cgroup.procs", b"10")
+    changes.fact(Op.FORK, 10, 11, 111)
+    changes.run(Op.ALLOCATE, 10, 110, "sev", 2, table.node(b).cgroup.id)
+    with pytest.raises(ChargeRefused):  # refused, and its events counted: staged
+        changes.run(Op.ALLOCATE, 11, 111, "sev", 1, table.node(b).cgroup.id)
+    changes.fact(Op.EXIT, 11)
+    procs = table.lookup(b, b"cgroup.procs")
+    table.setattr(procs, mode=0o664, gid=7)
+    table.setxattr(procs, b"user.note", b"\xffkept", ALICE)
+    table.setxattr(table.node(a), b"user.gone", b"", ALICE)
+    table.removexattr(table.node(a), b"user.gone")
+    table.rmdir(ROOT_INODE, b"gone")
+
+
+def test_replayed_records_give_the_same_state():
+    live, journal = fresh(), Recorder()
+    live.journal = journal
+    requests(live)
+    replayed = fresh()
+    assert replayed.replay(journal.records + journal.staged) == 0
+    assert state(replayed) == state(live)
+
+
+def test_a_change_the_journal_refuses_is_not_applied():
+    live, journal = fresh(), Recorder()
+    live.journal = journal
+    table = live.kernfs
+    before = state(live)
+    journal.full = True
+    with pytest.raises(OSError, check=lambda e: e.errno == errno.ENOSPC):
+        mkdir(table, ROOT_INODE, "a")
+    with pytest.raises(OSError, check=lambda e: e.errno == errno.ENOSPC):
+        table.setxattr(table.node(ROOT_INODE), b"user.a", b"1", ROOT)
+    assert state(live) == before and journal.records == []
+
+
+def test_restore_from_a_checkpoint_and_the_journal_after_it(tmp_path):
+    path = str(tmp_path / "state.db")
+    live = fresh()
+    store = StateStore(path, LAYOUT, durable=False)
+    restore.restore(store, live, lambda pid: None)  # nothing yet: a fresh file
+    write(live.kernfs, ROOT_INODE, "cgroup.subtree_control", b"+encids")
+    store.checkpoint()
+    requests(live)  # after the checkpoint: in the journal only
+    expected = state(live)
+    store.close()
+    restored = fresh()
+    again = StateStore(path, LAYOUT, durable=False)
+    watched = restore.restore(again, restored, {10: 110}.get)
+    again.close()
+    assert watched == [10]
+    assert state(restored) == expected
+
+
+def test_restore_drops_the_processes_that_are_gone(tmp_path):
+    path = str(tmp_path / "state.db")
+    live = fresh()
+    store = StateStore(path, LAYOUT, durable=False)
+    restore.restore(store, live, lambda pid: None)
+    requests(live)
+    store.close()
+    restored = fresh()
+    again = StateStore(path, LAYOUT, durable=False)
+    # PID 10 is another process now: it exited, and the IDs it held are free.
+    assert restore.restore(again, restored, {10: 999}.get) == []
+    again.close()
+    assert restored.hierarchy.members == {} and restored.allocator.holdings() == {}
+    assert restored.starts == {}
