@@ -365,6 +365,7 @@ def test_offline_chain_releases_bottom_up_after_grandparent_disables(h, encids, 
     assert usage(h.root) == 0 and h.root.css[0].nr_descendants == 3
 
 
+@pytest.mark.slow
 def test_a_dying_chain_10000_deep_is_released_by_its_last_uncharge(h, encids, allocator):
     # A delegatee's worst case: +encids at every level of a deep chain, a charge at the bottom,
     # the holder moved out and the chain removed; the last uncharge releases all of it at once.

@@ -189,6 +189,7 @@ def test_a_controller_the_snapshot_lacks_starts_with_what_is_held():
 
 
 @pytest.mark.parametrize("depth", [10_000])
+@pytest.mark.slow
 def test_a_deep_chain_loads_in_one_pass(depth):
     engine = new_engine(CAPACITIES)
     cg = engine.hierarchy.root

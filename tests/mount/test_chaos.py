@@ -379,6 +379,7 @@ def chaos_mount() -> Iterator[Path]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.mark.slow
 def test_kill_9_under_mixed_load_loses_nothing_acknowledged(chaos_mount):
     mnt = chaos_mount
     chaos = Chaos(mnt)

@@ -973,6 +973,7 @@ _parser_input = st.one_of(st.binary(max_size=40), core_text,
 
 @settings(max_examples=2000, deadline=None)
 @given(text=_parser_input)
+@pytest.mark.slow
 def test_the_daemons_parsers_agree_with_the_kernel_model(text):
     text = handler_text(text)
     assert daemon_parse.written_text(text + b"\0x") == text
@@ -1325,6 +1326,7 @@ def _run_action(action: object, connections: Connections, client: Client,
         connections.done(connection, closed=True)
 
 
+@pytest.mark.slow
 def test_hostile_requests_on_the_control_socket(daemon):
     mnt = daemon.path
     connections = Connections(control_path(mnt))

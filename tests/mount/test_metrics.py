@@ -79,6 +79,7 @@ def test_promtool_accepts_the_metrics(exported):
     assert (check.returncode, check.stdout, check.stderr) == (0, "", "")
 
 
+@pytest.mark.slow
 def test_a_prometheus_server_scrapes_the_daemon(exported, tmp_path):
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus is not installed (package prometheus)")

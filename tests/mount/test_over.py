@@ -148,6 +148,7 @@ def test_forks_clone_parent_threads_and_exits_are_the_kernels(over, scratch, sto
 
 
 @pytest.mark.parametrize("mode, forks", [("flat", 5000), ("exec", 1000), ("daemons", 100)])
+@pytest.mark.slow
 def test_a_storm_leaves_the_books_exact_at_no_cost_per_fork(over, scratch, storm, mode, forks):
     """A build's worth of processes (forks, fork and exec, double-forking daemons) in a cgroup:
     the kernel keeps the books, the daemon spends nothing per process."""

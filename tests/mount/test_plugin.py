@@ -31,6 +31,7 @@ def run_pytest(directory: Path, source: str, *argv: str, user: User | None = Non
                           cwd=directory)
 
 
+@pytest.mark.slow
 def test_a_daemon_that_dies_fails_its_test_with_its_log(tmp_path):
     done = run_pytest(tmp_path, '''
 import os, signal
@@ -45,6 +46,7 @@ def test_kills_its_daemon(encidfs):
     assert "1 passed, 1 error" in done.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_a_failing_test_reports_the_daemons_log(tmp_path):
     done = run_pytest(tmp_path, '''
 def test_fails(encidfs):

@@ -50,6 +50,7 @@ print(done)
 """
 
 
+@pytest.mark.slow
 def test_invalidation_under_concurrent_requests_never_deadlocks(cg: Path):
     (cg / "b").mkdir()
     kinds = ["toggle", "toggle", "stat", "stat", "read", "read", "write", "list"]
@@ -110,6 +111,7 @@ print("".join(line + "\n" for line in stale), end="")
 
 
 @pytest.mark.parametrize("tracking", ["auto", "scan"])
+@pytest.mark.slow
 def test_an_exit_is_seen_as_soon_as_waitpid_returns(mount_encidfs, tracking):
     """In the kernel a task leaves its cgroup in do_exit, before its parent can reap it."""
     mnt = mount_encidfs("--tracking", tracking)

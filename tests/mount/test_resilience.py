@@ -251,6 +251,7 @@ def test_processes_past_the_pidfd_budget_are_still_followed(mount_encidfs):
     wait_until(lambda: used(mnt) == 0, "the holders' IDs to be freed")
 
 
+@pytest.mark.slow
 def test_a_client_that_never_reads_is_dropped(daemon):
     mnt = daemon.path
     write(mnt / "cgroup.subtree_control", "+encids")
@@ -332,6 +333,7 @@ def boot_ticks() -> int:
     return int(time.clock_gettime(time.CLOCK_BOOTTIME) * os.sysconf("SC_CLK_TCK"))
 
 
+@pytest.mark.slow
 def test_after_lost_process_events_a_child_forked_before_its_parent_joined_stays_out(daemon,
                                                                                      storm):
     mnt = daemon.path
@@ -462,6 +464,7 @@ def test_the_supervisor_mounts_again_within_a_second_with_everything(supervised)
     assert alive(supervisor)
 
 
+@pytest.mark.slow
 def test_a_daemon_killed_amid_its_own_truncates_is_mounted_again(supervised, procs):
     """The truncates that raise IN_MODIFY (fuse/inotify.py) go through the mount, and a daemon
     killed while they stream in is replaced each time.  The case that matters, a kill between

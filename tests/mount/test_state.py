@@ -115,6 +115,7 @@ def sleeps():
         process.wait()
 
 
+@pytest.mark.slow
 def test_kill_9_and_mount_again_restores_everything_acknowledged(stateful, sleeps):
     mnt, state, mount = stateful
     assert mount().returncode == 0
@@ -208,6 +209,7 @@ def tids(cg: Path) -> list[int]:
     return sorted(int(tid) for tid in read(cg / "cgroup.threads").split())
 
 
+@pytest.mark.slow
 def test_writes_acknowledged_before_a_crash_under_load_survive(stateful):
     mnt, state, mount = stateful
     assert mount().returncode == 0
@@ -295,6 +297,7 @@ def test_a_corrupt_state_file_is_refused_and_left_alone(stateful, content):
     assert mounted_fstype(mnt) is None
 
 
+@pytest.mark.slow
 def test_a_state_file_of_another_format_or_layout_is_refused_and_left_alone(stateful):
     mnt, state, mount = stateful
     assert mount().returncode == 0
@@ -484,6 +487,7 @@ def test_a_full_disk_refuses_changes_and_never_loses_one(tmp_path, small_disk, s
         subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
+@pytest.mark.slow
 def test_a_read_only_state_file_refuses_changes_and_takes_them_again(tmp_path, small_disk):
     mnt, state = tmp_path / "mnt", small_disk / "state.db"
     mnt.mkdir()
@@ -591,6 +595,7 @@ def test_a_state_file_of_the_release_before_misc_is_upgraded_with_one_set_of_boo
     assert read(mnt / "misc.current") == "sev 1\nsev_es 1\n"
 
 
+@pytest.mark.slow
 def test_misc_limits_subtree_control_and_peaks_survive_a_restart(stateful, sleeps):
     mnt, state, mount = stateful
     assert mount().returncode == 0
@@ -616,6 +621,7 @@ def test_misc_limits_subtree_control_and_peaks_survive_a_restart(stateful, sleep
 
 # -- without --state: a runtime file ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_without_state_a_crash_loses_nothing_and_umount_forgets(tmp_path):
     mnt = tmp_path / "mnt"
     mnt.mkdir()

@@ -57,6 +57,7 @@ def test_after_a_storm_the_cgroup_lists_exactly_its_live_processes(tracked, stor
     assert keyed(read(mnt / "cgroup.stat"))["nr_descendants"] == 1
 
 
+@pytest.mark.slow
 def test_one_mount_takes_every_storm_in_turn(tracked, storm):
     """The storms one after another on one mount, in one cgroup: what one leaves behind (a
     process listed for good, a lost event) would show in the next."""

@@ -57,6 +57,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from mountutil import DEADLINE, keyed, read
 
 from encidfs.client import Client, ControlError
@@ -1143,6 +1145,7 @@ class Stress:
             print(f"    {op:<20} {result:<10} {count}")
 
 
+@pytest.mark.slow
 def test_concurrent_shell_level_operations_keep_the_accounting_exact(mount_encidfs, procs,
                                                                      tmp_path):
     started = time.monotonic()

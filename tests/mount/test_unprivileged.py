@@ -230,6 +230,7 @@ def test_a_users_mount_owner_acts_for_another_users_process(namespace, user, sec
     }, done.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_the_example_project_passes_as_a_user_with_only_the_plugin(namespace, user):
     """tests/example uses nothing but the installed plugin; as the test user it mounts, runs
     holders, restarts and runs under `encidfs exec` (a user namespace) by itself."""
