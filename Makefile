@@ -1,7 +1,7 @@
 PYTHON ?= .venv/bin/python
 MOUNTPOINT ?= /run/encidfs
 
-.PHONY: install install-test mount umount test bench
+.PHONY: install install-test mount umount test test-fast bench
 install: .venv/.installed
 install-test: .venv/.installed-test
 
@@ -29,6 +29,10 @@ umount:
 
 test: install-test
 	$(PYTHON) -m pytest -q
+
+# The quick loop: no mount (no root, no FUSE needed) and nothing that takes seconds.
+test-fast: install-test
+	$(PYTHON) -m pytest -q -m "not slow and not mount"
 
 # Baselines measured beside today's: the release before one request loop and group commits
 # (issue #12).  LXCFS is measured too where it is installed (apt-get install lxcfs).
