@@ -291,13 +291,20 @@ class OverKernfs(Kernfs):
 
     def dump(self) -> dict:
         nodes: dict[str, dict] = {}
-        for table, field in ((self._file_attrs, "attrs"), (self._xattrs, "xattrs")):
-            for inode, value in table.items():
-                cgid, name = self._id_and_name(inode)
-                entry = nodes.setdefault(str(cgid), {"attrs": {}, "xattrs": {}})
-                entry[field][name] = ([value.mode, value.uid, value.gid] if field == "attrs"
-                                      else {k.decode("latin-1"): v.decode("latin-1")
-                                            for k, v in value.items()})
+
+        def entry(inode: int) -> tuple[dict, str]:
+            cgid, name = self._id_and_name(inode)
+            return nodes.setdefault(str(cgid), {"attrs": {}, "xattrs": {}}), name
+
+        for inode, attr in self._file_attrs.items():
+            node, name = entry(inode)
+            node["attrs"][name] = [attr.mode, attr.uid, attr.gid]
+        for inode, xattrs in self._xattrs.items():
+            node, name = entry(inode)
+            node["xattrs"][name] = {k.decode("latin-1"): v.decode("latin-1")
+                                    for k, v in xattrs.items()}
+            node.setdefault("xattr_setters", {})[name] = {
+                k.decode("latin-1"): self._xattr_setters[inode, k] for k in xattrs}
         return nodes
 
     def load(self, nodes: dict) -> None:
@@ -312,9 +319,15 @@ class OverKernfs(Kernfs):
             for name, xattrs in entry["xattrs"].items():
                 if not self._has(cg, name):
                     continue
-                values = {k.encode("latin-1"): v.encode("latin-1") for k, v in xattrs.items()}
-                self._xattrs[self._named(cg, name).inode] = values
-                self._xattr_bytes += sum(len(k) + len(v) for k, v in values.items())
+                # Charged to whoever set each (a snapshot from before setters were kept: the
+                # owner), as the standalone tree's load does.
+                inode = self._named(cg, name).inode
+                setters = entry.get("xattr_setters", {}).get(name, {})
+                self._xattrs[inode] = {k.encode("latin-1"): v.encode("latin-1")
+                                       for k, v in xattrs.items()}
+                for key, value in xattrs.items():
+                    self._charge_xattr(inode, key.encode("latin-1"), value.encode("latin-1"),
+                                       setters.get(key, self.owner))
 
 
 class KernelFile:
