@@ -23,9 +23,9 @@ the tests of software that manages cgroups and encryption IDs, as root or as any
         mount.restart()                                          # the state is kept
 
 A mount has sev=509 and sev_es=99 on every machine (the host's own are not detected) unless
-`capacity=` says otherwise.  Every mount is unmounted after its test, whatever happened; a daemon that died or logged an
-error fails the test, with its last log lines in the report.  Where FUSE cannot be used, the
-test errors with one line saying what is missing.
+`capacity=` says otherwise.  Every mount is unmounted after its test, whatever happened; a
+daemon that died or logged an error fails the test, with its last log lines in the report.
+Where FUSE cannot be used, the test errors with one line saying what is missing.
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
+import pluggy
 import pytest
 
-from .host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
 from .client import Client
+from .host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
 
 MOUNT_DEADLINE = 10.0  # seconds for a daemon to mount, or to stop
 LOG_LINES = 20  # of the daemon's log, in a failing test's report
@@ -142,8 +143,9 @@ class Mount:
 
     def _spawn(self) -> subprocess.Popen:
         self.path.mkdir(exist_ok=True)
-        limit = None if self._nofile is None else (
-            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, self._nofile))
+        nofile = self._nofile
+        limit = None if nofile is None else (
+            lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
         # An empty host to detect capacities on: the same defaults on every machine, unless
         # the test gives its own.
         host = self.path.parent / "host"
@@ -322,7 +324,8 @@ def encidfs(encidfs_factory: object, request: pytest.FixtureRequest) -> Mount:
 
 
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo
+                              ) -> Generator[None, pluggy.Result[pytest.TestReport], None]:
     outcome = yield
     report = outcome.get_result()
     if report.failed:

@@ -20,13 +20,13 @@ import contextlib
 import errno
 import functools
 import os
-import statistics
-import subprocess
 import shutil
 import signal
+import socket
+import statistics
+import subprocess
 import sys
 import tempfile
-import socket
 import time
 import tracemalloc
 from pathlib import Path
@@ -332,7 +332,9 @@ def lxcfs_target():
         if shutil.which("lxcfs") is None:
             raise Skip("lxcfs is not installed")
         with tempfile.TemporaryDirectory(prefix="encidfs-bench-lxcfs-") as run:
-            argv = lambda mnt: ["lxcfs", "--foreground", "--pidfile", f"{run}/lxcfs.pid", mnt]
+            def argv(mnt: str) -> list[str]:
+                return ["lxcfs", "--foreground", "--pidfile", f"{run}/lxcfs.pid", mnt]
+
             with fuse_mount(argv) as mnt:
                 path = f"{mnt}/proc/uptime"
                 yield {"read": ("read", path), PINNED: ("read", path)}
@@ -621,7 +623,7 @@ int main(int argc, char **argv)
 	for (long i = 0; i < n; i++)
 		close(open(argv[3], O_RDONLY));
 	printf("%.0f %.1f %.0f %lx\n", statfs_ns, other_ns, (now() - start) / n,
-	       (long)answer.f_type);
+           (long)answer.f_type);
 	return 0;
 }
 """

@@ -276,7 +276,8 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
     if said.strip() != b"ready":
         process.wait()
         message = process.stderr.read().decode(errors="replace").strip() if process.stderr else ""
-        raise CliError(message.removeprefix("encidfs: ") or f"the daemon exited ({process.returncode})")
+        raise CliError(message.removeprefix("encidfs: ")
+                       or f"the daemon exited ({process.returncode})")
     if process.stderr:
         process.stderr.close()
     _wait_until(lambda: mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,

@@ -23,6 +23,9 @@ class ControlError(OSError):
     """A refused request: errno, message, the type it asked for (an allocation's), and for
     limits the controller and the cgroup whose limit refused."""
 
+    errno: int  # always given, unlike an OSError's
+    strerror: str
+
     def __init__(self, code: int, message: str, cgroup: str | None = None,
                  controller: str | None = None, type: str | None = None) -> None:
         super().__init__(code, message)

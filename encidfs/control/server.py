@@ -59,7 +59,7 @@ class Limits:
         try:
             self.connections.check(uid)
         except OSError as error:
-            return error_reply(error.errno, error.strerror)
+            return error_reply(error.errno or errno.EIO, error.strerror or str(error))
         return None
 
 
@@ -167,9 +167,10 @@ class _Server:
             if fd == self.listener.fileno():
                 accept = True
                 continue
-            connection = self._connections.get(fd)
-            if connection is None:
+            found = self._connections.get(fd)
+            if found is None:
                 continue  # closed earlier in this round
+            connection = found
             touched[connection] = None
             try:
                 if connection.replies:  # writable, or hung up: either way, try
@@ -298,7 +299,7 @@ class _Server:
         try:
             self.limits.replies.check(uid, len(reply))
         except OSError as error:
-            reply = encode(error_reply(error.errno, f"{error.strerror}; try again"))
+            reply = encode(error_reply(error.errno or errno.EIO, f"{error.strerror}; try again"))
         if not connection.replies:
             try:
                 sent = connection.sock.send(reply)

@@ -14,20 +14,19 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ..engine import collector
-from ..engine import U64_MAX, ChargeRefused, Engine, fail
+from ..engine import U64_MAX, ChargeRefused, Engine, collector, fail
 from ..procs.watcher import ProcessWatcher
 from ..state.changes import Changes
-from .protocol import error_reply
 from ..state.operations import Op
+from .protocol import error_reply
 
 if TYPE_CHECKING:
-    from ..engine.resource import ResourceCss
     from ..daemon.metrics import RequestMetrics
+    from ..engine.resource import ResourceCss
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ class _Waiting:
 class ControlService:
     def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessWatcher,
                  changes: Changes, changed: Callable[[], None],
-                 restarts: list[dict] | None = None, limitations: list[str] = (),
+                 restarts: list[dict] | None = None, limitations: Sequence[str] = (),
                  capacity_source: str | None = None) -> None:
         self.mountpoint = mountpoint
         self.hierarchy = engine.hierarchy

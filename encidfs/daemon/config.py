@@ -8,10 +8,10 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 
-from ..host import capacity
-from .controllers import CONTROLLERS
 from ..engine import kernel
+from ..host import capacity
 from ..host.mountinfo import cgroup2_mount_of
+from .controllers import CONTROLLERS
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
 CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in this order
@@ -61,7 +61,7 @@ class Config:
         """What IDs there are: a state file is only good for the layout it was made with.  The
         SNP guests' own IDs are part of it where they have any (without, it is the layout
         of a release that had no SNP guests, and IDs held by one are SEV-ES's)."""
-        layout = {"capacities": self.capacities, "first_ids": self.first_ids}
+        layout: dict[str, object] = {"capacities": self.capacities, "first_ids": self.first_ids}
         if self.snp_asids:
             layout["snp_asids"] = self.snp_asids
         return layout

@@ -19,8 +19,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..engine import collector
-from ..engine import U64_MAX, Engine
+from ..engine import U64_MAX, Engine, collector
 
 # Request latencies: FUSE requests take about 0.1 ms to 1 ms; a slow one, a disk's fsync.
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
@@ -105,13 +104,13 @@ class EngineCollector(Collector):
         served = CounterMetricFamily("encidfs_requests", "requests served", labels=labels)
         latency = HistogramMetricFamily("encidfs_request_duration_seconds",
                                         "how long requests took", labels=labels)
-        for key, (count, total, buckets) in sorted(snap.requests.items()):
-            served.add_metric(list(key), count)
+        for request, (count, seconds, buckets) in sorted(snap.requests.items()):
+            served.add_metric(list(request), count)
             cumulative, below = [], 0
             for bound, n in zip([*map(str, BUCKETS), "+Inf"], buckets):
                 below += n
                 cumulative.append((bound, below))
-            latency.add_metric(list(key), cumulative, sum_value=total)
+            latency.add_metric(list(request), cumulative, sum_value=seconds)
         yield served
         yield latency
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .budget import Budget
 from .allocator import Allocation, Allocator
+from .budget import Budget
 from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
 from .encids import EncidsController
 from .errors import ChargeRefused, RangeFull, Refused, fail

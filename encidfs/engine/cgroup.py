@@ -61,7 +61,7 @@ class Cgroup:
         self.id = cgid
         self.name = name
         self.parent = parent
-        self.level = parent.level + 1 if parent else 0
+        self.level: int = parent.level + 1 if parent else 0
         self.children: dict[str, Cgroup] = {}  # live children only; dying ones have no name
         self.subtree_control = 0  # bitmask of controller ssids enabled for the children
         self.max_depth = INT_MAX
@@ -360,7 +360,7 @@ class Hierarchy:
         parent.refs += 1
         if parent.freeze_since is not None:  # the parent is freezing (set while it is)
             cg.freeze_since = self.clock() if at is None else at
-        ancestor = parent
+        ancestor: Cgroup | None = parent
         while ancestor is not None:
             ancestor.nr_descendants += 1
             ancestor = ancestor.parent
@@ -379,7 +379,7 @@ class Hierarchy:
         cg.dying = True
         if cg.is_threaded:
             cg.parent.nr_threaded_children -= 1
-        ancestor = cg.parent
+        ancestor: Cgroup | None = cg.parent
         while ancestor is not None:
             ancestor.nr_descendants -= 1
             ancestor.nr_dying_descendants += 1
@@ -438,8 +438,8 @@ class Hierarchy:
                 bit = 1 << controller.ssid
                 if enable & bit & self.controllers_of(child):
                     self._css_online(child, controller)
-                elif disable & bit and child.css[controller.ssid] is not None:
-                    self._css_offline(child.css[controller.ssid])
+                elif disable & bit and (css := child.css[controller.ssid]) is not None:
+                    self._css_offline(css)
             self.changes.append((Change.FILES, child))
 
     def set_max_depth(self, cg: Cgroup, value: int, commit: Commit = no_journal) -> None:

@@ -17,6 +17,8 @@ class Refused(OSError):
 class ChargeRefused(Refused):
     """A charge went over a limit or the capacity: `controller` refused it at `path`."""
 
+    strerror: str  # always given, unlike an OSError's
+
     def __init__(self, controller: str, resource: str, path: str) -> None:
         super().__init__(errno.EBUSY, f"refused by the {controller} limit of {path}")
         self.controller = controller

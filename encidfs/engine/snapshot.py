@@ -16,7 +16,6 @@ from .allocator import Allocator
 from .cgroup import Cgroup, Hierarchy
 from .css import Css
 
-
 # A snapshot names its records' fields; an older release wrote each as a list of these, in
 # this order, shorter the older it is (what it did not have yet takes the default).
 _CGROUP_FIELDS = ("id", "parent", "name", "dying", "subtree_control", "max_depth",
@@ -96,7 +95,8 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
         freezing[cg] = cg.freeze or (cg.parent is not None and freezing[cg.parent])
         if freezing[cg] and cg.freeze_since is None and not cg.dying:
             cg.freeze_since = now
-    fresh_roots = {ssid: css for ssid, css in enumerate(root.css)}  # made with the engine
+    # made with the engine
+    fresh_roots = {ssid: css for ssid, css in enumerate(root.css) if css is not None}
     root.css = [None] * len(h.controllers)
     csses: dict[int, Css] = {}  # by index in the snapshot
     for index, record in enumerate(data["csses"]):

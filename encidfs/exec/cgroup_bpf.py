@@ -26,8 +26,8 @@ import platform
 import struct
 from collections.abc import Callable
 
-from . import caller
 from ..host.mountinfo import mounts_of
+from . import caller
 
 PROG_ATTACH, PROG_DETACH, PROG_QUERY = 8, 9, 16
 _F_REPLACE = 1 << 2

@@ -31,11 +31,11 @@ import subprocess
 import sys
 from collections.abc import Callable
 
-from . import seccomp
-from .cgroup_bpf import CgroupBpf
 from ..control.client import Client, ControlError
 from ..host.capacity import kernel_release
 from ..host.mountinfo import cgroup2_mount_of
+from . import seccomp
+from .cgroup_bpf import CgroupBpf
 
 # Run by sh in the new namespaces: $0 is the mount, "$@" the command (and its own unshare).
 _BIND = 'mount --bind "$0" /sys/fs/cgroup && exec "$@"'

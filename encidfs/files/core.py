@@ -7,9 +7,9 @@ from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from ..engine import EVENTS_FILE, INT_MAX, Cgroup, Hierarchy, fail
+from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .parse import kstrtoint, strstrip
-from ..state.operations import Op
 
 
 class Changes(Protocol):

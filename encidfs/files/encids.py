@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from ..engine import U64_MAX, Cgroup, EncidsController
 from ..engine.encids import events_file
+from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .core import Changes
 from .parse import kstrtoull, strstrip
-from ..state.operations import Op
 
 
 def _limit(value: int) -> str:

@@ -14,13 +14,13 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..engine.budget import Budget
 from ..engine import Cgroup, Change, Hierarchy, fail
+from ..engine.budget import Budget
 from ..engine.cgroup import Commit, Event
+from ..state.operations import Op
 from .cftype import Caller, CfType
 from .core import Changes, Processes, core_files
 from .parse import written_text
-from ..state.operations import Op
 
 FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
 # (hierarchy, processes, changes, may_write) -> the rows every cgroup has besides its controllers'
@@ -349,7 +349,7 @@ class Kernfs:
                 self._forget(range(self.dir_inode(cg), self.file_inode(cg, self._slots())))
                 self._removed(cg, stale)
             else:  # a file key: cgroup_file_notify()
-                for row in self._rows_by_notify.get(change, ()):  # type: ignore[arg-type]
+                for row in self._rows_by_notify.get(change, ()):
                     inode = self.file_inode(cg, row)
                     self._notified[inode] = self._notified.get(inode, 0) + 1
                     notified.append(inode)
@@ -400,7 +400,8 @@ class Kernfs:
             cg = self.hierarchy.by_id[int(cgid_text)]
             mode, uid, gid = entry["dir"]
             self._dir_attrs[cg.id] = NodeAttr(mode, uid, gid, now, now)
-            self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, *entry["files"], now, now)
+            uid, gid = entry["files"]
+            self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, uid, gid, now, now)
             # What the snapshot's mount had on a file this one lacks (another kernel's misc,
             # other controllers) goes with the file, as when a controller is disabled.
             for name, (mode, uid, gid) in entry["attrs"].items():

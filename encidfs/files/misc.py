@@ -9,10 +9,10 @@ import errno
 
 from ..engine import U64_MAX, Cgroup, MiscController, fail
 from ..engine.misc import EVENTS_FILE, EVENTS_LOCAL_FILE
+from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .core import Changes
 from .parse import kstrtoull, strstrip
-from ..state.operations import Op
 
 
 def parse_max(text: bytes, type_names: list[str]) -> tuple[str, int]:

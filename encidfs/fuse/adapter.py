@@ -23,13 +23,13 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import pyfuse3
 import trio
 
-from ..files.cftype import Caller
 from ..engine.cgroup import Event
+from ..files.cftype import Caller
 from ..files.kernfs import Kernfs, Node, OpenFile
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 # Seconds a reply waits for the invalidations its request made (they take microseconds unless
 # a request in the same directory holds its lock; that one is served right after the reply).
@@ -50,13 +50,13 @@ class Bus(Protocol):
     def deliver(self) -> None: ...
 
 
-def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T]]:
+def translated(method: F) -> F:
     """OSError becomes its errno; anything else (a bug, a state file that cannot be written)
     is logged and answered EIO, and the daemon goes on.  Changes are applied (and made
     durable) before the reply.  With metrics, the request is counted and timed."""
 
     @functools.wraps(method)
-    async def wrapper(self: CgroupOperations, *args: Any) -> T:
+    async def wrapper(self: CgroupOperations, *args: Any) -> Any:
         start = time.perf_counter() if self.metrics is not None else 0.0
         try:
             try:
@@ -76,7 +76,7 @@ def translated(method: Callable[..., Awaitable[T]]) -> Callable[..., Awaitable[T
             if self.metrics is not None:
                 self.metrics.observe("fuse", method.__name__, time.perf_counter() - start)
 
-    return wrapper
+    return cast(F, wrapper)
 
 
 class Invalidator:

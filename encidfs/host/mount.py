@@ -9,6 +9,7 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Sequence
 
 from .mountinfo import mounted_at
 
@@ -16,7 +17,7 @@ FSTYPE = "fuse.encidfs"
 BUSY_TIMEOUT = 1.0  # seconds to try again an unmount that is busy
 
 
-def fuse_problem(options: list[str] = ()) -> str | None:
+def fuse_problem(options: Sequence[str] = ()) -> str | None:
     """Why this user cannot mount FUSE here, in a line, or None."""
     if not os.path.exists("/dev/fuse"):
         return ("FUSE is not available: /dev/fuse is missing (modprobe fuse; in a container, "

@@ -17,8 +17,8 @@ from ..engine import Cgroup, Hierarchy, fail
 from ..files.cftype import Caller, CfType
 from ..files.parse import strstrip
 from ..state.changes import Changes
-from .tree import KernelTree
 from ..state.operations import Op
+from .tree import KernelTree
 
 log = logging.getLogger(__name__)
 

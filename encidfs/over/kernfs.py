@@ -17,12 +17,20 @@ import os
 import select
 import stat
 
-from ..engine.budget import Budget
 from ..engine import Cgroup, Hierarchy, fail
+from ..engine.budget import Budget
 from ..engine.cgroup import Event
 from ..files.cftype import Caller
-from ..files.kernfs import (FILE_BASE, ROOT_INODE, STRIDE, FileTableMaker, Kernfs, Node,
-                            NodeAttr, OpenFile)
+from ..files.kernfs import (
+    FILE_BASE,
+    ROOT_INODE,
+    STRIDE,
+    FileTableMaker,
+    Kernfs,
+    Node,
+    NodeAttr,
+    OpenFile,
+)
 from ..files.parse import kstrtoint, strstrip, written_text
 from ..state.changes import Changes
 from .files import CONTROLLERS_FILE, MERGED, merged_files
@@ -43,7 +51,9 @@ class OverKernfs(Kernfs):
         self.descriptors = Budget("kernel files open through the mount", descriptors,
                                   errno.ENFILE, owners, share)
         self.membership = membership
-        super().__init__(hierarchy, membership, changes, file_tables,
+        # The kernel's cgroup.procs and threads replace the core rows that move processes:
+        # all the table itself asks of the membership is settle().
+        super().__init__(hierarchy, membership, changes, file_tables,  # type: ignore[arg-type]
                          core=lambda h, processes, c, may_write: merged_files(tree, h, c),
                          owners=owners, share=share)
         # The kernel's file names, each given a slot the first time it is seen (the names
@@ -421,6 +431,7 @@ class KernelFile:
         """The kernel's poll state of this descriptor; the file is watched from the first
         poll on, so that a change wakes the poller."""
         if self._watch is None:
+            assert self.node.real is not None  # only the kernel's files are passed through
             self._watch = self.table.tree.opened(self.node.cgroup, self.node.real) or -1
         poller = select.poll()
         poller.register(self.fd, select.POLLPRI)

@@ -248,7 +248,7 @@ class KernelTree:
                 log.exception("cgroup tree: event %r failed", event)
         return bool(events)
 
-    def _apply(self, event) -> None:  # type: ignore[no-untyped-def]
+    def _apply(self, event) -> None:
         if event.mask & flags.Q_OVERFLOW:
             log.warning("inotify queue overflowed: walking %s again", self.top)
             self.reconcile()

@@ -76,7 +76,7 @@ class PidNamespaces:
         pids = [int(name) for name in os.listdir(self._proc) if name.isdigit()]
         if not thread:
             return pids
-        tids = []
+        tids: list[int] = []
         for pid in pids:
             try:
                 tids += (int(tid) for tid in os.listdir(f"{self._proc}/{pid}/task"))

@@ -318,7 +318,7 @@ class ProcessTracker(ProcessWatcher):
     def kill(self, pids: Iterable[int]) -> None:
         # Oldest first: a parent is killed before its children, so it never sees one die
         # (and goes on) before its own SIGKILL comes.
-        for pid in sorted(pids, key=lambda pid: self._watched.get(pid, 0)):
+        for pid in sorted(pids, key=lambda pid: self._watched.get(pid) or 0):
             if pid in self._exempt:
                 continue
             try:

@@ -3,7 +3,8 @@
 Schema 1 kept the state itself in tables, by path: cgroups (settings and encids limits), nodes
 (modes and owners; "" the directory, "*" the files' defaults), xattrs, members and allocations
 (each with its process's start time; "dying" for a cgroup removed while charged).  It is read
-here into the engine through the same changes a journal replays, then written in this release's schema.
+here into the engine through the same changes a journal replays, then written in this
+release's schema.
 """
 
 from __future__ import annotations

@@ -371,7 +371,7 @@ def test_a_dying_chain_10000_deep_is_released_by_its_last_uncharge(h, encids, al
     # the holder moved out and the chain removed; the last uncharge releases all of it at once.
     depth = 10_000
     cg = h.root
-    for level in range(depth):
+    for _ in range(depth):
         h.write_subtree_control(cg, ENCIDS, 0)
         cg = h.mkdir(cg, "c")
     h.attach(100, cg)

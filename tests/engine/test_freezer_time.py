@@ -3,8 +3,7 @@ an ancestor's), frozen or not, as the kernel's freeze_start_nsec and frozen_nsec
 Checked on this machine's cgroup2: a child counts its parent's freeze, one made in a freezing
 parent counts from its mkdir, and a thawed cgroup keeps its total."""
 
-from encidfs.engine import new_engine
-from encidfs.engine import snapshot
+from encidfs.engine import new_engine, snapshot
 
 
 class Clock:

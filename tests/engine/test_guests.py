@@ -7,8 +7,14 @@ import errno
 
 import pytest
 
-from encidfs.engine import (ChargeRefused, EncidsController, MiscController, RangeFull,
-                            new_engine, snapshot)
+from encidfs.engine import (
+    ChargeRefused,
+    EncidsController,
+    MiscController,
+    RangeFull,
+    new_engine,
+    snapshot,
+)
 
 ENCIDS, MISC = 1, 2  # subtree_control masks
 SEV, SEV_ES = 0, 1  # type indexes

@@ -434,7 +434,7 @@ def build_tree(h, leaves_per_level):
     deepest = []
     for c in range(4):
         node = h.root
-        for depth in range(1, 64):
+        for _ in range(1, 64):
             node = h.mkdir(node, f"c{c}")
             h.write_subtree_control(node, ENCIDS, 0)
             for leaf in range(leaves_per_level):

@@ -8,8 +8,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from encidfs.engine import EncidsController, MiscController, new_engine
-from encidfs.engine import snapshot
+from encidfs.engine import EncidsController, MiscController, new_engine, snapshot
 
 ENCIDS = 1
 CAPACITIES = {"sev": 8, "sev_es": 3}

@@ -9,8 +9,14 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from encidfs.engine import EVENTS_FILE, Change, EncidsController, MiscController, new_engine
-from encidfs.engine import snapshot
+from encidfs.engine import (
+    EVENTS_FILE,
+    Change,
+    EncidsController,
+    MiscController,
+    new_engine,
+    snapshot,
+)
 
 ENCIDS = 1
 

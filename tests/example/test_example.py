@@ -63,7 +63,8 @@ def test_the_marker_chooses_the_kernel_whose_misc_files_the_mount_has(encidfs):
 
 def test_software_that_insists_on_sys_fs_cgroup(encidfs):
     done = encidfs.exec("sh", "-c", "cat /sys/fs/cgroup/cgroup.controllers && "
-                        "mkdir /sys/fs/cgroup/pod && echo +misc > /sys/fs/cgroup/cgroup.subtree_control",
+                        "mkdir /sys/fs/cgroup/pod && "
+                        "echo +misc > /sys/fs/cgroup/cgroup.subtree_control",
                         capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout == "encids misc\n"

@@ -9,8 +9,8 @@ import stat
 
 import pytest
 
-from encidfs.engine.budget import Budget
 from encidfs.engine import EncidsController, MiscController, new_engine
+from encidfs.engine.budget import Budget
 from encidfs.files.cftype import Caller
 from encidfs.files.encids import encids_files
 from encidfs.files.kernfs import ROOT_INODE, WRITE_MAX, XATTR_BYTES_MAX, XATTRS_MAX, Kernfs

@@ -1,5 +1,6 @@
-"""Capacities from the host (encidfs/host/capacity.py), against fake hosts: a sysfs tree, a cgroup2 root
-with misc.capacity, and a cpuid device file holding leaf Fn8000_001F at its offset."""
+"""Capacities from the host (encidfs/host/capacity.py), against fake hosts: a sysfs tree, a
+cgroup2 root with misc.capacity, and a cpuid device file holding leaf Fn8000_001F at its
+offset."""
 
 from __future__ import annotations
 
@@ -9,8 +10,16 @@ from pathlib import Path
 import pytest
 
 from encidfs.daemon import config
-from encidfs.host.capacity import (CPUID_SEV, CPUID_SEV_ES, CPUID_SEV_LEAF, Detected, Host, detect,
-                          snp_asids, tdx_unseen)
+from encidfs.host.capacity import (
+    CPUID_SEV,
+    CPUID_SEV_ES,
+    CPUID_SEV_LEAF,
+    Detected,
+    Host,
+    detect,
+    snp_asids,
+    tdx_unseen,
+)
 
 
 class FakeHost:

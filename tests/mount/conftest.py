@@ -31,7 +31,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, NOBODY, User, events, wait_until, write
 
 from encidfs.host.mountinfo import cgroup2_mounts

@@ -13,7 +13,6 @@ import sys
 import threading
 
 import pytest
-
 from mountutil import DEADLINE, keyed, nested, pids, read, sh, wait_until, write
 
 from encidfs.client import Client, ControlError, figures

@@ -42,7 +42,8 @@ writable = [f"{mnt}/a/{i}/{name}" for i in range(took["cgroups"][0])
                          "cgroup.max.depth", "cgroup.max.descendants", "cgroup.freeze")]
 took["xattr names"] = count(lambda i: os.setxattr(writable[i // 100], b"user.%d" % i, b""))
 # Bytes: values of names she has (no new name), two a node (kernfs takes 128 KiB a node).
-took["xattr bytes"] = count(lambda i: os.setxattr(writable[i // 2], b"user.%d" % (i // 2 * 100 + i % 2),
+took["xattr bytes"] = count(lambda i: os.setxattr(writable[i // 2],
+                                                  b"user.%d" % (i // 2 * 100 + i % 2),
                                                   b"x" * 60000))
 held = []
 

@@ -14,7 +14,8 @@ Every change a worker saw acknowledged is written down; one whose request failed
 died under it) is unknown until the next check.  After each kill, once the mount answers again,
 the workers pause and the mount is checked: every acknowledged change is there, no ID is held
 twice, in each controller every cgroup's current equals the IDs its subtree's live holders
-hold, and encids.<T>.stat's used is the sum.  What was unknown is then read back, and the run goes on.
+hold, and encids.<T>.stat's used is the sum.  What was unknown is then read back, and the run
+goes on.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, keyed, read, wait_until, write
 
 from encidfs.client import Client, ControlError

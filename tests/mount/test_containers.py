@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python, wait_until, \
-    write
+from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python, wait_until, write
 
 from encidfs.exec import seccomp
 from encidfs.exec.cgroup_bpf import PROG_QUERY, bpf_number

@@ -23,11 +23,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, User, keyed, pids, read, wait_until, write
 
 from encidfs.client import Client, ControlError
-
 
 # The user side: one JSON request a line on stdin, one JSON reply a line on stdout.  It needs
 # only the standard library, and an interpreter the user can execute (the venv's lives in

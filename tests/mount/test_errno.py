@@ -9,7 +9,6 @@ import os
 import stat
 
 import pytest
-
 from mountutil import outcome, read, sh, write_result
 
 # -- names: only mkdir and rmdir change them --------------------------------------------------

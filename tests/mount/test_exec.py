@@ -15,7 +15,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mountutil import DEADLINE, REPO, SITE, user_python, wait_until, write
 
 from encidfs.exec import seccomp

@@ -38,7 +38,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from mountutil import DEADLINE, keyed, outcome, read, wait_until, write, write_result
 
 from encidfs.client import Client

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 from inotify_simple import INotify, flags
-
 from mountutil import DEADLINE, inotifywait_modify, read, write
 
 from encidfs.client import Client, ControlError

@@ -10,7 +10,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from mountutil import outcome, read, write, write_result
 
 from encidfs.client import ControlError, figures

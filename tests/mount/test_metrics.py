@@ -12,7 +12,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-
 from mountutil import DEADLINE, wait_until, write
 
 from encidfs.client import Client

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, keyed, outcome, read, wait_until, write, write_result
 
 from encidfs.client import Client, ControlError

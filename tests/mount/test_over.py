@@ -3,9 +3,9 @@ controllers added.
 
 Each test makes a scratch cgroup of its own in this machine's cgroup v2 hierarchy (found from
 mountinfo; the conftest's `scratch`), mounts over it, and removes it afterwards, killing what is
-left in it: nothing else of the host's tree is touched.  What the kernel keeps is compared with the kernel's own files
-(read beside the mount, in DIR), and what encidfs adds with what a kernel's misc controller
-would say.
+left in it: nothing else of the host's tree is touched.  What the kernel keeps is compared
+with the kernel's own files (read beside the mount, in DIR), and what encidfs adds with what a
+kernel's misc controller would say.
 """
 
 from __future__ import annotations
@@ -18,12 +18,24 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from mountutil import DEADLINE, USER_HELPERS, events, inotifywait_modify, keyed, outcome, pids, \
-    read, user_python, wait_until, write, write_result
+from mountutil import (
+    DEADLINE,
+    USER_HELPERS,
+    events,
+    inotifywait_modify,
+    keyed,
+    outcome,
+    pids,
+    read,
+    user_python,
+    wait_until,
+    write,
+    write_result,
+)
 
 from encidfs.control.client import ControlError
 from encidfs.over.tree import kernel_controllers
+
 
 @pytest.fixture
 def over(scratch: Path, encidfs_factory):
@@ -324,7 +336,7 @@ def test_limits_and_holders_survive_a_restart(scratch, encidfs_factory, procs):
     wait_until(lambda: read(mnt / "a" / "encids.sev.current") == "0\n", "the IDs freed")
 
 
-# -- delegation --------------------------------------------------------------------------------------
+# -- delegation ------------------------------------------------------------------------------
 
 USER_MOVES = USER_HELPERS + r"""
 import sys
@@ -400,7 +412,8 @@ def test_open_kernel_files_are_bounded_per_user(scratch, encidfs_factory, user, 
               "    except OSError as error:\n"
               "        print(len(held), error.errno, flush=True)\n"
               "        break\n"
-              f"print(open({str(mount.path / 'encids.sev.stat')!r}).read().split()[0], flush=True)\n"
+              f"print(open({str(mount.path / 'encids.sev.stat')!r}).read().split()[0],"
+              " flush=True)\n"
               "sys.stdin.read()\n")
     traversable(mount.path)
     holder = subprocess.Popen([*user.setpriv(), user_python(), "-c", script], text=True,

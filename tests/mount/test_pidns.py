@@ -13,7 +13,6 @@ import sys
 import textwrap
 
 import pytest
-
 from mountutil import DEADLINE, REPO, events, pids, wait_until, write
 
 from encidfs.client import Client

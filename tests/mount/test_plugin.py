@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, REPO, SITE, User, keyed, pids, read, user_python, wait_until
 
 from encidfs.client import ControlError

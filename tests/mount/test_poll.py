@@ -11,7 +11,6 @@ import os
 import select
 
 import pytest
-
 from mountutil import write
 
 EVERYTHING = select.POLLIN | select.POLLPRI | select.POLLOUT | select.POLLERR

@@ -15,12 +15,9 @@ import subprocess
 import time
 
 import pytest
-
-from mountutil import (DEADLINE, events, outcome, pids, read, sh, wait_until, write,
-                       write_result)
+from mountutil import DEADLINE, events, outcome, pids, read, sh, wait_until, write, write_result
 
 from encidfs.procs.procfs import read_stat, state_of
-
 
 PTRACE_DETACH = 17
 PTRACE_SEIZE = 0x4206

@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, read, write
 
 SECONDS = 3.0  # of concurrent load

@@ -17,7 +17,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, keyed, outcome, read, wait_until, write
 
 from encidfs.client import Client, ControlError

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, FSTYPE, keyed, mounted_fstype, read, wait_until, write
 
 from encidfs.client import Client, ControlError

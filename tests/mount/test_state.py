@@ -17,8 +17,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from mountutil import (FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, wait_until,
-                       write)
+from mountutil import FSTYPE, keyed, mounted_fstype, nested, outcome, pids, read, wait_until, write
 
 from encidfs.client import Client
 from encidfs.procs.procfs import alive, read_stat
@@ -82,7 +81,7 @@ def snapshot(mnt: Path) -> dict[str, object]:
     """Every file of every cgroup, every node's mode, owner and xattrs; the root's process
     lists are left out (they list every process on the machine)."""
     state: dict[str, object] = {}
-    for directory, dirs, files in os.walk(mnt):
+    for directory, _, files in os.walk(mnt):
         for name in [".", *files]:
             path = Path(directory, name)
             rel = str(path.relative_to(mnt))

@@ -11,7 +11,6 @@ first read after a storm must already be right; the deadline is the issue's one 
 from __future__ import annotations
 
 import pytest
-
 from mountutil import events, keyed, pids, read, wait_until, write
 
 from encidfs.client import Client

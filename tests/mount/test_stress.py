@@ -58,7 +58,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, keyed, read
 
 from encidfs.client import Client, ControlError

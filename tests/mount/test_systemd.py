@@ -12,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mountutil import DEADLINE, FSTYPE, mounted_fstype, read
 
 ENCIDFS = [sys.executable, "-m", "encidfs"]

@@ -11,7 +11,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, keyed, read, wait_until, write
 
 from encidfs.pytest_plugin import Mount

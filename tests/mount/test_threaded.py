@@ -9,10 +9,10 @@ import errno
 from pathlib import Path
 
 import pytest
-
 from mountutil import read, wait_until, write
 
 from encidfs.client import Client
+
 
 def errno_of(call) -> str:
     try:

@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 from mountutil import DEADLINE, wait_until, write
 
 from encidfs.client import Client, ControlError

@@ -21,9 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
 from mountutil import DEADLINE, NOBODY, REPO, SITE, USER_HELPERS, User, user_python
-
 
 USER_SCRIPT = USER_HELPERS + r"""
 import json, os, select, subprocess, sys, time

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from mountutil import outcome, read, sh, write, write_result
 
 # -- what a handler sees ------------------------------------------------------------------------
@@ -138,7 +137,8 @@ ENCIDS_MAX_CASES = [
     ("0xffffffffffffffff", "max"),
     ("18446744073709551616", "ERANGE"), ("0x10000000000000000", "ERANGE"),
     ("-1", "EINVAL"), ("-0", "EINVAL"), ("\n", "EINVAL"), (" ", "EINVAL"), ("1 2", "EINVAL"),
-    ("abc", "EINVAL"), ("MAX", "EINVAL"), ("0x", "EINVAL"), ("09", "EINVAL"), ("max\nmax", "EINVAL"),
+    ("abc", "EINVAL"), ("MAX", "EINVAL"), ("0x", "EINVAL"), ("09", "EINVAL"),
+    ("max\nmax", "EINVAL"),
 ]
 
 
