@@ -27,7 +27,10 @@ mount: install
 umount:
 	.venv/bin/encidfs umount $(MOUNTPOINT)
 
+# Lint and type checks first: they take seconds, the tests minutes.
 test: install-test
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m mypy
 	$(PYTHON) -m pytest -q
 
 # The quick loop: no mount (no root, no FUSE needed) and nothing that takes seconds.
