@@ -38,7 +38,7 @@ from .bus import ChangeBus
 from .config import Config
 from .controllers import CONTROLLERS
 from .sdnotify import notify
-from .supervisor import restarts, supervisor_pid
+from .supervisor import STRAY_SIGNALS, restarts, supervisor_pid
 
 log = logging.getLogger(__name__)
 
@@ -234,18 +234,13 @@ def _process_event(handler: Callable[..., None]) -> Callable[..., None]:
     return guarded
 
 
-# Signals whose default action would end the daemon, and every tenant's mount with it.
-_IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
-                    signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGXFSZ)
-
-
 async def _stop_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                           ) -> None:
     """SIGTERM and SIGINT unmount cleanly; the others that would kill are logged and ignored."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *_IGNORED_SIGNALS) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, *STRAY_SIGNALS) as signals:
         task_status.started()
         async for signum in signals:
-            if signum in _IGNORED_SIGNALS:
+            if signum in STRAY_SIGNALS:
                 log.info("%s: ignored", signal.Signals(signum).name)
                 continue
             log.info("%s: unmounting", signal.Signals(signum).name)
@@ -254,6 +249,6 @@ async def _stop_on_signal(*, task_status: trio.TaskStatus[None] = trio.TASK_STAT
 
 
 def run(mountpoint: str, config: Config, ready: Callable[[], None]) -> None:
-    for signum in _IGNORED_SIGNALS:  # until _stop_on_signal logs them
+    for signum in STRAY_SIGNALS:  # until _stop_on_signal logs them
         signal.signal(signum, signal.SIG_IGN)
     trio.run(serve, mountpoint, config, ready)

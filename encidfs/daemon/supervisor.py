@@ -26,8 +26,10 @@ RESTARTS_ENV = "ENCIDFS_RESTARTS"
 SUPERVISOR_ENV = "ENCIDFS_SUPERVISOR"
 QUICK = 1.0  # seconds: a daemon that dies before it answers, or this soon after, died quickly
 MAX_BACKOFF = 5.0  # seconds between starts of a daemon that keeps dying quickly (a crash loop)
-_STRAY_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
-                  signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGXFSZ)
+# Signals whose default action would end the process (and every tenant's mount with it): the
+# supervisor and the daemon log and ignore them.
+STRAY_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM,
+                 signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO, signal.SIGXFSZ)
 
 
 def restarts() -> list[dict]:
@@ -57,7 +59,7 @@ def supervise(daemon_argv: list[str], ready: Callable[[], None]) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    for signum in _STRAY_SIGNALS:
+    for signum in STRAY_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     history: list[dict] = []
     quick_deaths = 0
