@@ -42,12 +42,3 @@ class IdSpace:
 
     def give_back(self, id_: int) -> None:
         heapq.heappush(self._freed, id_)
-
-
-def consecutive_ranges(capacities: dict[str, int], first: int = 1) -> dict[str, range]:
-    """Ranges one after the other, in the order given, starting at `first`."""
-    ranges = {}
-    for name, count in capacities.items():
-        ranges[name] = range(first, first + count)
-        first += count
-    return ranges
