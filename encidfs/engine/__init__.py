@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from .allocator import Allocation, Allocator
 from .budget import Budget
 from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
+from .css import Controller
 from .encids import EncidsController
 from .errors import ChargeRefused, RangeFull, Refused, fail
 from .kernel import KernelInterface
@@ -16,7 +17,7 @@ from .resource import U64_MAX, Charge, ResourceController, Types
 
 __all__ = [
     "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
-    "ChargeRefused", "Engine", "EncidsController", "Hierarchy", "KernelInterface", "Membership",
+    "ChargeRefused", "Controller", "Engine", "EncidsController", "Hierarchy", "KernelInterface", "Membership",
     "MiscController", "RangeFull", "Refused", "ResourceController", "Types", "fail",
     "new_engine",
 ]
@@ -30,7 +31,7 @@ class Engine:
 
 
 def new_engine(capacities: dict[str, int], first_ids: dict[str, int] | None = None,
-               controllers: tuple[type[ResourceController], ...] = (EncidsController,),
+               controllers: tuple[type[Controller], ...] = (EncidsController,),
                max_cgroups: int = INT_MAX, budget: Budget | None = None,
                kernel: KernelInterface = KernelInterface(),
                snp_asids: int | None = 0) -> Engine:

@@ -22,7 +22,7 @@ from enum import Enum
 from typing import Protocol
 
 from .budget import Budget
-from .css import Controller, Css
+from .css import Controller, Css, follows_processes
 from .errors import fail
 
 INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
@@ -179,6 +179,7 @@ class Hierarchy:
             controller.hierarchy = self
         self.all_controllers = (1 << len(controllers)) - 1
         self.threaded_controllers = sum(1 << c.ssid for c in controllers if c.threaded)
+        self.following = [c for c in controllers if follows_processes(c)]
         self._next_id = 0
         self.by_id: dict[int, Cgroup] = {}
         # TGID -> cgroup, for processes outside the root (a split one: its leader's cgroup).
@@ -432,6 +433,10 @@ class Hierarchy:
         if not enable and not disable:
             return
         commit()
+        following = [c for c in self.following if (enable | disable) & (1 << c.ssid)]
+        before = {(pid, controller): self.effective_css(self.cgroup_of(pid), controller)
+                  for child in cg.children.values() for pid in self.subtree_pids(child)
+                  for controller in following}
         cg.subtree_control = (cg.subtree_control | enable) & ~disable
         for child in cg.children.values():
             for controller in self.controllers:
@@ -441,6 +446,13 @@ class Hierarchy:
                 elif disable & bit and (css := child.css[controller.ssid]) is not None:
                     self._css_offline(css)
             self.changes.append((Change.FILES, child))
+        # The processes below move to their new csses, as cgroup_update_dfl_csses() migrates
+        # them.  Not vetoed: the kernel's can_attach could refuse the whole write, which no
+        # controller here needs yet.
+        for (pid, controller), src_css in before.items():
+            dst_css = self.effective_css(self.cgroup_of(pid), controller)
+            if dst_css is not src_css:
+                controller.attach(pid, src_css, dst_css)
 
     def set_max_depth(self, cg: Cgroup, value: int, commit: Commit = no_journal) -> None:
         self._check_live(cg)
@@ -545,6 +557,9 @@ class Hierarchy:
         sources = self.cgroups_of(pid)
         if sources == {dst}:
             return
+        moves = self._css_moves(self.cgroup_of(pid), dst)
+        for controller, src_css, dst_css in moves:
+            controller.can_attach(pid, src_css, dst_css)
         commit()
         with self._watch_frozen(*sources, dst):
             self.split.pop(pid, None)
@@ -553,6 +568,18 @@ class Hierarchy:
             for src in sources - {dst}:
                 self._leave(pid, src)
             self._set_home(pid, dst)
+        for controller, src_css, dst_css in moves:
+            controller.attach(pid, src_css, dst_css)
+
+    def _css_moves(self, src: Cgroup, dst: Cgroup) -> list[tuple[Controller, Css, Css]]:
+        """The controllers following processes whose css changes from src to dst, with both."""
+        moves = []
+        for controller in self.following:
+            src_css = self.effective_css(src, controller)
+            dst_css = self.effective_css(dst, controller)
+            if src_css is not dst_css:
+                moves.append((controller, src_css, dst_css))
+        return moves
 
     def attach_thread(self, pid: int, tid: int, dst: Cgroup, threads: list[int],
                       commit: Commit = no_journal) -> None:
@@ -599,19 +626,27 @@ class Hierarchy:
         is known), or else of its parent's leader."""
         cg = self.thread_cgroup(parent, parent if creator is None else creator)
         if cg.parent is not None and child not in self.members:
+            csses = [(c, self.effective_css(cg, c)) for c in self.following]
+            for controller, css in csses:
+                controller.can_fork(css)
             with self._watch_frozen(cg):
                 self.members[child] = cg
                 cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
+            for controller, css in csses:
+                controller.fork(child, css)
 
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
         sources = self.cgroups_of(pid)
         with self._watch_frozen(*sources):
             self.split.pop(pid, None)
-            self.members.pop(pid, None)
+            home = self.members.pop(pid, None)
             for src in sources:
                 self._leave(pid, src)
             self.stopped.discard(pid)
+        if home is not None:
+            for controller in self.following:
+                controller.exit(pid, self.effective_css(home, controller))
 
     def subtree(self, cg: Cgroup) -> Iterator[Cgroup]:
         """cg and its live descendants, parents before children."""

@@ -8,11 +8,20 @@ only when the last pin goes.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from .errors import fail
+
 if TYPE_CHECKING:
-    from .cgroup import Cgroup, Hierarchy
+    from .cgroup import Cgroup, Commit, Hierarchy
+    from .kernel import KernelInterface
+    from .resource import Types
+
+# What a controller reports of a css (status, metrics, top): its figures by resource, each a
+# number or "max" (no limit), e.g. {"sev": {"current": 2, "max": "max"}}.
+Report = dict[str, dict[str, "int | str"]]
 
 
 class Css:
@@ -37,7 +46,8 @@ class Css:
 
 
 class Controller:
-    """What the hierarchy needs from a controller; one module per controller subclasses it."""
+    """What the hierarchy needs from a controller; one module per controller subclasses it,
+    overriding what it needs: every hook does nothing by default."""
 
     name: str = ""
     # A threaded controller can be enabled in a threaded subtree and handles processes beside
@@ -45,6 +55,10 @@ class Controller:
     threaded: bool = False
     ssid: int = -1  # index in the hierarchy's controller list, assigned by the hierarchy
     hierarchy: Hierarchy  # the hierarchy the controller is bound to, assigned by it
+
+    def __init__(self, types: Types, kernel: KernelInterface) -> None:
+        """Every controller is made alike (new_engine): with the host's resource types and the
+        kernel whose interface the mount shows; one that needs neither ignores them."""
 
     def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> Css:
         return Css(self.ssid, cgroup, parent)
@@ -56,3 +70,47 @@ class Controller:
 
     def load_css(self, css: Css, data: dict) -> None:
         pass
+
+    # Processes, as cgroup_subsys has them: called for processes the hierarchy follows (its
+    # root's are implicit), with the css of this controller that accounts for the process
+    # (its cgroup's effective one).  A veto is an OSError with the errno the writer or the
+    # fork gets; the hierarchy asks every controller before it changes anything.
+
+    def can_attach(self, pid: int, src: Css, dst: Css) -> None:
+        """Whether the process may move from src to dst (cgroup.procs)."""
+
+    def attach(self, pid: int, src: Css, dst: Css) -> None:
+        """The process moved from src to dst."""
+
+    def can_fork(self, css: Css) -> None:
+        """Whether a process accounted to css may fork (pids' can_fork)."""
+
+    def fork(self, pid: int, css: Css) -> None:
+        """A new process is accounted to css."""
+
+    def exit(self, pid: int, css: Css) -> None:
+        """The process accounted to css is gone."""
+
+    # Its settings and figures.
+
+    def apply_setting(self, cg: Cgroup, key: str, value: int, commit: Commit) -> None:
+        """A setting written to one of the controller's files (cg's `key` limit, for encids
+        and misc the limit of a resource type), as the journal records and replays it: check,
+        commit(), then change."""
+        raise fail(errno.EINVAL, f"{self.name} has no setting {key!r}")
+
+    def report(self, css: Css, sparse: bool) -> Report:
+        """The css's figures for status, metrics and top; `sparse`: a resource whose figures
+        are a new css's may be left out."""
+        return {}
+
+    def resources(self) -> list[str]:
+        """What report() may name, in order (top lists them even where it leaves them out)."""
+        return []
+
+
+def follows_processes(controller: Controller) -> bool:
+    """Whether a controller has a process hook: the hierarchy asks only those, so that a move,
+    a fork or an exit costs the others nothing."""
+    return any(getattr(type(controller), hook) is not getattr(Controller, hook)
+               for hook in ("can_attach", "attach", "can_fork", "fork", "exit"))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import errno
 
 from .cgroup import Cgroup, Commit, css_put, no_journal
-from .css import Controller, Css
+from .css import Controller, Css, Report
 from .errors import ChargeRefused, fail
 from .kernel import KernelInterface
 
@@ -86,6 +86,8 @@ class ResourceController(Controller):
     def __init__(self, types: Types, kernel: KernelInterface = KernelInterface()) -> None:
         self.types = types
         self.kernel = kernel  # whose interface the controller shows, if it has the kernel's
+        self._unlimited = [U64_MAX] * len(types.names)  # a new css's figures
+        self._zeros = [0] * len(types.names)
 
     def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> ResourceCss:
         return ResourceCss(self.ssid, cgroup, parent, len(self.types.names))
@@ -111,6 +113,26 @@ class ResourceController(Controller):
             raise fail(errno.EINVAL, f"{self.types.names[t]} has no IDs on this host")
         commit()
         css.max[t] = value
+
+    def apply_setting(self, cg: Cgroup, key: str, value: int, commit: Commit) -> None:
+        """encids.<type>.max, misc.max: the limit of the type named `key`."""
+        self.set_max(cg, self.types.index(key), value, commit)
+
+    def resources(self) -> list[str]:
+        return self.types.names
+
+    def report(self, css: ResourceCss, sparse: bool) -> Report:  # type: ignore[override]
+        if sparse and css.max == self._unlimited and css.usage == self._zeros and \
+                css.peak == self._zeros and css.events == self._zeros and \
+                css.events_local == self._zeros:
+            return {}  # a new cgroup's, as most are: compared a list at a time
+        types = self.types
+        return {name: {"max": "max" if css.max[t] == U64_MAX else css.max[t],
+                       "current": css.usage[t], "peak": css.peak[t], "events": css.events[t],
+                       "events_local": css.events_local[t], "capacity": types.capacity[t]}
+                for t, name in enumerate(types.names)
+                if not sparse or css.max[t] != U64_MAX or css.usage[t] or css.peak[t]
+                or css.events[t] or css.events_local[t]}
 
     # -- charging -------------------------------------------------------------------------------
 

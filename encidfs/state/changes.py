@@ -17,7 +17,7 @@ from typing import Protocol, TypeVar
 
 import outcome
 
-from ..engine import Engine, Refused, ResourceController
+from ..engine import Controller, Engine, Refused
 from ..engine.cgroup import Cgroup, Commit, no_journal
 from ..files.kernfs import Kernfs
 from .operations import Op
@@ -169,11 +169,11 @@ class Changes:
         setter[key](cg, value, commit)
 
     @applies(Op.SET_MAX)
-    def set_max(self, cgroup: int, controller: str, type_name: str, value: int,
+    def set_max(self, cgroup: int, controller: str, key: str, value: int,
                 commit: Commit = no_journal) -> None:
-        """encids.<type>.max, misc.max."""
-        self.controller(controller).set_max(self._cgroup(cgroup),
-                                            self.engine.types.index(type_name), value, commit)
+        """A controller's setting, which it applies itself: encids.<type>.max and misc.max
+        (`key`: the type)."""
+        self.controller(controller).apply_setting(self._cgroup(cgroup), key, value, commit)
 
     # -- node attributes ------------------------------------------------------------------------
 
@@ -253,9 +253,9 @@ class Changes:
         else:
             self.starts.pop(pid, None)
 
-    def controller(self, name: str) -> ResourceController:
+    def controller(self, name: str) -> Controller:
         controller = self.hierarchy.controller(name)
-        if not isinstance(controller, ResourceController):
+        if controller is None:
             raise LookupError(f"no controller {name!r}")
         return controller
 

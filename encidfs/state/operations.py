@@ -18,7 +18,7 @@ class Op(StrEnum):
     SUBTREE_CONTROL = "subtree_control"
     THREADED = "threaded"
     SET = "set"  # cgroup.max.depth, cgroup.max.descendants, cgroup.freeze
-    SET_MAX = "set_max"  # a controller's limit of a type
+    SET_MAX = "set_max"  # a controller's setting (encids' and misc's: a type's limit)
     # Node attributes.
     SETATTR = "setattr"
     SETXATTR = "setxattr"
