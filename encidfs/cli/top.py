@@ -23,7 +23,7 @@ class Row:
     path: str
     procs: int
     holders: int
-    usage: list[tuple[str, int, int]]  # type, current, effective limit
+    usage: list[tuple[str, int, int | None]]  # resource, current, effective limit (None: none)
     refusals: int
     rising: int  # refusals since the previous view
 
@@ -44,11 +44,11 @@ def rows(status: dict, previous: dict[str, int]) -> list[Row]:
         controller = next((c for c in status["controllers"] if c in cg), None)
         usage, refusals = [], 0
         if controller is not None:
-            for name in status["capacities"]:
+            for name in status["resources"][controller]:
                 resource = figures(status, cg, controller, name)
                 usage.append((name, resource["current"],
                               _effective_limit(status, by_path, cg["path"], controller, name)))
-                refusals += resource["events"]
+                refusals += resource.get("events", 0)
         found.append(Row(cg["path"], len(cg.get("procs", ())), len(holders.get(cg["path"], ())),
                          usage, refusals, refusals - previous.get(cg["path"], refusals)))
         previous[cg["path"]] = refusals
@@ -56,30 +56,37 @@ def rows(status: dict, previous: dict[str, int]) -> list[Row]:
 
 
 def _effective_limit(status: dict, by_path: dict[str, dict], path: str, controller: str,
-                     name: str) -> int:
-    """The lowest limit of the cgroup and its ancestors (the root's capacity at most)."""
-    limit = status["capacities"][name]
+                     name: str) -> int | None:
+    """The lowest limit of the cgroup and its ancestors (the root's capacity at most, for a
+    resource that has one); None if nothing limits it."""
+    limit = figures(status, by_path["/"], controller, name).get("capacity")
     while True:
         resource = by_path.get(path, {}).get(controller, {}).get(name)
-        if resource is not None and resource["max"] != "max":
-            limit = min(limit, resource["max"])
+        if resource is not None and resource.get("max", "max") != "max":
+            limit = resource["max"] if limit is None else min(limit, resource["max"])
         if path == "/":
             return limit
         path = path.rsplit("/", 1)[0] or "/"
 
 
-def _bar(current: int, limit: int) -> str:
-    if limit <= 0:  # a type without IDs, or a limit of 0
+def _bar(current: int, limit: int | None) -> str:
+    if limit is None:
+        filled = 0
+    elif limit <= 0:  # a type without IDs, or a limit of 0
         filled = BAR if current else 0
     else:
         filled = min(BAR, round(BAR * current / limit))
     return "#" * filled + "." * (BAR - filled)
 
 
+def _shown(limit: int | None) -> str:
+    return "max" if limit is None else str(limit)
+
+
 def lines(status: dict, view: list[Row], width: int) -> list[str]:
-    used = "  ".join(f"{name} {current}/{limit}" for name, current, limit
+    used = "  ".join(f"{name} {current}/{_shown(limit)}" for name, current, limit
                      in next((row.usage for row in view if row.path == "/"), []))
-    usages = ["  ".join(f"{name} [{_bar(current, limit)}] {current}/{limit}"
+    usages = ["  ".join(f"{name} [{_bar(current, limit)}] {current}/{_shown(limit)}"
                         for name, current, limit in row.usage) or "-" for row in view]
     column = max([len("usage (current/limit)"), *map(len, usages)])
     out = [f"encidfs top: {status['mountpoint']}   {used}"[:width],

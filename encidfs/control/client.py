@@ -152,7 +152,8 @@ class Client:
 
 
 def figures(status: dict, cgroup: dict, controller: str, type_name: str) -> dict:
-    """A type's figures in a cgroup's entry of a status reply, sparse or not."""
+    """A resource's figures in a cgroup's entry of a status reply, sparse or not (sparse, a
+    resource controller leaves out the types whose figures are a new cgroup's)."""
     return cgroup[controller].get(type_name) or {
         "max": "max", "current": 0, "peak": 0, "events": 0, "events_local": 0,
         "capacity": status["capacities"][type_name]}

@@ -16,9 +16,9 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from ..engine import U64_MAX, ChargeRefused, Engine, collector, fail
+from ..engine import ChargeRefused, Engine, collector, fail
 from ..procs.watcher import ProcessWatcher
 from ..state.changes import Changes
 from ..state.operations import Op
@@ -75,8 +75,6 @@ class ControlService:
         self.hierarchy = engine.hierarchy
         self.allocator = engine.allocator
         self.types = engine.types
-        self._unlimited = [U64_MAX] * len(self.types.names)  # a new css's figures
-        self._zeros = [0] * len(self.types.names)
         self.tracker = tracker
         self.changes = changes  # allocations and frees are journalled before they happen
         self.restarts = restarts or []  # the supervisor's: when the daemon died, and how
@@ -248,7 +246,7 @@ class ControlService:
         such cgroups: sparse, it takes a quarter of the time to make and to read."""
         self.tracker.sync()
         types = self.types
-        controllers = [(c.name, c.ssid) for c in self.allocator.controllers]
+        controllers = self.hierarchy.controllers
         cgroups = []
         for cg, path in self.hierarchy.subtree_paths(self.hierarchy.root):
             entry: dict = {"path": path}
@@ -256,10 +254,10 @@ class ControlService:
                 entry["procs"] = sorted(cg.procs or ())
             if cg.populated or not sparse:
                 entry["populated"] = cg.populated
-            for name, ssid in controllers:
-                css: Any = cg.css[ssid]  # a resource controller's css
+            for controller in controllers:
+                css = cg.css[controller.ssid]
                 if css is not None:
-                    entry[name] = self._figures(css, sparse)
+                    entry[controller.name] = controller.report(css, sparse)
             cgroups.append(entry)
         holders: dict[tuple, list[int]] = {}
         for pid, ids in sorted(self.allocator.holdings().items()):
@@ -276,7 +274,8 @@ class ControlService:
                 "capacities": dict(zip(types.names, types.capacity)),
                 "capacity_source": self.capacity_source,
                 "guests": self.allocator.kvm_log(),
-                "controllers": [c.name for c in self.allocator.controllers],
+                "controllers": [c.name for c in controllers],
+                "resources": {c.name: c.resources() for c in controllers},
                 "cgroups": sorted(cgroups, key=lambda c: c["path"]),
                 "holders": [{"pid": pid, "type": t, "guest": guest, "cgroup": origin,
                              "charged": dict(charged), "ids": ids}
@@ -291,19 +290,6 @@ class ControlService:
         pids = self.tracker.pids_for(peer.pid, [holder["pid"] for holder in reply["holders"]])
         holders = [{**holder, "pid": pid} for holder, pid in zip(reply["holders"], pids)]
         return {**reply, "cgroups": cgroups, "holders": holders}
-
-    def _figures(self, css: ResourceCss, sparse: bool) -> dict:
-        types = self.types
-        if sparse and css.max == self._unlimited and css.usage == self._zeros and \
-                css.peak == self._zeros and css.events == self._zeros and \
-                css.events_local == self._zeros:
-            return {}  # a new cgroup's, as most are: compared a list at a time
-        return {name: {"max": _limit(css.max[t]), "current": css.usage[t], "peak": css.peak[t],
-                       "events": css.events[t], "events_local": css.events_local[t],
-                       "capacity": types.capacity[t]}
-                for t, name in enumerate(types.names)
-                if not sparse or css.max[t] != U64_MAX or css.usage[t] or css.peak[t]
-                or css.events[t] or css.events_local[t]}
 
     def _owner(self, peer: Peer) -> bool:
         """Root, or the user who mounted (the daemon runs as the mount's owner)."""
@@ -321,7 +307,3 @@ class ControlService:
 
 def _whole(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _limit(value: int) -> int | str:
-    return "max" if value == U64_MAX else value

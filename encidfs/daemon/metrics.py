@@ -12,14 +12,14 @@ import bisect
 import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import trio
 from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ..engine import U64_MAX, Engine, collector
+from ..engine import Engine, collector
+from ..engine.css import Report
 
 # Request latencies: FUSE requests take about 0.1 ms to 1 ms; a slow one, a disk's fsync.
 BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0)
@@ -30,9 +30,8 @@ class Snapshot:
     """The engine as a scrape shows it."""
 
     capacity: list[tuple[str, int, int]]  # type, capacity, used
-    types: list[str]
-    # cgroup, controller, and by type: current, max, peak, events
-    resources: list[tuple[str, str, list[int], list[int], list[int], list[int]]]
+    # cgroup, controller, and what the controller reports of its css there
+    resources: list[tuple[str, str, Report]]
     cgroups: int
     members: int
     restarts: int
@@ -46,18 +45,18 @@ def take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> Sn
 
 def _take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> Snapshot:
     h, types = engine.hierarchy, engine.types
-    controllers = engine.allocator.controllers
-    capacity = [(name, types.capacity[t], controllers[0].used(t) if controllers else 0)
+    charged = engine.allocator.controllers
+    capacity = [(name, types.capacity[t], charged[0].used(t) if charged else 0)
                 for t, name in enumerate(types.names)]
-    # Only copies: the loop waits for this, the scrape's thread renders it.
+    # Only copies (reports are made afresh): the loop waits for this, the scrape's thread
+    # renders it.
     resources = []
     for cg, path in h.subtree_paths(h.root):
-        for controller in controllers:
-            books: Any = cg.css[controller.ssid]  # a resource controller's css
-            if books is not None:
-                resources.append((path, controller.name, list(books.usage), list(books.max),
-                                  list(books.peak), list(books.events)))
-    return Snapshot(capacity, list(types.names), resources, len(h.by_id), len(h.members),
+        for controller in h.controllers:
+            css = cg.css[controller.ssid]
+            if css is not None:
+                resources.append((path, controller.name, controller.report(css, False)))
+    return Snapshot(capacity, resources, len(h.by_id), len(h.members),
                     restarts,
                     {key: (count, total, list(buckets))
                      for key, (count, total, buckets) in requests.stats.items()})
@@ -85,13 +84,15 @@ class EngineCollector(Collector):
         events = CounterMetricFamily("encidfs_cgroup_refusals",
                                      "charges refused by this limit or one below",
                                      labels=labels)
-        for path, controller, usage, maxima, peaks, refusals in snap.resources:
-            for t, name in enumerate(snap.types):
+        # A controller's figures by these names are exported, whatever else it reports.
+        families = {"current": current, "max": limit, "peak": peak, "events": events}
+        for path, controller, report in snap.resources:
+            for name, figures in report.items():
                 key = [path, controller, name]
-                current.add_metric(key, usage[t])
-                limit.add_metric(key, math.inf if maxima[t] == U64_MAX else maxima[t])
-                peak.add_metric(key, peaks[t])
-                events.add_metric(key, refusals[t])
+                for figure, family in families.items():
+                    value = figures.get(figure)
+                    if value is not None:
+                        family.add_metric(key, math.inf if value == "max" else value)
         yield from (capacity, used, current, limit, peak, events)
         yield GaugeMetricFamily("encidfs_cgroups", "live cgroups, the root included",
                                 value=snap.cgroups)
