@@ -15,7 +15,7 @@ from collections.abc import Callable
 from importlib import resources
 
 from ..daemon import config as configuration
-from ..daemon import supervisor
+from ..daemon import controllers, supervisor
 from ..exec.namespace import NamespaceError, exec_with_cgroupfs
 from ..host.mount import FSTYPE, fuse_problem, mounted_fstype, unmount
 from ..host.runtime import RuntimeDirError
@@ -67,6 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="the control socket (default: derived from the mountpoint)")
     mount.add_argument("--controllers", metavar="NAMES",
                        help="the controllers offered, comma-separated (default encids,misc)")
+    mount.add_argument("--controller-module", action="append", default=[], metavar="MODULE",
+                       help="load a module (a name or a FILE.py) that registers controllers "
+                            "(encidfs.daemon.controllers.register), offered when named in "
+                            "--controllers (repeatable)")
     mount.add_argument("--control-mode", metavar="MODE",
                        help="the control socket's mode, in octal (default 0600: the owner only)")
     mount.add_argument("--control-group", metavar="GROUP",
@@ -142,6 +146,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _mount(args: argparse.Namespace) -> int:
     options = [o for group in args.options for o in group.split(",") if o]
+    for module in args.controller_module:  # before the names in --controllers are checked
+        try:
+            controllers.load_module(module)
+        except (ImportError, OSError) as error:
+            raise configuration.ConfigError(f"--controller-module {module}: {error}") from None
     config = configuration.load(args.config, args.capacity, args.asids, args.min_sev_asid,
                                 options, args.control, args.state, args.max_cgroups,
                                 args.control_mode, args.control_group, args.controllers,
@@ -303,6 +312,9 @@ def _forwarded(args: argparse.Namespace) -> list[str]:
         argv += ["--config", args.config]
     if args.control:
         argv += ["--control", args.control]
+    for module in args.controller_module:
+        argv += ["--controller-module", os.path.abspath(module) if module.endswith(".py")
+                 else module]
     if args.controllers:
         argv += ["--controllers", args.controllers]
     if args.control_mode:

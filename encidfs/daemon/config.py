@@ -14,7 +14,9 @@ from ..host.mountinfo import cgroup2_mount_of
 from .controllers import CONTROLLERS
 
 DEFAULT_CAPACITIES = {"sev": 509, "sev_es": 99}
-CONTROLLER_NAMES = tuple(CONTROLLERS)  # what encidfs offers, and by default in this order
+# What encidfs offers by default, in this order; a controller a module registers (--controller-
+# module) is offered when named.
+CONTROLLER_NAMES = tuple(CONTROLLERS)
 # About 1.4 KiB of daemon memory each: 100,000 cgroups, with every other bound at its limit
 # (xattrs, connections, replies), keep the daemon well under 1 GiB.
 DEFAULT_MAX_CGROUPS = 100_000
@@ -192,10 +194,10 @@ def _snp_as_the_kernel_has_it(config: Config) -> None:
 
 
 def _check_controllers(names: object) -> list[str]:
-    """Names from CONTROLLER_NAMES, each once; offered in the order given."""
+    """Names of registered controllers, each once; offered in the order given."""
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names) \
-            or len(set(names)) != len(names) or not set(names) <= set(CONTROLLER_NAMES):
-        raise ConfigError(f"controllers must be some of {', '.join(CONTROLLER_NAMES)}, each "
+            or len(set(names)) != len(names) or not set(names) <= set(CONTROLLERS):
+        raise ConfigError(f"controllers must be some of {', '.join(CONTROLLERS)}, each "
                           f"once, got {names!r}")
     return list(names)
 

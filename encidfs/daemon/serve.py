@@ -83,7 +83,13 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         operations.invalidate_soon()
 
     def on_fork(parent: int, child: int, start: int | None, creator: int | None) -> None:
-        changes.fact(Op.FORK, parent, child, start, creator)
+        try:
+            changes.fact(Op.FORK, parent, child, start, creator)
+        except OSError as error:
+            # A controller refused the fork (as pids.max fails fork(2)); it happened already,
+            # so the child dies before it does much, uncounted, as if it had never been.
+            log.info("fork of %d by %d refused: %s", child, parent, error.strerror)
+            tracker.kill([child])
 
     def on_threads(pid: int, threads: list[int]) -> None:
         changes.fact(Op.THREADS, pid, threads)
