@@ -1,0 +1,118 @@
+"""A controller used only by the tests, to prove that a controller is one engine module, one
+file table and one registry line: `count` counts the processes of each subtree, as pids does,
+and count.max refuses a move or a fork past it with EAGAIN (pids refuses forks only).
+
+`encidfs mount --controller-module tests/engine/counter.py --controllers ...,count` offers it.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from encidfs.daemon.controllers import register
+from encidfs.engine import U64_MAX, Cgroup, fail
+from encidfs.engine.cgroup import Commit
+from encidfs.engine.css import Controller, Css, Report
+from encidfs.files.cftype import Caller, CfType, Placement
+from encidfs.files.parse import kstrtoull, strstrip
+from encidfs.state.operations import Op
+
+# -- the engine module ---------------------------------------------------------------------
+
+
+class CountCss(Css):
+    __slots__ = ("max", "count")
+
+    def __init__(self, ssid: int, cgroup: Cgroup, parent: Css | None) -> None:
+        super().__init__(ssid, cgroup, parent)
+        self.max = U64_MAX
+        self.count = 0  # processes of the subtree
+
+
+class CountController(Controller):
+    name = "count"
+
+    def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> CountCss:
+        return CountCss(self.ssid, cgroup, parent)
+
+    def css_of(self, cg: Cgroup) -> CountCss:
+        return cg.css[self.ssid]  # type: ignore[return-value]  # its files are where it is
+
+    def can_attach(self, pid: int, src: Css, dst: Css) -> None:
+        self._check(dst, set(_levels(src)))
+
+    def attach(self, pid: int, src: Css, dst: Css) -> None:
+        _add(src, -1)
+        _add(dst, 1)
+
+    def can_fork(self, css: Css) -> None:
+        self._check(css, set())
+
+    def fork(self, pid: int, css: Css) -> None:
+        _add(css, 1)
+
+    def exit(self, pid: int, css: Css) -> None:
+        _add(css, -1)
+
+    def _check(self, css: Css, counted: set[Css]) -> None:
+        """One more process below css, but for the levels that count it already."""
+        for level in _levels(css):
+            if level not in counted and level.count + 1 > level.max:
+                raise fail(errno.EAGAIN, f"count.max of {level.cgroup.path}")
+
+    def apply_setting(self, cg: Cgroup, key: str, value: int, commit: Commit) -> None:
+        if key != "max":
+            super().apply_setting(cg, key, value, commit)
+        css = self.css_of(cg)
+        commit()
+        css.max = value
+
+    def report(self, css: Css, sparse: bool) -> Report:
+        limit = css.max  # type: ignore[attr-defined]
+        return {"processes": {"current": css.count,  # type: ignore[attr-defined]
+                              "max": "max" if limit == U64_MAX else limit}}
+
+    def resources(self) -> list[str]:
+        return ["processes"]
+
+    def dump_css(self, css: Css) -> dict:
+        return {"max": css.max, "count": css.count}  # type: ignore[attr-defined]
+
+    def load_css(self, css: Css, data: dict) -> None:
+        css.max, css.count = data["max"], data["count"]  # type: ignore[attr-defined]
+
+
+def _levels(css: Css) -> list[CountCss]:
+    """css and its ancestors below the root: the root's processes are implicit, never counted."""
+    return [level for level in css.ancestors() if level.parent is not None]  # type: ignore[misc]
+
+
+def _add(css: Css, step: int) -> None:
+    for level in _levels(css):
+        level.count += step
+
+
+# -- the file table ------------------------------------------------------------------------
+
+
+def count_files(controller: CountController, changes) -> list[CfType]:
+    def show_max(cg: Cgroup) -> str:
+        value = controller.css_of(cg).max
+        return "max\n" if value == U64_MAX else f"{value}\n"
+
+    def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:
+        text = strstrip(text)
+        value = U64_MAX if text == b"max" else kstrtoull(text, 0)
+        changes.run(Op.SET_MAX, cg.id, controller.name, "max", value)
+
+    def show_current(cg: Cgroup) -> str:
+        return f"{controller.css_of(cg).count}\n"
+
+    not_on_root = Placement.NOT_ON_ROOT
+    return [CfType("count.max", show_max, write_max, not_on_root, controller),
+            CfType("count.current", show_current, None, not_on_root, controller)]
+
+
+# -- the registry line ---------------------------------------------------------------------
+
+register(CountController, count_files)
