@@ -26,7 +26,6 @@ from .protocol import error_reply
 
 if TYPE_CHECKING:
     from ..daemon.metrics import RequestMetrics
-    from ..engine.resource import ResourceCss
 
 log = logging.getLogger(__name__)
 

@@ -85,14 +85,15 @@ class EngineCollector(Collector):
                                      "charges refused by this limit or one below",
                                      labels=labels)
         # A controller's figures by these names are exported, whatever else it reports.
-        families = {"current": current, "max": limit, "peak": peak, "events": events}
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
+            "current": current, "max": limit, "peak": peak, "events": events}
         for path, controller, report in snap.resources:
             for name, figures in report.items():
                 key = [path, controller, name]
                 for figure, family in families.items():
                     value = figures.get(figure)
                     if value is not None:
-                        family.add_metric(key, math.inf if value == "max" else value)
+                        family.add_metric(key, math.inf if value == "max" else float(value))
         yield from (capacity, used, current, limit, peak, events)
         yield GaugeMetricFamily("encidfs_cgroups", "live cgroups, the root included",
                                 value=snap.cgroups)

@@ -89,7 +89,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             # A controller refused the fork (as pids.max fails fork(2)); it happened already,
             # so the child dies before it does much, uncounted, as if it had never been.
             log.info("fork of %d by %d refused: %s", child, parent, error.strerror)
-            tracker.kill([child])
+            if isinstance(tracker, ProcessTracker):  # the one that reports forks
+                tracker.kill([child])
 
     def on_threads(pid: int, threads: list[int]) -> None:
         changes.fact(Op.THREADS, pid, threads)

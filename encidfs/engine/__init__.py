@@ -17,8 +17,8 @@ from .resource import U64_MAX, Charge, ResourceController, Types
 
 __all__ = [
     "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
-    "ChargeRefused", "Controller", "Engine", "EncidsController", "Hierarchy", "KernelInterface", "Membership",
-    "MiscController", "RangeFull", "Refused", "ResourceController", "Types", "fail",
+    "ChargeRefused", "Controller", "Engine", "EncidsController", "Hierarchy", "KernelInterface",
+    "Membership", "MiscController", "RangeFull", "Refused", "ResourceController", "Types", "fail",
     "new_engine",
 ]
 

@@ -5,8 +5,8 @@ its setting."""
 import errno
 
 import pytest
-
 from counter import CountController
+
 from encidfs.engine import EncidsController, new_engine
 from encidfs.engine.snapshot import dump, load
 from encidfs.state.changes import Changes

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from mountutil import outcome, read, wait_until, write
 
 COUNTER = str(Path(__file__).parents[1] / "engine" / "counter.py")
