@@ -484,7 +484,7 @@ def build(size):
             for leaf in range(min(LEAVES, size - count)):
                 h.mkdir(cg, f"l{leaf}")
                 count += 1
-    h.drain_changes()  # the daemon drains them as it goes; they are not the tree's memory
+    h.drain_events()  # the daemon drains them as it goes; they are not the tree's memory
     return h, deep
 
 
@@ -512,7 +512,7 @@ def engine_scaling(iterations):
             # grow, the queue's cost to the garbage collector would show in the figures.
             def request(i, op=op):
                 op(i)
-                h.drain_changes()
+                h.drain_events()
             # Batches of 20: one perf_counter_ns pair costs about as much as the faster ops.
             rows.setdefault(name, []).append(measure(request, iterations, batch=20)[0])
         rows.setdefault("memory per cgroup, bytes", []).append(memory)

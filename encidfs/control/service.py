@@ -42,7 +42,7 @@ class Peer:
 
 
 @dataclass
-class _Change:
+class _Checked:
     """A checked allocate or free: its journal record, the holder that must still be alive
     when it is applied (with its start time), and the reply made of what it returned."""
 
@@ -55,7 +55,7 @@ class _Change:
 class _Waiting:
     """A request in a group commit."""
 
-    op: Callable[[dict, Peer], _Change]
+    op: Callable[[dict, Peer], _Checked]
     request: dict
     peer: Peer
     reply: dict | None = None  # once its group is committed
@@ -134,11 +134,11 @@ class ControlService:
         start = time.perf_counter()
         try:
             self.tracker.sync()  # a holder forked a moment ago is charged where it was born
-            checked: list[tuple[_Waiting, _Change]] = []
+            checked: list[tuple[_Waiting, _Checked]] = []
             for waiting in group:
                 change = self._answer(lambda: waiting.op(waiting.request, waiting.peer),
                                       waiting.request)
-                if isinstance(change, _Change):
+                if isinstance(change, _Checked):
                     checked.append((waiting, change))
                 else:
                     waiting.reply = change
@@ -177,7 +177,7 @@ class ControlService:
             log.exception("control request %r failed", request)
             return error_reply(errno.EIO, "internal error (logged by the daemon)")
 
-    def _allocate(self, request: dict, peer: Peer) -> _Change:
+    def _allocate(self, request: dict, peer: Peer) -> _Checked:
         type_name = request.get("type")
         count = request.get("count", 1)
         pid = request.get("pid", peer.pid)
@@ -202,12 +202,12 @@ class ControlService:
             raise fail(errno.EINVAL, "count must be at least 1")
         guest = self.allocator.guest(type_name, guest_name).name
         (named,) = self.tracker.pids_for(peer.pid, [holder])
-        return _Change((Op.ALLOCATE, holder, start, type_name, count, cg.id, guest),
+        return _Checked((Op.ALLOCATE, holder, start, type_name, count, cg.id, guest),
                        (holder, start),
                        lambda ids: {"type": type_name, "guest": guest, "ids": ids,
                                     "holder": named, "cgroup": cg.path})
 
-    def _free(self, request: dict, peer: Peer) -> _Change:
+    def _free(self, request: dict, peer: Peer) -> _Checked:
         """Free IDs of one holder, for a client that may act for it (as for allocating)."""
         ids = request.get("ids")
         named = holder = request.get("pid", peer.pid)
@@ -223,7 +223,7 @@ class ControlService:
         if foreign:
             raise fail(errno.EINVAL, f"not held by process {named}: {foreign}")
         self._check_may_act_for(peer, holder)
-        return _Change((Op.FREE, ids), None, lambda _: {"ids": ids, "holder": named})
+        return _Checked((Op.FREE, ids), None, lambda _: {"ids": ids, "holder": named})
 
     def _cgroup(self, request: dict, peer: Peer) -> dict:
         """The cgroup of a task, as its /proc/PID/cgroup would name it.  The task is named in

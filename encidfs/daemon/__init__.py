@@ -1,6 +1,6 @@
 """The daemon: the only place that knows all the parts.  serve.py wires the engine, the file
 tables, membership, the journal, the FUSE adapter and the control socket and runs them; the
-change bus (bus.py) hands each batch of the engine's changes to its consumers; the supervisor
+event bus (bus.py) hands each batch of the engine's events to its consumers; the supervisor
 (supervisor.py) mounts again when the daemon dies; config.py and controllers.py say what a mount
 is made of; metrics.py exports it to Prometheus; sdnotify.py tells systemd.
 

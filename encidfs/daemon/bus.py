@@ -1,4 +1,4 @@
-"""The change bus: the engine appends what changed to its hierarchy; the daemon drains it once
+"""The event bus: the engine appends what changed to its hierarchy; the daemon drains it once
 per request or process event and hands the batch to each consumer.  No consumer drains it on
 another's behalf."""
 
@@ -10,8 +10,8 @@ from ..engine import Hierarchy
 from ..engine.cgroup import Event
 
 
-class ChangeBus:
-    """The engine's changes, handed once per request or event, as one batch, to each of its
+class EventBus:
+    """The engine's events, handed once per request or event, as one batch, to each of its
     consumers (the FUSE adapter, for kernfs's invalidation and poll; the inotify notifier)."""
 
     def __init__(self, hierarchy: Hierarchy) -> None:
@@ -19,10 +19,10 @@ class ChangeBus:
         self.consumers: list[Callable[[list[Event]], None]] = []
 
     def pending(self) -> bool:
-        return bool(self.hierarchy.changes)
+        return bool(self.hierarchy.events)
 
     def deliver(self) -> None:
-        batch = self.hierarchy.drain_changes()
+        batch = self.hierarchy.drain_events()
         if batch:
             for consume in self.consumers:
                 consume(batch)

@@ -34,7 +34,7 @@ from ..state.operations import Op
 from ..state.restore import restore
 from ..state.store import StateStore, runtime_state_path
 from . import metrics
-from .bus import ChangeBus
+from .bus import EventBus
 from .config import Config
 from .controllers import CONTROLLERS
 from .sdnotify import notify
@@ -75,7 +75,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                         config.kernel_interface, config.snp_asids)
     hierarchy = engine.hierarchy
     changes = Changes(engine)
-    bus = ChangeBus(hierarchy)
+    bus = EventBus(hierarchy)
 
     def changed() -> None:
         """After a change from elsewhere than a FUSE request (which delivers its own)."""
@@ -161,7 +161,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         gone = tree.reconcile()  # the kernel's tree as it is now
         log.info("over %s: %d cgroups; %d of those restored were gone", tree.top,
                  len(hierarchy.by_id), gone)
-        kernfs.consume(hierarchy.drain_changes())  # nothing is mounted yet
+        kernfs.consume(hierarchy.drain_events())  # nothing is mounted yet
     pyfuse3.init(operations, mountpoint,
                  mount_options("encidfs", config.fuse_options, everyone=os.geteuid() == 0))
     clean = False

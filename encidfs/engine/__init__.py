@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from .allocator import Allocation, Allocator
 from .budget import Budget
-from .cgroup import EVENTS_FILE, INT_MAX, Cgroup, Change, Hierarchy, Membership
+from .cgroup import CGROUP_EVENTS_KEY, INT_MAX, Cgroup, Hierarchy, Membership, TreeEvent
 from .css import Controller
 from .encids import EncidsController
 from .errors import ChargeRefused, RangeFull, Refused, fail
@@ -16,10 +16,10 @@ from .misc import MiscController
 from .resource import U64_MAX, Charge, ResourceController, Types
 
 __all__ = [
-    "EVENTS_FILE", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Change", "Charge",
-    "ChargeRefused", "Controller", "Engine", "EncidsController", "Hierarchy", "KernelInterface",
-    "Membership", "MiscController", "RangeFull", "Refused", "ResourceController", "Types", "fail",
-    "new_engine",
+    "CGROUP_EVENTS_KEY", "INT_MAX", "U64_MAX", "Allocation", "Allocator", "Cgroup", "Charge",
+    "ChargeRefused", "Controller", "EncidsController", "Engine", "Hierarchy", "KernelInterface",
+    "Membership", "MiscController", "RangeFull", "Refused", "ResourceController", "TreeEvent",
+    "Types", "fail", "new_engine",
 ]
 
 

@@ -35,8 +35,8 @@ def no_journal() -> None:
     """The commit of an engine kept only in memory (and of a change being replayed)."""
 
 
-class Change(Enum):
-    """What the engine tells the layers above, as (Change, cgroup) on its change bus; besides
+class TreeEvent(Enum):
+    """What the engine tells the layers above, as (TreeEvent, cgroup) on its event bus; besides
     these, (file key, cgroup) notifies the file that a file table row declares with that key
     (the kernel's cgroup_file_notify())."""
 
@@ -44,8 +44,8 @@ class Change(Enum):
     REMOVED = "removed"  # the cgroup was removed (it may still be dying)
 
 
-EVENTS_FILE = "cgroup.events"  # the key of cgroup.events: populated or frozen changed
-Event = tuple["Change | str", "Cgroup"]
+CGROUP_EVENTS_KEY = "cgroup.events"  # notifies cgroup.events: populated or frozen changed
+Event = tuple["TreeEvent | str", "Cgroup"]
 
 
 class Cgroup:
@@ -134,7 +134,7 @@ class _FrozenFlips:
     def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
         if error_type is None and self._before:
             h = self._hierarchy
-            h.changes.extend((EVENTS_FILE, node) for node, was in self._before.items()
+            h.events.extend((CGROUP_EVENTS_KEY, node) for node, was in self._before.items()
                              if h.frozen(node) != was)
 
 
@@ -186,7 +186,7 @@ class Hierarchy:
         self.members: dict[int, Cgroup] = {}
         self.split: dict[int, dict[int, Cgroup]] = {}  # TGID -> TID -> cgroup, when split
         self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
-        self.changes: list[Event] = []  # the change bus, drained by the daemon
+        self.events: list[Event] = []  # the event bus, drained by the daemon
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
@@ -301,7 +301,7 @@ class Hierarchy:
             css = cg.css[controller.ssid]
             if css is not None and not controller.threaded:
                 self._css_offline(css)
-        self.changes.append((Change.FILES, cg))
+        self.events.append((TreeEvent.FILES, cg))
 
     def effective_css(self, cg: Cgroup, controller: Controller) -> Css:
         """The css that accounts for processes in `cg`: its own, or the nearest ancestor's."""
@@ -311,9 +311,9 @@ class Hierarchy:
                 return css
         raise AssertionError("the root has every controller's css")
 
-    def drain_changes(self) -> list[Event]:
-        changes, self.changes = self.changes, []
-        return changes
+    def drain_events(self) -> list[Event]:
+        events, self.events = self.events, []
+        return events
 
     # -- mkdir / rmdir --------------------------------------------------------------------------
 
@@ -385,7 +385,7 @@ class Hierarchy:
             ancestor.nr_descendants -= 1
             ancestor.nr_dying_descendants += 1
             ancestor = ancestor.parent
-        self.changes.append((Change.REMOVED, cg))
+        self.events.append((TreeEvent.REMOVED, cg))
         for css in cg.css:
             if css is not None:
                 self._css_offline(css)
@@ -445,7 +445,7 @@ class Hierarchy:
                     self._css_online(child, controller)
                 elif disable & bit and (css := child.css[controller.ssid]) is not None:
                     self._css_offline(css)
-            self.changes.append((Change.FILES, child))
+            self.events.append((TreeEvent.FILES, child))
         # The processes below move to their new csses, as cgroup_update_dfl_csses() migrates
         # them.  Not vetoed: the kernel's can_attach could refuse the whole write, which no
         # controller here needs yet.
@@ -475,12 +475,12 @@ class Hierarchy:
         applied = cg.parent is None or not self.effective_freeze(cg.parent)
         cg.freeze = freeze
         self._account_freezing(cg, self.clock() if at is None else at)
-        self.changes.extend((EVENTS_FILE, node) for node, was in before.items()
+        self.events.extend((CGROUP_EVENTS_KEY, node) for node, was in before.items()
                             if self.frozen(node) != was)
         if not applied:
             # cgroup_freeze(): an ancestor decides, so nothing changes; the writer is told
             # there is nothing to wait for.
-            self.changes.append((EVENTS_FILE, cg))
+            self.events.append((CGROUP_EVENTS_KEY, cg))
 
     def _account_freezing(self, cg: Cgroup, now: int) -> None:
         """Start or end the freezing time of every cgroup of the subtree whose effective
@@ -747,7 +747,7 @@ class Hierarchy:
         node = cg
         step = 1 if populated else -1
         while True:
-            self.changes.append((EVENTS_FILE, node))
+            self.events.append((CGROUP_EVENTS_KEY, node))
             parent = node.parent
             if parent is None:
                 return

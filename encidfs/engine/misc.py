@@ -15,8 +15,8 @@ from .errors import fail
 from .kernel import TYPES_SINCE, KernelInterface
 from .resource import ResourceController, ResourceCss, Types
 
-EVENTS_FILE = "misc.events"
-EVENTS_LOCAL_FILE = "misc.events.local"
+MISC_EVENTS_KEY = "misc.events"
+MISC_EVENTS_LOCAL_KEY = "misc.events.local"
 
 
 class MiscController(ResourceController):
@@ -42,11 +42,11 @@ class MiscController(ResourceController):
     def count_refusal(self, refusing: ResourceCss, t: int) -> None:
         if self.kernel.misc_events_local:
             refusing.events_local[t] += 1
-            self._notify(refusing.cgroup, EVENTS_LOCAL_FILE)
+            self._notify(refusing.cgroup, MISC_EVENTS_LOCAL_KEY)
         if not self.kernel.misc_events:
             return
         for level in refusing.ancestors():
             if level.parent is None:
                 break
             level.events[t] += 1  # type: ignore[attr-defined]
-            self._notify(level.cgroup, EVENTS_FILE)
+            self._notify(level.cgroup, MISC_EVENTS_KEY)

@@ -202,7 +202,7 @@ class ResourceController(Controller):
             css_put(charge.css)
 
     def _notify(self, cg: Cgroup, key: str) -> None:
-        self.hierarchy.changes.append((key, cg))
+        self.hierarchy.events.append((key, cg))
 
     # -- snapshots ------------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ import errno
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
-from ..engine import EVENTS_FILE, INT_MAX, Cgroup, Hierarchy, fail
+from ..engine import CGROUP_EVENTS_KEY, INT_MAX, Cgroup, Hierarchy, fail
 from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .parse import kstrtoint, strstrip
@@ -229,7 +229,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
                lambda cg: _mask_line(hierarchy.names(hierarchy.controllers_of(cg)))),
         CfType("cgroup.subtree_control",
                lambda cg: _mask_line(hierarchy.names(cg.subtree_control)), write_subtree_control),
-        CfType("cgroup.events", show_events, placement=not_on_root, notify=EVENTS_FILE),
+        CfType("cgroup.events", show_events, placement=not_on_root, notify=CGROUP_EVENTS_KEY),
         CfType("cgroup.max.descendants", lambda cg: _limit(cg.max_descendants),
                write_max_descendants),
         CfType("cgroup.max.depth", lambda cg: _limit(cg.max_depth), write_max_depth),

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from ..engine import Cgroup, Change, Hierarchy, fail
+from ..engine import Cgroup, Hierarchy, TreeEvent, fail
 from ..engine.budget import Budget
 from ..engine.cgroup import Commit, Event
 from ..state.operations import Op
@@ -337,15 +337,15 @@ class Kernfs:
     # -- what changed -------------------------------------------------------------------------
 
     def consume(self, batch: list[Event]) -> tuple[list[tuple[int, bytes]], list[int]]:
-        """A batch of the engine's changes, as nodes: directory entries the kernel may have
+        """A batch of the engine's events, as nodes: directory entries the kernel may have
         cached that no longer stand, as (dir, name), and the files to notify pollers of."""
         stale: list[tuple[int, bytes]] = []
         notified: list[int] = []
         for change, cg in batch:
-            if change is Change.FILES:
+            if change is TreeEvent.FILES:
                 stale += [(self.dir_inode(cg), self.cftypes[row].name.encode())
                           for row in self._controller_rows]
-            elif change is Change.REMOVED:
+            elif change is TreeEvent.REMOVED:
                 self._forget(range(self.dir_inode(cg), self.file_inode(cg, self._slots())))
                 self._removed(cg, stale)
             else:  # a file key: cgroup_file_notify()

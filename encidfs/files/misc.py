@@ -8,7 +8,7 @@ from __future__ import annotations
 import errno
 
 from ..engine import U64_MAX, Cgroup, MiscController, fail
-from ..engine.misc import EVENTS_FILE, EVENTS_LOCAL_FILE
+from ..engine.misc import MISC_EVENTS_KEY, MISC_EVENTS_LOCAL_KEY
 from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .core import Changes
@@ -60,9 +60,9 @@ def misc_files(controller: MiscController, changes: Changes) -> list[CfType]:
     rows.append(CfType("misc.max", show_max, write_max, not_on_root, controller))
     if kernel.misc_events:
         rows.append(CfType("misc.events", lambda cg: flat(controller.css_of(cg).events, ".max"),
-                           None, not_on_root, controller, notify=EVENTS_FILE))
+                           None, not_on_root, controller, notify=MISC_EVENTS_KEY))
     if kernel.misc_events_local:
         rows.append(CfType("misc.events.local",
                            lambda cg: flat(controller.css_of(cg).events_local, ".max"), None,
-                           not_on_root, controller, notify=EVENTS_LOCAL_FILE))
+                           not_on_root, controller, notify=MISC_EVENTS_LOCAL_KEY))
     return rows

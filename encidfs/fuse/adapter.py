@@ -136,7 +136,7 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 class CgroupOperations(pyfuse3.Operations):
     def __init__(self, kernfs: Kernfs, cache_timeout: float, bus: Bus) -> None:
-        """`bus` is the engine's change bus: after each request it is delivered to its
+        """`bus` is the engine's event bus: after each request it is delivered to its
         consumers, of which consume() is one."""
         super().__init__()
         self.kernfs = kernfs
@@ -152,7 +152,7 @@ class CgroupOperations(pyfuse3.Operations):
         self._next_fh = 1
 
     def consume(self, batch: list[Event]) -> None:
-        """A batch from the change bus: wake the pollers of the files it notifies, and keep the
+        """A batch from the event bus: wake the pollers of the files it notifies, and keep the
         directory entries it makes stale for invalidate() or invalidate_soon()."""
         stale, notified = self.kernfs.consume(batch)
         for inode in notified:

@@ -40,7 +40,7 @@ NOTIFY_MIN_INTERVAL = 0.01
 
 
 class ModifyNotifier:
-    """A consumer of the change bus: every file a batch notifies gets an IN_MODIFY."""
+    """A consumer of the event bus: every file a batch notifies gets an IN_MODIFY."""
 
     def __init__(self, kernfs: Kernfs, mountpoint: str) -> None:
         self.kernfs = kernfs

@@ -61,7 +61,7 @@ class OverKernfs(Kernfs):
         self._real_names: list[str] = []
         self._real_rows: dict[str, int] = {}  # name -> row, after the emulated rows
         self._chown = os.geteuid() == 0  # a user's daemon makes what it makes as the user
-        # Removed by an rmdir through the mount, until the change bus hands the removal over.
+        # Removed by an rmdir through the mount, until the event bus hands the removal over.
         self._removed_here: set[Cgroup] = set()
 
     # -- nodes --------------------------------------------------------------------------------

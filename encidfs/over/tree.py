@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 from inotify_simple import INotify, flags
 
-from ..engine import EVENTS_FILE, Cgroup, Hierarchy
+from ..engine import CGROUP_EVENTS_KEY, Cgroup, Hierarchy
 from ..host.mountinfo import cgroup2_mount_of
 from ..state.operations import Op
 
@@ -196,7 +196,7 @@ class KernelTree:
     def _watch_cgroup(self, cg: Cgroup) -> None:
         watches = self._watches_of.setdefault(cg, [])
         path = self.path(cg)
-        for name, mask in ((None, _DIR_EVENTS), (EVENTS_FILE, flags.MODIFY)):
+        for name, mask in ((None, _DIR_EVENTS), (CGROUP_EVENTS_KEY, flags.MODIFY)):
             wd = self._add_watch(path if name is None else f"{path}/{name}", mask)
             if wd is not None:
                 self._watched[wd] = (cg, name)
@@ -235,7 +235,7 @@ class KernelTree:
         left = self._opened.pop(wd, 1) - 1
         if left:
             self._opened[wd] = left
-        elif wd in self._watched and self._watched[wd][1] != EVENTS_FILE:
+        elif wd in self._watched and self._watched[wd][1] != CGROUP_EVENTS_KEY:
             self._unwatch(wd)
 
     def drain(self) -> bool:
@@ -263,6 +263,6 @@ class KernelTree:
         cg, name = watched
         if name is not None:  # a file's notification (cgroup_file_notify())
             if not cg.dying:
-                self.hierarchy.changes.append((name, cg))
+                self.hierarchy.events.append((name, cg))
         elif event.mask & (_MADE | _GONE) and event.mask & flags.ISDIR and not cg.dying:
             self.child(cg, event.name)

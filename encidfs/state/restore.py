@@ -51,7 +51,7 @@ def restore(store: StateStore, changes: Changes,
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:
         changes.exit(pid)
-    table.consume(h.drain_changes())  # nothing is mounted yet: no cache, nobody polls
+    table.consume(h.drain_events())  # nothing is mounted yet: no cache, nobody polls
     if old is not None:
         old.close()
     try:

@@ -93,10 +93,10 @@ def test_charge_up_to_the_limit_is_accepted(h, encids, abc):
 def test_refusal_logs_controller_events_for_the_refusing_level_and_ancestors(h, encids, abc):
     a, b, c = abc
     encids.set_max(b, SEV, 0)
-    h.drain_changes()
+    h.drain_events()
     with pytest.raises(ChargeRefused):
         encids.try_charge(c, "sev", 1)
-    assert Counter(h.drain_changes()) == Counter(
+    assert Counter(h.drain_events()) == Counter(
         ("encids.sev.events", cg) for cg in (b, a, h.root))
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from encidfs.engine import EVENTS_FILE, Change, ChargeRefused, new_engine
+from encidfs.engine import CGROUP_EVENTS_KEY, ChargeRefused, TreeEvent, new_engine
 
 ENCIDS = 1  # subtree_control mask of encids, the hierarchy's only controller
 
@@ -30,7 +30,7 @@ def chain(h, parent, *names):
 
 
 def events_logged(h):
-    return Counter(cg.path for change, cg in h.drain_changes() if change == EVENTS_FILE)
+    return Counter(cg.path for change, cg in h.drain_events() if change == CGROUP_EVENTS_KEY)
 
 
 def populated_map(h):
@@ -136,11 +136,11 @@ def test_max_depth_of_root_limits_absolute_depth(h):
 def test_refused_mkdir_changes_no_counter(h):
     a = h.mkdir(h.root, "a")
     h.set_max_depth(a, 0)
-    h.drain_changes()
+    h.drain_events()
     with raises_errno(errno.EAGAIN):
         h.mkdir(a, "x")
     assert (h.root.nr_descendants, a.nr_descendants, a.children) == (1, 0, {})
-    assert h.drain_changes() == []
+    assert h.drain_events() == []
 
 
 def test_nr_descendants_counts_live_descendants_at_every_ancestor(h):
@@ -183,9 +183,9 @@ def test_rmdir_of_cgroup_populated_only_below_is_ebusy(h):
 
 def test_rmdir_logs_removed_and_frees_the_name_at_once(h):
     a = h.mkdir(h.root, "a")
-    h.drain_changes()
+    h.drain_events()
     h.rmdir(a)
-    assert h.drain_changes() == [(Change.REMOVED, a)]
+    assert h.drain_events() == [(TreeEvent.REMOVED, a)]
     again = h.mkdir(h.root, "a")
     assert again is not a and again.id != a.id
     assert h.root.children == {"a": again}
@@ -279,10 +279,10 @@ def test_redundant_enable_or_disable_is_a_noop_success(h):
     h.write_subtree_control(h.root, 0, ENCIDS)  # not enabled: nothing to disable
     h.write_subtree_control(h.root, ENCIDS, 0)
     css = a.css[0]
-    h.drain_changes()
+    h.drain_events()
     h.write_subtree_control(h.root, ENCIDS, 0)  # already enabled
     assert a.css[0] is css and css.online
-    assert h.drain_changes() == []
+    assert h.drain_events() == []
 
 
 def test_enabling_gives_each_live_child_a_css(h):
@@ -308,12 +308,12 @@ def test_disabling_takes_the_children_css_offline(h):
 def test_subtree_control_change_logs_files_for_each_child(h):
     a, b = h.mkdir(h.root, "a"), h.mkdir(h.root, "b")
     h.mkdir(a, "grandchild")  # gets no css: a does not enable encids
-    h.drain_changes()
+    h.drain_events()
     h.write_subtree_control(h.root, ENCIDS, 0)
-    files = [(Change.FILES, a), (Change.FILES, b)]
-    assert Counter(h.drain_changes()) == Counter(files)
+    files = [(TreeEvent.FILES, a), (TreeEvent.FILES, b)]
+    assert Counter(h.drain_events()) == Counter(files)
     h.write_subtree_control(h.root, 0, ENCIDS)
-    assert Counter(h.drain_changes()) == Counter(files)
+    assert Counter(h.drain_events()) == Counter(files)
 
 
 def test_mkdir_under_an_enabling_parent_gets_a_css(h):
@@ -359,9 +359,9 @@ def test_attach_moves_the_process(h):
 def test_attach_to_current_cgroup_changes_nothing(h):
     a = h.mkdir(h.root, "a")
     h.attach(1, a)
-    h.drain_changes()
+    h.drain_events()
     h.attach(1, a)
-    assert a.procs == {1} and h.drain_changes() == []
+    assert a.procs == {1} and h.drain_events() == []
 
 
 def test_populated_propagates_to_all_ancestors_and_back_on_exit(h):
@@ -384,12 +384,12 @@ def test_populated_follows_a_moving_process(h):
 
 def test_exit_of_a_pid_in_the_root_is_ignored(h):
     h.exit(42)
-    assert h.members == {} and h.drain_changes() == []
+    assert h.members == {} and h.drain_events() == []
 
 
 def test_events_logged_for_cgroups_whose_populated_flipped_on_attach_and_exit(h):
     a, b = chain(h, h.root, "a", "b")
-    h.drain_changes()
+    h.drain_events()
     h.attach(1, b)
     assert events_logged(h) == Counter({"/a/b": 1, "/a": 1, "/": 1})
     h.attach(2, b)  # already populated: nothing flips
@@ -417,7 +417,7 @@ def test_move_logs_events_for_exactly_the_cgroups_whose_populated_flipped(h, src
     cgroups["/b"] = h.mkdir(h.root, "b")
     h.attach(1, cgroups[src])
     before = populated_map(h)
-    h.drain_changes()
+    h.drain_events()
     h.attach(1, cgroups[dst])
     after = populated_map(h)
     flipped = Counter(path for path in after if after[path] != before[path])

@@ -118,14 +118,14 @@ class EngineMachine(RuleBasedStateMachine):
         """Run operation: it must succeed iff expected_errnos is empty, and a refusal must fail
         with one of them, change nothing and log nothing."""
         before = snapshot(self.h, self.charges)
-        changes = list(self.h.changes)
+        changes = list(self.h.events)
         try:
             result = operation()
         except OSError as e:
             assert not isinstance(e, ChargeRefused)  # charges are checked in charge()
             assert e.errno in expected_errnos, (e, expected_errnos)
             assert snapshot(self.h, self.charges) == before
-            assert self.h.changes == changes
+            assert self.h.events == changes
             return e
         assert not expected_errnos, f"expected one of {expected_errnos}, got success"
         return result
@@ -277,7 +277,7 @@ class EngineMachine(RuleBasedStateMachine):
         refusing = next((level for level in css_chain(css)
                          if self.model_usage(level, t) + amount
                          > min(self.max_of(level, t), CAPACITY[t])), None)
-        self.h.drain_changes()
+        self.h.drain_events()
         before, events_before = snapshot(self.h, self.charges)
         try:
             charge = self.encids.try_charge(cg, type_name, amount)
@@ -291,7 +291,7 @@ class EngineMachine(RuleBasedStateMachine):
                 expected = list(events_before[key])
                 expected[t] += key in counted
                 assert list(events) == expected
-            assert Counter(self.h.drain_changes()) == Counter(
+            assert Counter(self.h.drain_events()) == Counter(
                 (f"encids.{type_name}.events", level.cgroup) for level in css_chain(refusing))
             return
         assert refusing is None, f"charge accepted over the limit of {refusing.cgroup.path}"

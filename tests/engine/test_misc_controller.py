@@ -42,13 +42,13 @@ def test_a_refusal_counts_locally_where_it_is_and_in_events_up_to_below_the_root
     a, b, _ = tree
     controller.set_max(a, SEV, 1)
     controller.try_charge(b, "sev", 1)
-    h.drain_changes()
+    h.drain_events()
     with pytest.raises(ChargeRefused) as refused:
         controller.try_charge(b, "sev", 1)
     assert (refused.value.controller, refused.value.path) == ("misc", "/a")
     assert [misc(engine, cg).events_local[SEV] for cg in (h.root, a, b)] == [0, 1, 0]
     assert [misc(engine, cg).events[SEV] for cg in (h.root, a, b)] == [0, 1, 0]
-    assert Counter(h.drain_changes()) == Counter([("misc.events.local", a), ("misc.events", a)])
+    assert Counter(h.drain_events()) == Counter([("misc.events.local", a), ("misc.events", a)])
     # Refused by b's own limit: b counts both, and a its hierarchical events.
     controller.set_max(b, SEV, 1)
     with pytest.raises(ChargeRefused):
@@ -162,12 +162,12 @@ def test_an_older_kernel_counts_a_refusal_where_it_had_files(version, counted):
     a = h.mkdir(h.root, "a")
     h.attach(7, a)
     h.controller("misc").set_max(a, SEV, 0)
-    h.drain_changes()
+    h.drain_events()
     with pytest.raises(ChargeRefused) as refused:
         engine.allocator.allocate(7, "sev", 1)
     assert (refused.value.controller, refused.value.path) == ("misc", "/a")
     assert (misc(engine, a).events[SEV], misc(engine, a).events_local[SEV]) == counted
-    notified = {key for key, _ in h.drain_changes()}
+    notified = {key for key, _ in h.drain_events()}
     assert notified == {name for name, n in zip(("misc.events", "misc.events.local"), counted)
                         if n}
 

@@ -119,7 +119,7 @@ class SnapshotMachine(RuleBasedStateMachine):
 
     @invariant()
     def a_snapshot_gives_back_the_same_engine(self):
-        self.h.drain_changes()
+        self.h.drain_events()
         data, copy = round_trip(self.engine)
         assert snapshot.dump(copy.hierarchy, copy.allocator) == data
         assert fingerprint(copy) == fingerprint(self.engine)

@@ -10,10 +10,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from encidfs.engine import (
-    EVENTS_FILE,
-    Change,
+    CGROUP_EVENTS_KEY,
     EncidsController,
     MiscController,
+    TreeEvent,
     new_engine,
     snapshot,
 )
@@ -162,11 +162,11 @@ def test_a_single_threaded_process_moved_by_its_thread_leaves_its_cgroup_empty(h
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
     h.attach(10, cgs["/p"])
-    h.drain_changes()
+    h.drain_events()
     h.attach_thread(10, 10, cgs["/p/a"], [10])
     assert 10 not in h.split and h.cgroup_of(10) is cgs["/p/a"] and cgs["/p"].procs is None
     assert cgs["/p"].populated  # through its threaded child
-    assert (EVENTS_FILE, cgs["/p/a"]) in h.drain_changes()
+    assert (CGROUP_EVENTS_KEY, cgs["/p/a"]) in h.drain_events()
 
 
 def test_new_threads_join_the_leader_and_gone_ones_leave(h):
@@ -176,10 +176,10 @@ def test_new_threads_join_the_leader_and_gone_ones_leave(h):
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
     h.set_threads(10, [10, 11, 13])
     assert h.threads_in(cgs["/p"], 10) == [10, 13]
-    h.drain_changes()
+    h.drain_events()
     h.set_threads(10, [10, 13])  # 11 exited: /p/a is empty
     assert 10 not in h.split and not cgs["/p/a"].populated
-    assert (EVENTS_FILE, cgs["/p/a"]) in h.drain_changes()
+    assert (CGROUP_EVENTS_KEY, cgs["/p/a"]) in h.drain_events()
 
 
 def test_when_the_leader_exits_first_its_threads_go_on(h):
@@ -224,10 +224,10 @@ def test_turning_threaded_takes_the_domain_controllers_css_offline(h):
     cgs = tree(h, "/t")
     h.write_subtree_control(h.root, ENCIDS, 0)
     css = cgs["/t"].css[0]
-    h.drain_changes()
+    h.drain_events()
     h.enable_threaded(cgs["/t"])
     assert cgs["/t"].css[0] is None and not css.online
-    assert (Change.FILES, cgs["/t"]) in h.drain_changes()
+    assert (TreeEvent.FILES, cgs["/t"]) in h.drain_events()
 
 
 def test_domain_controllers_are_not_enabled_in_a_threaded_subtree(h):
@@ -357,7 +357,7 @@ class ThreadsMachine(RuleBasedStateMachine):
 
     @invariant()
     def a_snapshot_gives_back_the_same_engine(self):
-        self.h.drain_changes()
+        self.h.drain_events()
         data = snapshot.dump(self.h, self.engine.allocator)
         copy = new_engine({"sev": 4}, controllers=(EncidsController, MiscController))
         snapshot.load(copy.hierarchy, copy.allocator, data)
