@@ -394,7 +394,7 @@ class Kernfs:
         return nodes
 
     def load(self, nodes: dict) -> None:
-        """What dump() wrote, into a table whose hierarchy was loaded from the same snapshot."""
+        """What dump() wrote, into a Kernfs whose hierarchy was loaded from the same snapshot."""
         now = time.time_ns()
         for cgid_text, entry in nodes.items():
             cg = self.hierarchy.by_id[int(cgid_text)]
@@ -469,10 +469,10 @@ class OpenFile:
     """An open interface file; reads follow seq_file: offset 0 renders afresh, later offsets
     continue that rendering, so a reader in small pieces sees one consistent text."""
 
-    __slots__ = ("table", "node", "caller", "_css", "_text", "_seen")
+    __slots__ = ("kernfs", "node", "caller", "_css", "_text", "_seen")
 
-    def __init__(self, table: Kernfs, node: Node, caller: Caller) -> None:
-        self.table = table
+    def __init__(self, kernfs: Kernfs, node: Node, caller: Caller) -> None:
+        self.kernfs = kernfs
         self.node = node
         self.caller = caller
         # A controller's file is gone with the css it showed; one made anew is another node.
@@ -491,7 +491,7 @@ class OpenFile:
 
     def changed(self) -> bool:
         """Not read yet, or notified since last read (poll reports POLLPRI|POLLERR)."""
-        return self._seen != self.table.notifications(self.node.inode)
+        return self._seen != self.kernfs.notifications(self.node.inode)
 
     def _check_live(self) -> CfType:
         cg, cft = self.node.cgroup, self.node.cftype
@@ -505,12 +505,12 @@ class OpenFile:
         if cft.show is None:
             raise fail(errno.EINVAL)
         if offset == 0 or not self._text:
-            self.table.processes.settle()  # what exited is gone before anyone can look
+            self.kernfs.processes.settle()  # what exited is gone before anyone can look
             cg = self.node.cgroup
             text = cft.show(cg, self.caller) if cft.to_reader else cft.show(cg)  # type: ignore
             self._text = text.encode()
             if self._text or not cft.records:
-                self._seen = self.table.notifications(self.node.inode)
+                self._seen = self.kernfs.notifications(self.node.inode)
         return self._text[offset:offset + size]
 
     def write(self, buf: bytes) -> int:
@@ -520,7 +520,7 @@ class OpenFile:
             raise fail(errno.E2BIG)
         if cft.write is None:
             raise fail(errno.EINVAL)
-        self.table.processes.settle()  # its checks see the processes as they are
+        self.kernfs.processes.settle()  # its checks see the processes as they are
         cft.write(self.node.cgroup, written_text(buf), self.caller)
         return len(buf)
 

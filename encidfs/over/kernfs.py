@@ -52,7 +52,7 @@ class OverKernfs(Kernfs):
                                   errno.ENFILE, owners, share)
         self.membership = membership
         # The kernel's cgroup.procs and threads replace the core rows that move processes:
-        # all the table itself asks of the membership is settle().
+        # all Kernfs itself asks of the membership is settle().
         super().__init__(hierarchy, membership, changes, file_tables,  # type: ignore[arg-type]
                          core=lambda h, processes, c, may_write: merged_files(tree, h, c),
                          owners=owners, share=share)
@@ -344,19 +344,19 @@ class KernelFile:
     """A kernel file open through the mount: one descriptor of the kernel's file, so that its
     reads, writes and poll state are the kernel's."""
 
-    __slots__ = ("table", "node", "caller", "fd", "_watch", "_text")
+    __slots__ = ("kernfs", "node", "caller", "fd", "_watch", "_text")
 
-    def __init__(self, table: OverKernfs, node: Node, caller: Caller, flags: int) -> None:
-        self.table = table
+    def __init__(self, kernfs: OverKernfs, node: Node, caller: Caller, flags: int) -> None:
+        self.kernfs = kernfs
         self.node = node
         self.caller = caller
-        self.fd = os.open(table.tree.file(node.cgroup, node.real),  # type: ignore[arg-type]
+        self.fd = os.open(kernfs.tree.file(node.cgroup, node.real),  # type: ignore[arg-type]
                           (flags & os.O_ACCMODE) | os.O_CLOEXEC)
         self._watch: int | None = None  # the inotify watch of a file polled
         self._text = b""  # a PID list rendered for a reader in another PID namespace
 
     def read(self, offset: int, size: int) -> bytes:
-        membership = self.table.membership
+        membership = self.kernfs.membership
         if self.node.real in _PID_FILES and membership.foreign(self.caller.pid):
             if offset == 0 or not self._text:
                 text = os.pread(self.fd, 1 << 20, 0)
@@ -377,7 +377,7 @@ class KernelFile:
     def _check_threaded(self) -> None:
         """cgroup_enable_threaded() for the controllers the kernel does not know: neither the
         cgroup nor its parent (the thread root to be) may enable an emulated domain one."""
-        cg, h = self.node.cgroup, self.table.hierarchy
+        cg, h = self.node.cgroup, self.kernfs.hierarchy
         domain = h.all_controllers & ~h.threaded_controllers
         if cg.subtree_control & domain or (cg.parent and cg.parent.subtree_control & domain):
             raise fail(errno.EOPNOTSUPP, "an emulated domain controller is enabled")
@@ -391,7 +391,7 @@ class KernelFile:
             return buf
         if pid < 0:
             return buf
-        membership = self.table.membership
+        membership = self.kernfs.membership
         thread = self.node.real == "cgroup.threads"
         pid = membership.pid_from(self.caller.pid, pid, thread) if pid else self.caller.pid
         if not os.path.exists(f"/proc/{pid}"):
@@ -405,20 +405,20 @@ class KernelFile:
         """cgroup_migrate_vet_dst() for the controllers the kernel does not know: no process
         or thread joins a cgroup (other than the hierarchy's root) that enables an emulated
         domain controller (such a cgroup is neither threaded nor a thread root)."""
-        cg, h = self.node.cgroup, self.table.hierarchy
+        cg, h = self.node.cgroup, self.kernfs.hierarchy
         if not cg.subtree_control & ~h.threaded_controllers:
             return
-        if self.table.membership.is_hierarchy_root(cg):
+        if self.kernfs.membership.is_hierarchy_root(cg):
             return
         raise fail(errno.EBUSY, "no internal processes: the cgroup enables a controller")
 
     def _check_migration(self, pid: int) -> None:
         """cgroup_procs_write_permission(): the opener must be able to write cgroup.procs of
         the common ancestor of source and destination (the kernel checks the daemon)."""
-        source = self.table.tree.real_path(proc_cgroup(pid))
+        source = self.kernfs.tree.real_path(proc_cgroup(pid))
         if source is None:
             return  # gone, or outside the hierarchy: the kernel answers
-        destination = self.table.tree.path(self.node.cgroup)
+        destination = self.kernfs.tree.path(self.node.cgroup)
         common = os.path.commonpath([source, destination])
         try:
             st = os.stat(f"{common}/cgroup.procs")
@@ -432,14 +432,14 @@ class KernelFile:
         poll on, so that a change wakes the poller."""
         if self._watch is None:
             assert self.node.real is not None  # only the kernel's files are passed through
-            self._watch = self.table.tree.opened(self.node.cgroup, self.node.real) or -1
+            self._watch = self.kernfs.tree.opened(self.node.cgroup, self.node.real) or -1
         poller = select.poll()
         poller.register(self.fd, select.POLLPRI)
         return bool(poller.poll(0))
 
     def close(self) -> None:
         os.close(self.fd)
-        self.table.closed(self.caller.uid)
+        self.kernfs.closed(self.caller.uid)
         if self._watch is not None and self._watch >= 0:
-            self.table.tree.closed(self._watch)
+            self.kernfs.tree.closed(self._watch)
 
