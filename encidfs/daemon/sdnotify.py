@@ -11,7 +11,7 @@ import socket
 log = logging.getLogger(__name__)
 
 
-def notify(*assignments: str) -> None:
+def sd_notify(*assignments: str) -> None:
     address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return

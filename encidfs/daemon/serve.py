@@ -37,7 +37,7 @@ from . import metrics
 from .bus import EventBus
 from .config import Config
 from .controllers import CONTROLLERS
-from .sdnotify import notify
+from .sdnotify import sd_notify
 from .supervisor import STRAY_SIGNALS, restarts, supervisor_pid
 
 log = logging.getLogger(__name__)
@@ -186,14 +186,14 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
             gc.freeze()  # what start-up made lives on: keep it out of every collection
             ready()
             capacities = " ".join(f"{name} {n}" for name, n in config.capacities.items())
-            notify("READY=1", f"STATUS=mounted on {mountpoint}: {capacities}; "
+            sd_notify("READY=1", f"STATUS=mounted on {mountpoint}: {capacities}; "
                               f"{len(hierarchy.by_id)} cgroups; {tracker.mode}")
             loop.install()
             await pyfuse3.main(min_tasks=1, max_tasks=1)  # see fuse/adapter.py
             clean = True
             nursery.cancel_scope.cancel()
     finally:
-        notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
+        sd_notify("STOPPING=1", f"STATUS=unmounting {mountpoint}")
         operations.invalidator.stop(timeout=1.0)
         pyfuse3.close(unmount=True)
         if clean:
