@@ -9,7 +9,7 @@ from typing import Protocol
 from ..engine import CGROUP_EVENTS_KEY, INT_MAX, Cgroup, Hierarchy, fail
 from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
-from .parse import kstrtoint, strstrip
+from .parse import kstrtoint, limit_text, strstrip
 
 
 class Changes(Protocol):
@@ -60,8 +60,8 @@ def _mask_line(names: list[str]) -> str:
     return " ".join(names) + "\n" if names else ""
 
 
-def _limit(value: int) -> str:
-    return "max\n" if value == INT_MAX else f"{value}\n"
+def _shown_limit(value: int) -> str:
+    return limit_text(value, INT_MAX) + "\n"
 
 
 def _parse_limit(text: bytes) -> int:
@@ -230,9 +230,9 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         CfType("cgroup.subtree_control",
                lambda cg: _mask_line(hierarchy.names(cg.subtree_control)), write_subtree_control),
         CfType("cgroup.events", show_events, placement=not_on_root, notify=CGROUP_EVENTS_KEY),
-        CfType("cgroup.max.descendants", lambda cg: _limit(cg.max_descendants),
+        CfType("cgroup.max.descendants", lambda cg: _shown_limit(cg.max_descendants),
                write_max_descendants),
-        CfType("cgroup.max.depth", lambda cg: _limit(cg.max_depth), write_max_depth),
+        CfType("cgroup.max.depth", lambda cg: _shown_limit(cg.max_depth), write_max_depth),
         CfType("cgroup.stat", show_stat),
         CfType("cgroup.stat.local", lambda cg: f"frozen_usec {hierarchy.frozen_usec(cg)}\n",
                placement=not_on_root),

@@ -7,11 +7,7 @@ from ..engine.encids import events_file
 from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .core import Changes
-from .parse import kstrtoull, strstrip
-
-
-def _limit(value: int) -> str:
-    return "max\n" if value == U64_MAX else f"{value}\n"
+from .parse import kstrtoull, limit_text, strstrip
 
 
 def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]:
@@ -21,7 +17,7 @@ def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]
         prefix = f"{controller.name}.{type_name}"
 
         def show_max(cg: Cgroup, t: int = t) -> str:
-            return _limit(controller.css_of(cg).max[t])
+            return limit_text(controller.css_of(cg).max[t]) + "\n"
 
         def write_max(cg: Cgroup, text: bytes, caller: Caller, t: int = t) -> None:
             text = strstrip(text)

@@ -12,7 +12,7 @@ from ..engine.misc import MISC_EVENTS_KEY, MISC_EVENTS_LOCAL_KEY
 from ..state.operations import Op
 from .cftype import Caller, CfType, Placement
 from .core import Changes
-from .parse import kstrtoull, strstrip
+from .parse import kstrtoull, limit_text, strstrip
 
 
 def parse_max(text: bytes, type_names: list[str]) -> tuple[str, int]:
@@ -40,7 +40,7 @@ def misc_files(controller: MiscController, changes: Changes) -> list[CfType]:
 
     def show_max(cg: Cgroup) -> str:
         maxes = controller.css_of(cg).max
-        return "".join(f"{types.names[t]} {'max' if maxes[t] == U64_MAX else maxes[t]}\n"
+        return "".join(f"{types.names[t]} {limit_text(maxes[t])}\n"
                        for t in known if types.capacity[t])
 
     def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import errno
 import re
 
-from ..engine import fail
+from ..engine import U64_MAX, fail
 
 # The kernel's isspace(): \t \n \v \f \r, space, and Latin-1 no-break space (0xa0).
 KERNEL_SPACE = b"\t\n\x0b\x0c\r \xa0"
@@ -74,3 +74,8 @@ def kstrtoint(text: bytes, base: int = 0) -> int:
     if not -(2**31) <= value < 2**31:
         raise fail(errno.ERANGE)
     return value
+
+
+def limit_text(value: int, unlimited: int = U64_MAX) -> str:
+    """A limit as the kernel's files show it: "max" for `unlimited`, else the number."""
+    return "max" if value == unlimited else str(value)

@@ -14,7 +14,7 @@ from encidfs.engine import U64_MAX, Cgroup, fail
 from encidfs.engine.cgroup import Commit
 from encidfs.engine.css import Controller, Css, Report
 from encidfs.files.cftype import Caller, CfType, Placement
-from encidfs.files.parse import kstrtoull, strstrip
+from encidfs.files.parse import kstrtoull, limit_text, strstrip
 from encidfs.state.operations import Op
 
 # -- the engine module ---------------------------------------------------------------------
@@ -98,7 +98,7 @@ def _add(css: Css, step: int) -> None:
 def count_files(controller: CountController, changes) -> list[CfType]:
     def show_max(cg: Cgroup) -> str:
         value = controller.css_of(cg).max
-        return "max\n" if value == U64_MAX else f"{value}\n"
+        return limit_text(value) + "\n"
 
     def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:
         text = strstrip(text)
