@@ -298,42 +298,26 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
     return 0
 
 
+# Options the supervised daemon is given as the user gave them, and whether each is a path
+# (made absolute: the daemon may not share the caller's working directory).
+_FORWARDED = (("--asids", False), ("--min-sev-asid", False), ("--snp-asids", False),
+              ("--config", False), ("--control", False), ("--controllers", False),
+              ("--control-mode", False), ("--control-group", False), ("--state", True),
+              ("--over", True), ("--max-cgroups", False), ("--user-share", False),
+              ("--metrics", False), ("--kernel-interface", False), ("--tracking", False))
+
+
 def _forwarded(args: argparse.Namespace) -> list[str]:
     argv = ["mount", args.mountpoint]
     for capacity in args.capacity:
         argv += ["--capacity", capacity]
-    if args.asids is not None:
-        argv += ["--asids", str(args.asids)]
-    if args.min_sev_asid is not None:
-        argv += ["--min-sev-asid", str(args.min_sev_asid)]
-    if args.snp_asids is not None:
-        argv += ["--snp-asids", str(args.snp_asids)]
-    if args.config:
-        argv += ["--config", args.config]
-    if args.control:
-        argv += ["--control", args.control]
+    for option, is_path in _FORWARDED:
+        value = getattr(args, option[2:].replace("-", "_"))
+        if value is not None:
+            argv += [option, os.path.abspath(value) if is_path else str(value)]
     for module in args.controller_module:
         argv += ["--controller-module", os.path.abspath(module) if module.endswith(".py")
                  else module]
-    if args.controllers:
-        argv += ["--controllers", args.controllers]
-    if args.control_mode:
-        argv += ["--control-mode", args.control_mode]
-    if args.control_group:
-        argv += ["--control-group", args.control_group]
-    if args.state:
-        argv += ["--state", os.path.abspath(args.state)]
-    if args.over:
-        argv += ["--over", os.path.abspath(args.over)]
-    if args.max_cgroups is not None:
-        argv += ["--max-cgroups", str(args.max_cgroups)]
-    if args.user_share is not None:
-        argv += ["--user-share", str(args.user_share)]
-    if args.metrics:
-        argv += ["--metrics", args.metrics]
-    if args.kernel_interface:
-        argv += ["--kernel-interface", args.kernel_interface]
-    argv += ["--tracking", args.tracking]
     for option in args.options:
         argv += ["-o", option]
     if args.debug:
