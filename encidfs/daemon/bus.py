@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..engine import Hierarchy
-from ..engine.cgroup import Event
+from ..engine.events import Event
 
 
 class EventBus:

@@ -99,11 +99,11 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         changes.fact(Op.EXIT, pid)
 
     def frozen(pid: int) -> bool:
-        return hierarchy.freezing(pid)
+        return hierarchy.freezer.freezing(pid)
 
     @_process_event
     def on_stopped(pid: int, stopped: bool) -> None:
-        hierarchy.set_stopped(pid, stopped)
+        hierarchy.freezer.set_stopped(pid, stopped)
         changed()
 
     fd_limit = raise_fd_limit()

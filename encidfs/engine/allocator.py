@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import errno
 
-from .cgroup import Cgroup, Commit, Hierarchy, no_journal
+from .cgroup import Cgroup, Hierarchy
 from .css import Css
 from .errors import RangeFull, fail
+from .events import Commit, no_journal
 from .ids import IdSpace
 from .resource import Charge, ResourceController, Types
 

@@ -17,35 +17,19 @@ from __future__ import annotations
 
 import errno
 import time
-from collections.abc import Callable, Iterable, Iterator
-from enum import Enum
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from .budget import Budget
 from .css import Controller, Css, follows_processes
 from .errors import fail
+from .events import CGROUP_EVENTS_KEY, Commit, Event, TreeEvent, no_journal
+from .freezer import Freezer
 
 INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
 
 
-Commit = Callable[[], None]
 
-
-def no_journal() -> None:
-    """The commit of an engine kept only in memory (and of a change being replayed)."""
-
-
-class TreeEvent(Enum):
-    """What the engine tells the layers above, as (TreeEvent, cgroup) on its event bus; besides
-    these, (file key, cgroup) notifies the file that a file table row declares with that key
-    (the kernel's cgroup_file_notify())."""
-
-    FILES = "files"  # the set of interface files of a cgroup changed
-    REMOVED = "removed"  # the cgroup was removed (it may still be dying)
-
-
-CGROUP_EVENTS_KEY = "cgroup.events"  # notifies cgroup.events: populated or frozen changed
-Event = tuple["TreeEvent | str", "Cgroup"]
 
 
 class Cgroup:
@@ -116,28 +100,6 @@ class Cgroup:
         return f"<Cgroup {self.path}{' dying' if self.dying else ''}>"
 
 
-class _FrozenFlips:
-    """The context of a change: once it is made, EVENTS for the cgroups above the given ones
-    whose frozen state it flipped.  (A class, not a generator: every move enters one.)"""
-
-    __slots__ = ("_hierarchy", "_before")
-
-    def __init__(self, hierarchy: Hierarchy, cgroups: Iterable[Cgroup]) -> None:
-        self._hierarchy = hierarchy
-        chains = {node for cg in cgroups if hierarchy.effective_freeze(cg)
-                  for node in cg.ancestors()}
-        self._before = {node: hierarchy.frozen(node) for node in chains}
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, error_type: type[BaseException] | None, *_: object) -> None:
-        if error_type is None and self._before:
-            h = self._hierarchy
-            h.events.extend((CGROUP_EVENTS_KEY, node) for node, was in self._before.items()
-                             if h.frozen(node) != was)
-
-
 class Membership(Protocol):
     """Where processes are: the one seam between the engine and what keeps membership.  The
     standalone tree's is the hierarchy itself (its members, as process tracking reports them);
@@ -185,8 +147,8 @@ class Hierarchy:
         # TGID -> cgroup, for processes outside the root (a split one: its leader's cgroup).
         self.members: dict[int, Cgroup] = {}
         self.split: dict[int, dict[int, Cgroup]] = {}  # TGID -> TID -> cgroup, when split
-        self.stopped: set[int] = set()  # PIDs the freezer has stopped, as the tracker reports
         self.events: list[Event] = []  # the event bus, drained by the daemon
+        self.freezer = Freezer(self)
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
@@ -391,7 +353,7 @@ class Hierarchy:
                 self._css_offline(css)
         cgroup_put(cg)  # the pin it held while live
 
-    # -- cgroup.subtree_control, limits, freeze --------------------------------------------------
+    # -- cgroup.subtree_control, limits ---------------------------------------------------------
 
     def vet_subtree_control(self, cg: Cgroup, enable: int, disable: int) -> tuple[int, int]:
         """Check a "+name"/"-name" change (disjoint ssid masks) as the kernel does before it
@@ -464,81 +426,6 @@ class Hierarchy:
         commit()
         cg.max_descendants = value
 
-    def set_freeze(self, cg: Cgroup, freeze: bool, commit: Commit = no_journal,
-                   at: int | None = None) -> None:
-        """`at`: when (the clock's time), for a change replayed from a journal."""
-        self._check_live(cg)
-        if cg.freeze == freeze:
-            return
-        commit()
-        before = {node: self.frozen(node) for node in self.subtree(cg)}
-        applied = cg.parent is None or not self.effective_freeze(cg.parent)
-        cg.freeze = freeze
-        self._account_freezing(cg, self.clock() if at is None else at)
-        self.events.extend((CGROUP_EVENTS_KEY, node) for node, was in before.items()
-                            if self.frozen(node) != was)
-        if not applied:
-            # cgroup_freeze(): an ancestor decides, so nothing changes; the writer is told
-            # there is nothing to wait for.
-            self.events.append((CGROUP_EVENTS_KEY, cg))
-
-    def _account_freezing(self, cg: Cgroup, now: int) -> None:
-        """Start or end the freezing time of every cgroup of the subtree whose effective
-        freeze changed (the kernel's freeze_start_nsec and frozen_nsec)."""
-        stack = [(cg, cg.parent is not None and self.effective_freeze(cg.parent))]
-        while stack:
-            node, above = stack.pop()
-            freezing = node.freeze or above
-            if freezing and node.freeze_since is None:
-                node.freeze_since = now
-            elif not freezing and node.freeze_since is not None:
-                node.frozen_ns += max(0, now - node.freeze_since)
-                node.freeze_since = None
-            stack.extend((child, freezing) for child in node.children.values())
-
-    def restart_freezing_clock(self) -> None:
-        """The times kept are another boot's clock: the freezing under way counts from now."""
-        now = self.clock()
-        for cg in self.subtree(self.root):
-            if cg.freeze_since is not None:
-                cg.freeze_since = now
-
-    def frozen_usec(self, cg: Cgroup) -> int:
-        """cgroup.stat.local's frozen_usec: the time spent freezing, whether frozen or not."""
-        total = cg.frozen_ns
-        if cg.freeze_since is not None:
-            total += max(0, self.clock() - cg.freeze_since)
-        return total // 1000
-
-    def effective_freeze(self, cg: Cgroup) -> bool:
-        node: Cgroup | None = cg
-        while node is not None:  # a loop, not ancestors(): every move asks, three times
-            if node.freeze:
-                return True
-            node = node.parent
-        return False
-
-    def freezing(self, pid: int) -> bool:
-        """Whether the freezer covers a process: any cgroup with a thread of it (SIGSTOP
-        stops a whole process)."""
-        return any(self.effective_freeze(cg) for cg in self.cgroups_of(pid))
-
-    def frozen(self, cg: Cgroup) -> bool:
-        """Frozen: freezing applies and every process of the subtree has stopped."""
-        return self.effective_freeze(cg) and all(
-            pid in self.stopped for pid in self.subtree_pids(cg))
-
-    def set_stopped(self, pid: int, stopped: bool) -> None:
-        with self._watch_frozen(*self.cgroups_of(pid)):
-            if stopped:
-                self.stopped.add(pid)
-            else:
-                self.stopped.discard(pid)
-
-    def _watch_frozen(self, *cgroups: Cgroup) -> _FrozenFlips:
-        """Log EVENTS for the cgroups above these whose frozen state the change flips."""
-        return _FrozenFlips(self, cgroups)
-
     # -- processes and threads ------------------------------------------------------------
 
     def vet_destination(self, dst: Cgroup) -> None:
@@ -561,7 +448,7 @@ class Hierarchy:
         for controller, src_css, dst_css in moves:
             controller.can_attach(pid, src_css, dst_css)
         commit()
-        with self._watch_frozen(*sources, dst):
+        with self.freezer.watch_frozen(*sources, dst):
             self.split.pop(pid, None)
             # Join before leaving, as the kernel does, so that common ancestors stay populated.
             self._join(pid, dst)
@@ -596,7 +483,7 @@ class Hierarchy:
         if placed is None:
             placed = dict.fromkeys(threads, src)
         placed[tid] = dst
-        with self._watch_frozen(src, dst):
+        with self.freezer.watch_frozen(src, dst):
             self._join(pid, dst)
             self._place(pid, placed)
             if src not in placed.values():
@@ -614,7 +501,7 @@ class Hierarchy:
         if not updated:
             return  # the process is exiting: its exit settles everything
         before, after = set(placed.values()), set(updated.values())
-        with self._watch_frozen(*before):
+        with self.freezer.watch_frozen(*before):
             for cg in after - before:
                 self._join(pid, cg)
             self._place(pid, updated)
@@ -629,7 +516,7 @@ class Hierarchy:
             csses = [(c, self.effective_css(cg, c)) for c in self.following]
             for controller, css in csses:
                 controller.can_fork(css)
-            with self._watch_frozen(cg):
+            with self.freezer.watch_frozen(cg):
                 self.members[child] = cg
                 cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
             for controller, css in csses:
@@ -638,12 +525,12 @@ class Hierarchy:
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
         sources = self.cgroups_of(pid)
-        with self._watch_frozen(*sources):
+        with self.freezer.watch_frozen(*sources):
             self.split.pop(pid, None)
             home = self.members.pop(pid, None)
             for src in sources:
                 self._leave(pid, src)
-            self.stopped.discard(pid)
+            self.freezer.stopped.discard(pid)
         if home is not None:
             for controller in self.following:
                 controller.exit(pid, self.effective_css(home, controller))

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING
 from .errors import fail
 
 if TYPE_CHECKING:
-    from .cgroup import Cgroup, Commit, Hierarchy
+    from .cgroup import Cgroup, Hierarchy
+    from .events import Commit
     from .kernel import KernelInterface
     from .resource import Types
 

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import errno
 
-from .cgroup import Cgroup, Commit, css_put, no_journal
+from .cgroup import Cgroup, css_put
 from .css import Controller, Css, Report
 from .errors import ChargeRefused, fail
+from .events import Commit, no_journal
 from .kernel import KernelInterface
 
 U64_MAX = 2**64 - 1  # a limit of "max"

@@ -193,7 +193,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
 
     def show_events(cg: Cgroup) -> str:
         processes.sync()
-        return f"populated {int(cg.populated)}\nfrozen {int(hierarchy.frozen(cg))}\n"
+        return f"populated {int(cg.populated)}\nfrozen {int(hierarchy.freezer.frozen(cg))}\n"
 
     def write_type(cg: Cgroup, text: bytes, caller: Caller) -> None:
         # Only a domain can turn threaded; nothing turns back.
@@ -234,7 +234,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
                write_max_descendants),
         CfType("cgroup.max.depth", lambda cg: _shown_limit(cg.max_depth), write_max_depth),
         CfType("cgroup.stat", show_stat),
-        CfType("cgroup.stat.local", lambda cg: f"frozen_usec {hierarchy.frozen_usec(cg)}\n",
+        CfType("cgroup.stat.local", lambda cg: f"frozen_usec {hierarchy.freezer.frozen_usec(cg)}\n",
                placement=not_on_root),
         CfType("cgroup.freeze", lambda cg: f"{int(cg.freeze)}\n", write_freeze, not_on_root),
         CfType("cgroup.kill", None, write_kill, not_on_root),

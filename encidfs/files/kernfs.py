@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from ..engine import Cgroup, Hierarchy, TreeEvent, fail
 from ..engine.budget import Budget
-from ..engine.cgroup import Commit, Event
+from ..engine.events import Commit, Event
 from ..state.operations import Op
 from .cftype import Caller, CfType
 from .core import Changes, Processes, core_files

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 import pyfuse3
 import trio
 
-from ..engine.cgroup import Event
+from ..engine.events import Event
 from ..files.cftype import Caller
 from ..files.kernfs import Kernfs, Node, OpenFile
 

@@ -29,7 +29,8 @@ import sys
 
 import trio
 
-from ..engine.cgroup import Cgroup, Event
+from ..engine.cgroup import Cgroup
+from ..engine.events import Event
 from ..files.kernfs import Kernfs
 from ..host.mountinfo import mounted_at
 

@@ -19,7 +19,7 @@ import stat
 
 from ..engine import Cgroup, Hierarchy, fail
 from ..engine.budget import Budget
-from ..engine.cgroup import Event
+from ..engine.events import Event
 from ..files.cftype import Caller
 from ..files.kernfs import (
     FILE_BASE,

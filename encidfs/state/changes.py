@@ -18,7 +18,8 @@ from typing import Protocol, TypeVar
 import outcome
 
 from ..engine import Controller, Engine, Refused
-from ..engine.cgroup import Cgroup, Commit, no_journal
+from ..engine.cgroup import Cgroup
+from ..engine.events import Commit, no_journal
 from ..files.kernfs import Kernfs
 from .operations import Op
 
@@ -163,7 +164,7 @@ class Changes:
         engine's clock, which the freezing time counts from)."""
         cg, h = self._cgroup(cgroup), self.hierarchy
         if key == "freeze":
-            h.set_freeze(cg, bool(value), commit, at)
+            h.freezer.set_freeze(cg, bool(value), commit, at)
             return
         setter = {"max_depth": h.set_max_depth, "max_descendants": h.set_max_descendants}
         setter[key](cg, value, commit)

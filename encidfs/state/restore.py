@@ -46,7 +46,7 @@ def restore(store: StateStore, changes: Changes,
         if failed:
             log.warning("%d of %d journal records could not be replayed", failed, len(records))
         if data is not None and data.get("boot") != boot_id():
-            h.restart_freezing_clock()
+            h.freezer.restart_freezing_clock()
     processes = sorted(set(h.members) | set(changes.allocator.holdings()))
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:

@@ -11,8 +11,8 @@ import errno
 
 from encidfs.daemon.controllers import register
 from encidfs.engine import U64_MAX, Cgroup, fail
-from encidfs.engine.cgroup import Commit
 from encidfs.engine.css import Controller, Css, Report
+from encidfs.engine.events import Commit
 from encidfs.files.cftype import Caller, CfType, Placement
 from encidfs.files.parse import kstrtoull, limit_text, strstrip
 from encidfs.state.operations import Op

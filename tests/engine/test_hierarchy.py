@@ -202,7 +202,7 @@ def test_operations_on_a_removed_cgroup_are_enodev(h):
         lambda: h.attach(1, a),
         lambda: h.set_max_depth(a, 1),
         lambda: h.set_max_descendants(a, 1),
-        lambda: h.set_freeze(a, True),
+        lambda: h.freezer.set_freeze(a, True),
     ]
     for operation in operations:
         with raises_errno(errno.ENODEV):
@@ -504,13 +504,13 @@ def test_a_freeze_that_an_ancestor_decides_still_notifies_the_cgroup(h):
     """cgroup_freeze(): a write that changes no cgroup's effective state notifies the cgroup
     itself ("nothing to wait for"); one that changes nothing at all notifies nobody."""
     a, b = chain(h, h.root, "a", "b")
-    h.set_freeze(a, True)
+    h.freezer.set_freeze(a, True)
     assert events_logged(h) == Counter({"/a": 1, "/a/b": 1})  # both frozen (no processes)
-    h.set_freeze(b, True)
+    h.freezer.set_freeze(b, True)
     assert events_logged(h) == Counter({"/a/b": 1})
-    h.set_freeze(b, True)
+    h.freezer.set_freeze(b, True)
     assert events_logged(h) == Counter()
-    h.set_freeze(b, False)
+    h.freezer.set_freeze(b, False)
     assert events_logged(h) == Counter({"/a/b": 1})
-    h.set_freeze(a, False)
+    h.freezer.set_freeze(a, False)
     assert events_logged(h) == Counter({"/a": 1, "/a/b": 1})

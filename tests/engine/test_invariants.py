@@ -54,7 +54,7 @@ def snapshot(h, charges):
             cgroups[css.cgroup.id] = css.cgroup
     state = {
         "members": dict(h.members),
-        "stopped": set(h.stopped),
+        "stopped": set(h.freezer.stopped),
         "by_id": set(h.by_id),
         "cgroups": {
             cgid: (

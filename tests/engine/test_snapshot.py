@@ -94,7 +94,7 @@ class SnapshotMachine(RuleBasedStateMachine):
     def settings(self, data, pid, freeze):
         cg = self.cgroup(data)
         self.attempt(lambda: self.h.set_max_depth(cg, pid))
-        self.attempt(lambda: self.h.set_freeze(cg, freeze))
+        self.attempt(lambda: self.h.freezer.set_freeze(cg, freeze))
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS))
     def attach(self, data, pid):

@@ -259,10 +259,10 @@ def test_freezing_a_threaded_cgroup_covers_the_processes_with_a_thread_there(h):
     h.enable_threaded(cgs["/p/a"])
     h.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
-    h.set_freeze(cgs["/p/a"], True)
-    assert h.freezing(10) and not h.frozen(cgs["/p/a"])
-    h.set_stopped(10, True)
-    assert h.frozen(cgs["/p/a"]) and not h.frozen(cgs["/p"])
+    h.freezer.set_freeze(cgs["/p/a"], True)
+    assert h.freezer.freezing(10) and not h.freezer.frozen(cgs["/p/a"])
+    h.freezer.set_stopped(10, True)
+    assert h.freezer.frozen(cgs["/p/a"]) and not h.freezer.frozen(cgs["/p"])
     assert h.subtree_pids(cgs["/p"]) == [10]
 
 
