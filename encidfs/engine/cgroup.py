@@ -25,6 +25,7 @@ from .css import Controller, Css, follows_processes
 from .errors import fail
 from .events import CGROUP_EVENTS_KEY, Commit, Event, TreeEvent, no_journal
 from .freezer import Freezer
+from .refcount import cgroup_put, css_put
 
 INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
 
@@ -671,55 +672,3 @@ class Hierarchy:
             ancestor.nr_descendants -= 1
             ancestor = ancestor.parent
         css_put(css)  # the pin it held while online
-
-
-def css_put(css: Css) -> None:
-    """Drop a pin on a css (a charge or a child css going, or the css going offline)."""
-    _drop_pin(css.cgroup, css)
-
-
-def cgroup_put(cg: Cgroup) -> None:
-    """Drop a pin on a cgroup (a child cgroup released, or the cgroup removed)."""
-    _drop_pin(cg, None)
-
-
-def _drop_pin(cg: Cgroup, css: Css | None) -> None:
-    """Drop a pin on `css`, or on `cg` when there is no css, and release what that leaves
-    unpinned: an offline css with no pins drops its pins on its parent css and its cgroup, a
-    dying cgroup with none its pin on its parent.  Everything released lies on the path to the
-    root, so one loop up that path releases it and settles every ancestor's counters, however
-    deep the chain (no recursion, and no walk per released level)."""
-    released_csses = [0] * len(cg.nr_dying_subsys)  # by ssid: released at or below this level
-    released_cgroups = 0  # released strictly below this level
-    cgroup_pins = 0 if css is not None else 1  # pins this level's cgroup loses
-    node: Cgroup | None = cg
-    while node is not None and (css is not None or cgroup_pins):
-        parent_css = None  # the css of the next level up that loses a pin
-        if css is not None:
-            css.refs -= 1
-            if css.refs == 0:
-                released_csses[css.ssid] += 1
-                cgroup_pins += 1
-                parent_css = css.parent
-        node.nr_dying_descendants -= released_cgroups
-        for ssid, count in enumerate(released_csses):
-            node.nr_dying_subsys[ssid] -= count
-        parent_pins = 0
-        if cgroup_pins:
-            node.refs -= cgroup_pins
-            if node.refs == 0:
-                released_cgroups += 1
-                parent_pins = 1
-                if node.made_by is not None:
-                    budget, creator = node.made_by
-                    budget.give(creator)
-        node, css, cgroup_pins = node.parent, parent_css, parent_pins
-    # Above the last level that lost a pin, only the counters change.
-    dying_subsys = [(ssid, count) for ssid, count in enumerate(released_csses) if count]
-    if not released_cgroups and not dying_subsys:
-        return
-    while node is not None:
-        node.nr_dying_descendants -= released_cgroups
-        for ssid, count in dying_subsys:
-            node.nr_dying_subsys[ssid] -= count
-        node = node.parent

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import errno
 
-from .cgroup import Cgroup, css_put
+from .cgroup import Cgroup
 from .css import Controller, Css, Report
 from .errors import ChargeRefused, fail
 from .events import Commit, no_journal
 from .kernel import KernelInterface
+from .refcount import css_put
 
 U64_MAX = 2**64 - 1  # a limit of "max"
 
