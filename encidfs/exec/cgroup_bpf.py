@@ -37,6 +37,7 @@ _ATTACH_FLAGS = 1 << 0 | 1 << 1 | _F_REPLACE  # ALLOW_OVERRIDE, ALLOW_MULTI, REP
 # attach/detach: target_fd, attach_bpf_fd, attach_type, attach_flags, replace_bpf_fd
 _SIZES = {PROG_QUERY: 28, PROG_ATTACH: 20, PROG_DETACH: 20}
 _ATTR_MAX = 32  # runc passes 32 for a query; more (newer kernels' fields) is left alone
+_MOST_PROGRAMS = 64  # BPF_CGROUP_MAX_PROGS: programs of one type a cgroup may have attached
 _NO_PROGRAM = 0xFFFFFFFF  # an attach_bpf_fd no process has: detach's "no program named"
 _CAPABILITIES = (12, 39, 21)  # CAP_NET_ADMIN; CAP_BPF or CAP_SYS_ADMIN
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
@@ -88,6 +89,10 @@ class CgroupBpf:
                still_waiting: Callable[[], bool]) -> tuple[int, int] | None:
         """A query, its answer written where the caller's attr says."""
         ids_at, room = struct.unpack_from("=QI", fields, 16)
+        # The caller's room sizes a buffer of ours: no more than a cgroup can hold, which the
+        # kernel's answer (at most that many, ENOSPC past the room) does not tell apart.
+        room = min(room, _MOST_PROGRAMS)
+        struct.pack_into("=I", fields, 24, room)
         ids = ctypes.create_string_buffer(4 * max(room, 1))
         struct.pack_into("=Q", fields, 16, ctypes.addressof(ids) if ids_at else 0)
         result = _bpf(PROG_QUERY, fields)

@@ -219,11 +219,13 @@ def test_runc_on_a_mount_over_a_cgroup_filters_devices_in_the_kernels(scratch, e
     wait_until(lambda: not (scratch / "c1").exists(), "runc to remove the cgroup")
 
 
-# A device-filter query on /sys/fs/cgroup, as runc makes it: "0 N" (programs attached) or the
-# errno's name.
+# A device-filter query on /sys/fs/cgroup, as runc makes it, with room for argv[2] program IDs
+# (in a buffer of 64): "0 N" (programs attached) or the errno's name.
 QUERY = ("import ctypes, errno, os, struct, sys\n"
          "fd = os.open('/sys/fs/cgroup', os.O_RDONLY | os.O_DIRECTORY)\n"
-         "query = ctypes.create_string_buffer(struct.pack('=3IIQI', fd, 6, 0, 0, 0, 0), 32)\n"
+         "ids = ctypes.create_string_buffer(256)\n"
+         "query = ctypes.create_string_buffer(struct.pack('=3IIQI', fd, 6, 0, 0, "
+         "ctypes.addressof(ids), int(sys.argv[2])), 32)\n"
          "libc = ctypes.CDLL(None, use_errno=True)\n"
          "result = libc.syscall(int(sys.argv[1]), 16, query, 32)\n"
          "print(result, struct.unpack_from('=I', query, 24)[0] if result == 0 else "
@@ -236,12 +238,12 @@ def test_only_a_caller_that_could_query_the_kernels_cgroup_is_answered(scratch, 
     gets the kernel's own answer, as on the kernel's cgroup."""
     mnt = encidfs_factory(options=("--over", str(scratch))).path
     as_root = subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt), "--",
-                              sys.executable, "-c", QUERY, str(bpf_number())],
+                              sys.executable, "-c", QUERY, str(bpf_number()), str(2**32 - 1)],
                              capture_output=True, text=True, timeout=DEADLINE)
-    assert as_root.stdout == "0 0\n", as_root.stderr
+    assert as_root.stdout == "0 0\n", as_root.stderr  # a room of 2^32 IDs costs exec nothing
     as_user = subprocess.run([sys.executable, "-m", "encidfs", "exec", "--mount", str(mnt), "--",
                               *user.setpriv(), "--inh-caps=-all", "--bounding-set=-all",
-                              user_python(), "-c", QUERY, str(bpf_number())],
+                              user_python(), "-c", QUERY, str(bpf_number()), "64"],
                              capture_output=True, text=True, timeout=DEADLINE)
     assert as_user.stdout.split()[0] == "-1", as_user.stderr
     assert as_user.stdout.split()[1] in ("EPERM", "EBADF")  # by kernel.unprivileged_bpf_disabled
