@@ -74,7 +74,6 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                         Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share),
                         config.kernel_interface, config.snp_asids)
     hierarchy = engine.hierarchy
-    changes = Changes(engine)
     bus = EventBus(hierarchy)
 
     def changed() -> None:
@@ -98,6 +97,10 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     def on_exit(pid: int) -> None:
         changes.fact(Op.EXIT, pid)
 
+    def on_mirrored(op: Op, *args: object) -> None:
+        """A cgroup the kernel made or removed (--over)."""
+        changes.fact(op, *args)
+
     def frozen(pid: int) -> bool:
         return hierarchy.freezer.freezing(pid)
 
@@ -119,21 +122,26 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                                  use_connector=config.proc_connector, exempt=exempt,
                                  pidfd_budget=pidfd_budget, split=hierarchy.split,
                                  on_threads=on_threads, on_settled=changed)
-        kernfs = Kernfs(hierarchy, tracker, changes, tables, owners=owners, share=share)
+        kernfs = Kernfs(hierarchy, tracker, tables, owners=owners, share=share)
     else:
-        tree = KernelTree(config.over, hierarchy, changes.fact)
+        tree = KernelTree(config.over, hierarchy, on_mirrored)
         # The kernel's files open through the mount hold a descriptor each: half the budget.
         tracker = membership = KernelMembership(tree, on_exit, pidfd_budget // 2, changed)
         hierarchy.membership = membership
-        kernfs = OverKernfs(hierarchy, tree, membership, changes, tables, pidfd_budget // 2,
-                            owners, share)
-    changes.kernfs = kernfs
+        kernfs = OverKernfs(hierarchy, tree, membership, tables, pidfd_budget // 2, owners,
+                            share)
+    # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
+    runtime = config.state is None
+    store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
+                       durable=not runtime, runtime=runtime)
+    journal = _FlushedSoon(store)
+    changes = Changes(engine, kernfs, journal)
     if config.over is not None:  # for encidfs exec: its cgroup namespace
         kernfs.root_xattrs[OVER_XATTR.encode()] = config.over.encode()
     control = config.control or default_control_path(mountpoint)
     kernfs.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
     kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
-    operations = CgroupOperations(kernfs, CACHE_TIMEOUT, bus)
+    operations = CgroupOperations(kernfs, changes, CACHE_TIMEOUT, bus)
     bus.consumers.append(operations.consume)  # kernfs: invalidation and poll
     for note in config.capacity_notes:
         log.warning("%s", note)
@@ -150,13 +158,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     if config.metrics:
         operations.metrics = service.metrics = metrics.serve(*config.metrics, engine,
                                                              len(restart_log))
-    # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
-    runtime = config.state is None
-    store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
-                       durable=not runtime, runtime=runtime)
-    journal = _FlushedSoon(store)
     restored = restore(store, changes, tracker.start_time_now)
-    changes.journal = journal
     if tree is not None:
         gone = tree.reconcile()  # the kernel's tree as it is now
         log.info("over %s: %d cgroups; %d of those restored were gone", tree.top,

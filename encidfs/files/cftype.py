@@ -6,10 +6,11 @@ import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from ..engine import Cgroup
 from ..engine.css import Controller
+from ..state.operations import Op
 
 
 class Placement(Enum):
@@ -37,9 +38,21 @@ class Caller(NamedTuple):
         return bool(mode & 0o002)
 
 
+class Changes(Protocol):
+    """What a write handler changes the state through (state/changes.py): handed to it with
+    each write, as the kernel's handlers reach their cgroup through the open file."""
+
+    def run(self, op: Op, *args: object) -> object:
+        """Journal the change `op`, then apply it."""
+
+    def vet_subtree_control(self, cgroup: int, enable: list[str],
+                            disable: list[str]) -> tuple[int, int]:
+        """The checks of a subtree_control change, as masks; nothing is changed."""
+
+
 Show = Callable[[Cgroup], str]
 ShowTo = Callable[[Cgroup, Caller], str]  # what the reader sees depends on who it is
-Write = Callable[[Cgroup, bytes, Caller], None]
+Write = Callable[[Cgroup, bytes, Caller, Changes], None]
 
 
 @dataclass(frozen=True)

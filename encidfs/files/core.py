@@ -8,13 +8,8 @@ from typing import Protocol
 
 from ..engine import CGROUP_EVENTS_KEY, INT_MAX, Cgroup, Hierarchy, fail
 from ..state.operations import Op
-from .cftype import Caller, CfType, Placement
+from .cftype import Caller, CfType, Changes, Placement
 from .parse import kstrtoint, limit_text, strstrip
-
-
-class Changes(Protocol):
-    def run(self, op: Op, *args: object) -> object:
-        """Journal the change `op`, then apply it (state/changes.py)."""
 
 
 class Processes(Protocol):
@@ -91,10 +86,9 @@ def _parse_switch(text: bytes, allowed: range) -> int:
     return value
 
 
-def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
+def core_files(hierarchy: Hierarchy, processes: Processes,
                may_write: Callable[[Cgroup, str, Caller], bool]) -> list[CfType]:
-    """Writes change the state through `changes` (journalled, then applied);
-    `may_write(cg, file name, caller)` tells whether the caller may write that file."""
+    """`may_write(cg, file name, caller)` tells whether the caller may write that file."""
 
     def check_migration(src: Cgroup, dst: Cgroup, caller: Caller) -> None:
         """cgroup_procs_write_permission(): the opener must be able to write cgroup.procs of
@@ -119,7 +113,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
             pids = sorted(set(root_pids()).union(pids))
         return "".join(f"{pid}\n" for pid in processes.pids_for(reader.pid, pids))
 
-    def write_procs(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_procs(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         pid = _parse_pid(text)
         pid = processes.pid_from(caller.pid, pid) if pid else caller.pid
         processes.sync()
@@ -148,7 +142,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
             tids += processes.threads(pid) if placed is None else placed
         return "".join(f"{tid}\n" for tid in processes.pids_for(reader.pid, sorted(tids)))
 
-    def write_threads(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_threads(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         tid = _parse_pid(text)
         tid = processes.pid_from(caller.pid, tid, thread=True) if tid else caller.pid
         processes.sync()
@@ -164,7 +158,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
             processes.joined(tgid)
         processes.apply_freezer([tgid])
 
-    def write_subtree_control(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_subtree_control(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         enable = disable = 0
         for token in strstrip(text).split(b" "):
             if not token:
@@ -195,18 +189,18 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         processes.sync()
         return f"populated {int(cg.populated)}\nfrozen {int(hierarchy.freezer.frozen(cg))}\n"
 
-    def write_type(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_type(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         # Only a domain can turn threaded; nothing turns back.
         if strstrip(text) != b"threaded":
             raise fail(errno.EINVAL, "only \"threaded\" can be written")
         changes.run(Op.THREADED, cg.id)
 
-    def write_freeze(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_freeze(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         changes.run(Op.SET, cg.id, "freeze", _parse_switch(text, range(2)), hierarchy.clock())
         processes.sync()
         processes.apply_freezer(hierarchy.subtree_pids(cg))
 
-    def write_kill(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_kill(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         _parse_switch(text, range(1, 2))
         # Killing takes whole processes, which a threaded cgroup does not hold.
         if cg.is_threaded:
@@ -214,10 +208,10 @@ def core_files(hierarchy: Hierarchy, processes: Processes, changes: Changes,
         processes.sync()
         processes.kill(hierarchy.subtree_pids(cg))
 
-    def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         changes.run(Op.SET, cg.id, "max_descendants", _parse_limit(text))
 
-    def write_max_depth(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_max_depth(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         changes.run(Op.SET, cg.id, "max_depth", _parse_limit(text))
 
     not_on_root = Placement.NOT_ON_ROOT

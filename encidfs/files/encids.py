@@ -5,12 +5,11 @@ from __future__ import annotations
 from ..engine import U64_MAX, Cgroup, EncidsController
 from ..engine.encids import events_file
 from ..state.operations import Op
-from .cftype import Caller, CfType, Placement
-from .core import Changes
+from .cftype import Caller, CfType, Changes, Placement
 from .parse import kstrtoull, limit_text, strstrip
 
 
-def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]:
+def encids_files(controller: EncidsController) -> list[CfType]:
     files: list[CfType] = []
     types = controller.types
     for t, type_name in enumerate(types.names):
@@ -19,7 +18,8 @@ def encids_files(controller: EncidsController, changes: Changes) -> list[CfType]
         def show_max(cg: Cgroup, t: int = t) -> str:
             return limit_text(controller.css_of(cg).max[t]) + "\n"
 
-        def write_max(cg: Cgroup, text: bytes, caller: Caller, t: int = t) -> None:
+        def write_max(cg: Cgroup, text: bytes, caller: Caller, changes: Changes,
+                      t: int = t) -> None:
             text = strstrip(text)
             value = U64_MAX if text == b"max" else kstrtoull(text, 0)
             changes.run(Op.SET_MAX, cg.id, controller.name, types.names[t], value)

@@ -18,12 +18,12 @@ from ..engine import Cgroup, Hierarchy, TreeEvent, fail
 from ..engine.budget import Budget
 from ..engine.events import Commit, Event
 from ..state.operations import Op
-from .cftype import Caller, CfType
-from .core import Changes, Processes, core_files
+from .cftype import Caller, CfType, Changes
+from .core import Processes, core_files
 from .parse import written_text
 
-FileTableMaker = Callable[..., list[CfType]]  # (controller, changes) -> its rows
-# (hierarchy, processes, changes, may_write) -> the rows every cgroup has besides its controllers'
+FileTableMaker = Callable[..., list[CfType]]  # (controller) -> its rows
+# (hierarchy, processes, may_write) -> the rows every cgroup has besides its controllers'
 CoreTableMaker = Callable[..., list[CfType]]
 
 ROOT_INODE = 1
@@ -62,23 +62,23 @@ class Node:
 
 
 class Kernfs:
-    def __init__(self, hierarchy: Hierarchy, processes: Processes, changes: Changes,
+    def __init__(self, hierarchy: Hierarchy, processes: Processes,
                  file_tables: list[FileTableMaker], core: CoreTableMaker = core_files,
                  owners: frozenset[int] = frozenset({0}), share: float = 1.0) -> None:
         """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`, `core` the
-        cgroup.* rows.  Every change a request makes goes through `changes`, which makes it
-        durable first and then applies it here (the apply_* methods) or in the engine.  What
-        users make it keep (xattrs) is shared out to them: `share` to each but `owners`."""
+        cgroup.* rows.  Every change a request makes goes through the `changes` it is given,
+        which make it durable first and then apply it here (the apply_* methods) or in the
+        engine.  What users make it keep (xattrs) is shared out to them: `share` to each but
+        `owners`."""
         self.hierarchy = hierarchy
-        self.changes = changes
         self.processes = processes
         self._controller_names: dict[int, set[str]] = {}
         controller_rows: list[CfType] = []
         for controller, make in zip(hierarchy.controllers, file_tables):
-            rows = make(controller, changes)
+            rows = make(controller)
             self._controller_names[controller.ssid] = {cft.name for cft in rows}
             controller_rows += rows
-        self.cftypes = core(hierarchy, processes, changes, self._may_write)
+        self.cftypes = core(hierarchy, processes, self._may_write)
         self.cftypes += controller_rows
         assert len(self.cftypes) <= STRIDE - FILE_BASE
         self._row_by_name = {cft.name: row for row, cft in enumerate(self.cftypes)}
@@ -174,13 +174,14 @@ class Kernfs:
     def nlink(self, node: Node) -> int:
         return 2 + len(node.cgroup.children) if node.is_dir else 1
 
-    def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, mtime_ns: int | None = None) -> None:
+    def setattr(self, node: Node, changes: Changes, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None) -> None:
         """chmod/chown/utimes; the caller's right to do it was checked by the kernel.  Modes
         and owners are durable; times are not (a restarted daemon starts its own)."""
         self.attr(node)  # ENOENT once removed
         if mode is not None or uid is not None or gid is not None:
-            self.changes.run(Op.SETATTR, node.cgroup.id, self._file_name(node), mode, uid, gid)
+            changes.run(Op.SETATTR, node.cgroup.id, self._file_name(node), mode, uid, gid)
         attr = self._own_attr(node)
         if mtime_ns is not None:
             attr.mtime_ns = mtime_ns
@@ -217,8 +218,9 @@ class Kernfs:
     def listxattr(self, node: Node) -> list[bytes]:
         return list(self._node_xattrs(node))
 
-    def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller) -> None:
-        self.changes.run(Op.SETXATTR, node.cgroup.id, self._file_name(node), _text(name),
+    def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller,
+                 changes: Changes) -> None:
+        changes.run(Op.SETXATTR, node.cgroup.id, self._file_name(node), _text(name),
                          _text(value), caller.uid)
 
     def apply_setxattr(self, cg: Cgroup, file: str, name_text: str, value_text: str,
@@ -259,8 +261,8 @@ class Kernfs:
         self.xattr_names.give(uid)
         return uid
 
-    def removexattr(self, node: Node, name: bytes) -> None:
-        self.changes.run(Op.REMOVEXATTR, node.cgroup.id, self._file_name(node), _text(name))
+    def removexattr(self, node: Node, name: bytes, changes: Changes) -> None:
+        changes.run(Op.REMOVEXATTR, node.cgroup.id, self._file_name(node), _text(name))
 
     def apply_removexattr(self, cg: Cgroup, file: str, name_text: str, commit: Commit) -> None:
         node, name = self._named(cg, file), _bytes(name_text)
@@ -280,10 +282,11 @@ class Kernfs:
 
     # -- directories --------------------------------------------------------------------------
 
-    def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller,
+              changes: Changes) -> Node:
         parent = self._dir(parent_inode)
         self.processes.settle()  # an exit may release dying cgroups that count in the limits
-        cg = self.changes.run(Op.MKDIR, parent.id, os.fsdecode(name), stat.S_IMODE(mode),
+        cg = changes.run(Op.MKDIR, parent.id, os.fsdecode(name), stat.S_IMODE(mode),
                               caller.uid, caller.gid, self.hierarchy.clock())
         return Node(self.dir_inode(cg), cg, None)  # type: ignore[arg-type]
 
@@ -298,12 +301,12 @@ class Kernfs:
         self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, uid, gid, now, now)
         return cg
 
-    def rmdir(self, parent_inode: int, name: bytes) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, changes: Changes) -> None:
         node = self.lookup(parent_inode, name)
         if not node.is_dir:
             raise fail(errno.ENOTDIR)
         self.processes.settle()  # a process that has exited is gone from the cgroup
-        self.changes.run(Op.RMDIR, node.cgroup.id)
+        changes.run(Op.RMDIR, node.cgroup.id)
 
     def check_file_collisions(self, cg: Cgroup, enable: int) -> None:
         """The kernel cannot create a control file where a child has a directory of that name
@@ -513,15 +516,16 @@ class OpenFile:
                 self._seen = self.kernfs.notifications(self.node.inode)
         return self._text[offset:offset + size]
 
-    def write(self, buf: bytes) -> int:
-        """kernfs semantics: the offset is ignored and the whole buffer is one command."""
+    def write(self, buf: bytes, changes: Changes) -> int:
+        """kernfs semantics: the offset is ignored and the whole buffer is one command, which
+        changes the state through `changes`."""
         cft = self._check_live()
         if len(buf) > WRITE_MAX:
             raise fail(errno.E2BIG)
         if cft.write is None:
             raise fail(errno.EINVAL)
         self.kernfs.processes.settle()  # its checks see the processes as they are
-        cft.write(self.node.cgroup, written_text(buf), self.caller)
+        cft.write(self.node.cgroup, written_text(buf), self.caller, changes)
         return len(buf)
 
 

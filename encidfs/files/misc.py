@@ -10,8 +10,7 @@ import errno
 from ..engine import U64_MAX, Cgroup, MiscController, fail
 from ..engine.misc import MISC_EVENTS_KEY, MISC_EVENTS_LOCAL_KEY
 from ..state.operations import Op
-from .cftype import Caller, CfType, Placement
-from .core import Changes
+from .cftype import Caller, CfType, Changes, Placement
 from .parse import kstrtoull, limit_text, strstrip
 
 
@@ -25,7 +24,7 @@ def parse_max(text: bytes, type_names: list[str]) -> tuple[str, int]:
     return name, U64_MAX if value == b"max" else kstrtoull(value, 0)
 
 
-def misc_files(controller: MiscController, changes: Changes) -> list[CfType]:
+def misc_files(controller: MiscController) -> list[CfType]:
     """The rows of controller.kernel's misc_cg_files[], showing the types it names."""
     types, kernel = controller.types, controller.kernel
     known = [t for t in range(len(types.names)) if t not in controller.unknown]
@@ -43,7 +42,7 @@ def misc_files(controller: MiscController, changes: Changes) -> list[CfType]:
         return "".join(f"{types.names[t]} {limit_text(maxes[t])}\n"
                        for t in known if types.capacity[t])
 
-    def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_max(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         name, value = parse_max(text, names)
         changes.run(Op.SET_MAX, cg.id, controller.name, name, value)
 

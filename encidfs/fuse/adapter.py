@@ -29,7 +29,7 @@ import pyfuse3
 import trio
 
 from ..engine.events import Event
-from ..files.cftype import Caller
+from ..files.cftype import Caller, Changes
 from ..files.kernfs import Kernfs, Node, OpenFile
 
 if TYPE_CHECKING:
@@ -135,11 +135,14 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 
 class CgroupOperations(pyfuse3.Operations):
-    def __init__(self, kernfs: Kernfs, cache_timeout: float, bus: Bus) -> None:
-        """`bus` is the engine's event bus: after each request it is delivered to its
-        consumers, of which consume() is one."""
+    def __init__(self, kernfs: Kernfs, changes: Changes, cache_timeout: float,
+                 bus: Bus) -> None:
+        """A request's changes go through `changes` (journalled, then applied); `bus` is the
+        engine's event bus: after each request it is delivered to its consumers, of which
+        consume() is one."""
         super().__init__()
         self.kernfs = kernfs
+        self.changes = changes
         self.cache_timeout = cache_timeout
         self.bus = bus
         self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
@@ -215,7 +218,7 @@ class CgroupOperations(pyfuse3.Operations):
         node = self.kernfs.node(inode)
         # A size change (O_TRUNC, truncate) is accepted and means nothing, as on kernfs.
         self.kernfs.setattr(
-            node,
+            node, self.changes,
             mode=attr.st_mode if fields.update_mode else None,
             uid=attr.st_uid if fields.update_uid else None,
             gid=attr.st_gid if fields.update_gid else None,
@@ -240,11 +243,12 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext):
-        self.kernfs.setxattr(self.kernfs.node(inode), name, value, _caller(ctx))
+        self.kernfs.setxattr(self.kernfs.node(inode), name, value, _caller(ctx),
+                             self.changes)
 
     @translated
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext):
-        self.kernfs.removexattr(self.kernfs.node(inode), name)
+        self.kernfs.removexattr(self.kernfs.node(inode), name, self.changes)
 
     # -- directories --------------------------------------------------------------------------
 
@@ -272,11 +276,12 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext):
-        return self._entry(self.kernfs.mkdir(parent_inode, name, mode, _caller(ctx)))
+        return self._entry(self.kernfs.mkdir(parent_inode, name, mode, _caller(ctx),
+                                             self.changes))
 
     @translated
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext):
-        self.kernfs.rmdir(parent_inode, name)
+        self.kernfs.rmdir(parent_inode, name, self.changes)
 
     # cgroupfs has no way to make or change names other than mkdir/rmdir; these are its errnos.
 
@@ -320,7 +325,7 @@ class CgroupOperations(pyfuse3.Operations):
 
     @translated
     async def write(self, fh: int, off: int, buf: bytes):
-        return self._open_files[fh].write(buf)
+        return self._open_files[fh].write(buf, self.changes)
 
     @translated
     async def poll(self, inode: int, fh: int, handle: pyfuse3.PollHandle | None,

@@ -14,9 +14,8 @@ import errno
 import logging
 
 from ..engine import Cgroup, Hierarchy, fail
-from ..files.cftype import Caller, CfType
+from ..files.cftype import Caller, CfType, Changes
 from ..files.parse import strstrip
-from ..state.changes import Changes
 from ..state.operations import Op
 from .tree import KernelTree
 
@@ -31,7 +30,7 @@ def _line(names: list[str]) -> str:
     return " ".join(names) + "\n" if names else ""
 
 
-def merged_files(tree: KernelTree, hierarchy: Hierarchy, changes: Changes) -> list[CfType]:
+def merged_files(tree: KernelTree, hierarchy: Hierarchy) -> list[CfType]:
     emulated = {controller.name for controller in hierarchy.controllers}
 
     def show_controllers(cg: Cgroup) -> str:
@@ -42,7 +41,7 @@ def merged_files(tree: KernelTree, hierarchy: Hierarchy, changes: Changes) -> li
         return _line(tree.read(cg, SUBTREE_CONTROL_FILE).split()
                      + hierarchy.names(cg.subtree_control))
 
-    def write_subtree_control(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_subtree_control(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         enable: dict[str, None] = {}
         disable: dict[str, None] = {}
         kernels: list[bytes] = []

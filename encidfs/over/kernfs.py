@@ -20,7 +20,7 @@ import stat
 from ..engine import Cgroup, Hierarchy, fail
 from ..engine.budget import Budget
 from ..engine.events import Event
-from ..files.cftype import Caller
+from ..files.cftype import Caller, Changes
 from ..files.kernfs import (
     FILE_BASE,
     ROOT_INODE,
@@ -32,7 +32,6 @@ from ..files.kernfs import (
     OpenFile,
 )
 from ..files.parse import kstrtoint, strstrip, written_text
-from ..state.changes import Changes
 from .files import CONTROLLERS_FILE, MERGED, merged_files
 from .membership import KernelMembership
 from .tree import KernelTree, proc_cgroup
@@ -42,7 +41,7 @@ _PID_FILES = ("cgroup.procs", "cgroup.threads")
 
 class OverKernfs(Kernfs):
     def __init__(self, hierarchy: Hierarchy, tree: KernelTree, membership: KernelMembership,
-                 changes: Changes, file_tables: list[FileTableMaker],
+                 file_tables: list[FileTableMaker],
                  descriptors: int = 1 << 20, owners: frozenset[int] = frozenset({0}),
                  share: float = 1.0) -> None:
         """`descriptors`: how many the kernel's files open through the mount may hold (each
@@ -53,8 +52,8 @@ class OverKernfs(Kernfs):
         self.membership = membership
         # The kernel's cgroup.procs and threads replace the core rows that move processes:
         # all Kernfs itself asks of the membership is settle().
-        super().__init__(hierarchy, membership, changes, file_tables,  # type: ignore[arg-type]
-                         core=lambda h, processes, c, may_write: merged_files(tree, h, c),
+        super().__init__(hierarchy, membership, file_tables,  # type: ignore[arg-type]
+                         core=lambda h, processes, may_write: merged_files(tree, h),
                          owners=owners, share=share)
         # The kernel's file names, each given a slot the first time it is seen (the names
         # are the kernel's: a few hundred at most).
@@ -179,10 +178,11 @@ class OverKernfs(Kernfs):
         except (FileNotFoundError, NotADirectoryError):
             return None
 
-    def setattr(self, node: Node, mode: int | None = None, uid: int | None = None,
-                gid: int | None = None, mtime_ns: int | None = None) -> None:
+    def setattr(self, node: Node, changes: Changes, mode: int | None = None,
+                uid: int | None = None, gid: int | None = None,
+                mtime_ns: int | None = None) -> None:
         if not self._passed_through(node):
-            super().setattr(node, mode, uid, gid, mtime_ns)
+            super().setattr(node, changes, mode, uid, gid, mtime_ns)
             return
         self.attr(node)  # ENOENT once removed
         path = self._path(node)
@@ -209,25 +209,28 @@ class OverKernfs(Kernfs):
         names = [os.fsencode(n) for n in os.listxattr(self._path(node), follow_symlinks=False)]
         return [*self.root_xattrs, *names] if node.inode == ROOT_INODE else names
 
-    def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller) -> None:
+    def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller,
+                 changes: Changes) -> None:
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         if not self._passed_through(node):
-            super().setxattr(node, name, value, caller)
+            super().setxattr(node, name, value, caller, changes)
             return
         os.setxattr(self._path(node), name, value, follow_symlinks=False)
 
-    def removexattr(self, node: Node, name: bytes) -> None:
+    def removexattr(self, node: Node, name: bytes, changes: Changes) -> None:
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
         if not self._passed_through(node):
-            super().removexattr(node, name)
+            super().removexattr(node, name, changes)
             return
         os.removexattr(self._path(node), name, follow_symlinks=False)
 
     # -- directories: the kernel's ------------------------------------------------------------
 
-    def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller) -> Node:
+    def mkdir(self, parent_inode: int, name: bytes, mode: int, caller: Caller,
+              changes: Changes) -> Node:
+        """The kernel's mkdir: the mirror journals the new cgroup when it sees it."""
         parent = self._dir(parent_inode)
         text = os.fsdecode(name)
         row = self._row_by_name.get(text)
@@ -248,7 +251,7 @@ class OverKernfs(Kernfs):
             raise fail(errno.ENOENT)  # removed at once by someone else
         return Node(self.dir_inode(child), child, None)
 
-    def rmdir(self, parent_inode: int, name: bytes) -> None:
+    def rmdir(self, parent_inode: int, name: bytes, changes: Changes) -> None:
         node = self.lookup(parent_inode, name)
         if not node.is_dir:
             raise fail(errno.ENOTDIR)
@@ -367,7 +370,8 @@ class KernelFile:
             return self._text[offset:offset + size]
         return os.pread(self.fd, size, offset)
 
-    def write(self, buf: bytes) -> int:
+    def write(self, buf: bytes, changes: Changes) -> int:
+        """Written to the kernel's file, which changes nothing the journal keeps."""
         written = self._pid_written(buf) if self.node.real in _PID_FILES else buf
         if self.node.real == "cgroup.type" and strstrip(written_text(buf)) == b"threaded":
             self._check_threaded()

@@ -51,12 +51,14 @@ def applies(op: Op) -> Callable[[T], T]:
 class Changes:
     APPLY: dict[Op, Callable[..., object]]  # set below, once the class is made
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, kernfs: Kernfs, journal: Journal | None = None) -> None:
+        """Changes to `engine` and to `kernfs`'s node attributes, made durable in `journal`
+        (none: changes are not kept).  Replays and restores apply without journalling."""
         self.engine = engine
         self.hierarchy = engine.hierarchy
         self.allocator = engine.allocator
-        self.kernfs: Kernfs  # set once the file table (which needs this object) is made
-        self.journal: Journal | None = None
+        self.kernfs = kernfs
+        self.journal = journal
         # When each member and holder started (ticks since boot): a restore drops the ones
         # whose PID has another process by then.
         self.starts: dict[int, int] = {}

@@ -29,11 +29,9 @@ def size(changes: Changes) -> int:
 def restore(store: StateStore, changes: Changes,
             start_time_now: Callable[[int], int | None]) -> list[int]:
     """Rebuild the state from the store's file, drop the processes that are gone (or whose PID
-    another process has now), compact the file, and journal into it from now on.  Return the
-    PIDs to watch: members and holders."""
-    store.snapshot = lambda: snapshot(changes)
-    store.size = lambda: size(changes)
-    data, records, old = store.open()
+    another process has now) and compact the file, which keeps the changes' journal from now
+    on.  Return the PIDs to watch: members and holders."""
+    data, records, old = store.open(lambda: snapshot(changes), lambda: size(changes))
     h, table = changes.hierarchy, changes.kernfs
     if old is not None:
         v1.restore(old, changes, start_time_now)
@@ -62,7 +60,6 @@ def restore(store: StateStore, changes: Changes,
     else:
         if old is not None:
             log.info("%s: upgraded from state format 1", store.path)
-    changes.journal = store
     log.info("restored %d cgroups and %d processes from %s (%d gone since)", len(h.by_id),
              len(processes) - len(gone), store.path, len(gone))
     return [pid for pid in processes if pid not in gone]

@@ -76,8 +76,8 @@ class StateStore:
         self.layout = json.loads(json.dumps(layout, sort_keys=True))
         self.durable = durable
         self.runtime = runtime
-        self.snapshot: Callable[[], dict] = dict  # the state now, for checkpoints
-        self.size: Callable[[], int] = lambda: 0  # how large a checkpoint would be
+        self._snapshot: Callable[[], dict] = dict  # the state now, from open() on
+        self._size: Callable[[], int] = lambda: 0
         self._pending: list[Record] = []
         self._generation = 0
         self._log_rows = 0
@@ -118,9 +118,13 @@ class StateStore:
             pass  # read-only: the PID is only for the message above
         return fd
 
-    def open(self) -> tuple[dict | None, list[Record], sqlite3.Connection | None]:
+    def open(self, snapshot: Callable[[], dict], size: Callable[[], int] = lambda: 0
+             ) -> tuple[dict | None, list[Record], sqlite3.Connection | None]:
         """Read the file (or create it); return its snapshot and records, and a connection
-        to a file of schema 1 (to be read by the caller, then written anew), or None."""
+        to a file of schema 1 (to be read by the caller, then written anew), or None.
+        From now on the store keeps the state `snapshot()` returns, whose checkpoint costs
+        about `size()` entries."""
+        self._snapshot, self._size = snapshot, size
         if os.path.exists(self.path) and os.path.getsize(self.path) > 0:
             db = self._connect_existing()
             meta = self._meta(db)
@@ -130,10 +134,10 @@ class StateStore:
                 if not (self.runtime and meta.get("boot") != boot_id()):
                     # An older snapshot is read as it is (restore.py upgrades it); the first
                     # checkpoint writes it, and the schema, anew.
-                    snapshot, records = self._read(db, meta)
+                    data, records = self._read(db, meta)
                     self._log_rows = len(records)
                     _make_private(self.path)
-                    return snapshot, records, None
+                    return data, records, None
                 log.info("%s is from another boot: starting afresh", self.path)
             finally:
                 db.close()
@@ -273,7 +277,7 @@ class StateStore:
     def _due(self) -> bool:
         """A checkpoint costs the size of the state: it is due after eight times as many
         records, so that it costs at most an eighth of their writing."""
-        return self._log_rows >= CHECKPOINT_MIN and self._log_rows >= 8 * self.size()
+        return self._log_rows >= CHECKPOINT_MIN and self._log_rows >= 8 * self._size()
 
     def _damaged(self) -> bool:
         """Either file deleted or replaced, or the log's length not what this daemon made
@@ -346,7 +350,7 @@ class StateStore:
         for statement in _SCHEMA.split(";")[:-1]:
             db.execute(statement)
         db.executemany("INSERT INTO meta VALUES (?, ?)", meta)
-        db.execute("INSERT INTO snapshot VALUES (1, ?)", (json.dumps(self.snapshot()),))
+        db.execute("INSERT INTO snapshot VALUES (1, ?)", (json.dumps(self._snapshot()),))
 
     def _close(self) -> None:
         for fd in (self._log, self._snapshot_file):

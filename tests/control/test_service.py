@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import os
 
+from fakes import changes_for
+
 from encidfs.control.service import ControlService, Peer
 from encidfs.engine import new_engine
-from encidfs.state.changes import Changes
 
 ROOT_PEER = Peer(os.getpid(), 0, 0)
 FOREIGN_PEER = Peer(os.getpid() + 1, 0, 0)  # in a PID namespace of its own
@@ -60,7 +61,7 @@ def service_counting_walks() -> tuple[ControlService, list[int]]:
         return walk(cg)
 
     engine.hierarchy.subtree_paths = counted  # type: ignore[method-assign]
-    return ControlService("/mnt", engine, Tracker(), Changes(engine), lambda: None), walks
+    return ControlService("/mnt", engine, Tracker(), changes_for(engine), lambda: None), walks
 
 
 def test_statuses_with_no_change_between_them_share_one_reply_of_each_form() -> None:

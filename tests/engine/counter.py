@@ -13,7 +13,7 @@ from encidfs.daemon.controllers import register
 from encidfs.engine import U64_MAX, Cgroup, fail
 from encidfs.engine.css import Controller, Css, Report
 from encidfs.engine.events import Commit
-from encidfs.files.cftype import Caller, CfType, Placement
+from encidfs.files.cftype import Caller, CfType, Changes, Placement
 from encidfs.files.parse import kstrtoull, limit_text, strstrip
 from encidfs.state.operations import Op
 
@@ -95,12 +95,12 @@ def _add(css: Css, step: int) -> None:
 # -- the file table ------------------------------------------------------------------------
 
 
-def count_files(controller: CountController, changes) -> list[CfType]:
+def count_files(controller: CountController) -> list[CfType]:
     def show_max(cg: Cgroup) -> str:
         value = controller.css_of(cg).max
         return limit_text(value) + "\n"
 
-    def write_max(cg: Cgroup, text: bytes, caller: Caller) -> None:
+    def write_max(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         text = strstrip(text)
         value = U64_MAX if text == b"max" else kstrtoull(text, 0)
         changes.run(Op.SET_MAX, cg.id, controller.name, "max", value)

@@ -5,11 +5,12 @@ its setting."""
 import errno
 
 import pytest
-from counter import CountController
+from counter import CountController, count_files
+from fakes import changes_for
 
 from encidfs.engine import EncidsController, new_engine
 from encidfs.engine.snapshot import dump, load
-from encidfs.state.changes import Changes
+from encidfs.files.encids import encids_files
 from encidfs.state.operations import Op
 
 COUNT = 2  # subtree_control mask of count, the second controller
@@ -84,7 +85,7 @@ def test_enabling_below_processes_moves_them_to_the_new_csses(h):
 
 
 def test_the_journal_applies_the_setting_and_a_snapshot_keeps_the_counts(engine, h):
-    changes = Changes(engine)
+    changes = changes_for(engine, tables=[encids_files, count_files])
     a = h.mkdir(h.root, "a")
     changes.run(Op.SET_MAX, a.id, "count", "max", 1)
     changes.run(Op.ATTACH, 100, 0, a.id)

@@ -22,7 +22,7 @@ def table(version, capacities=None):
     engine = new_engine(capacities or {"sev": 4}, controllers=(EncidsController, MiscController),
                         kernel=KernelInterface(version))
     controller = engine.hierarchy.controller("misc")
-    return engine, {row.name: row for row in misc_files(controller, None)}
+    return engine, {row.name: row for row in misc_files(controller)}
 
 
 @pytest.mark.parametrize("version, files", [
@@ -56,5 +56,5 @@ def test_a_kernel_before_tdx_takes_no_tdx_limit():
     h.write_subtree_control(h.root, MISC, 0)
     a = h.mkdir(h.root, "a")
     with pytest.raises(OSError) as refused:
-        rows["misc.max"].write(a, b"tdx 1", None)  # refused before anything is written
+        rows["misc.max"].write(a, b"tdx 1", None, None)  # refused before anything is written
     assert refused.value.errno == errno.EINVAL

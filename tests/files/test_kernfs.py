@@ -8,14 +8,12 @@ import os
 import stat
 
 import pytest
+from fakes import Requests, changes_for
 
 from encidfs.engine import EncidsController, MiscController, new_engine
 from encidfs.engine.budget import Budget
 from encidfs.files.cftype import Caller
-from encidfs.files.encids import encids_files
 from encidfs.files.kernfs import ROOT_INODE, WRITE_MAX, XATTR_BYTES_MAX, XATTRS_MAX, Kernfs
-from encidfs.files.misc import misc_files
-from encidfs.state.changes import Changes
 
 ROOT = Caller(pid=1, uid=0, gid=0)
 ALICE = Caller(pid=2, uid=1000, gid=1000)
@@ -23,52 +21,9 @@ BOB = Caller(pid=3, uid=1001, gid=1001)
 OWNERS = frozenset({0})
 
 
-class Processes:
-    """Processes that are all there and all movable: the writes' own checks are the test's."""
-
-    def thread_group(self, pid: int) -> int:
-        return pid
-
-    def all_pids(self) -> list[int]:
-        return []
-
-    def threads(self, pid: int) -> list[int]:
-        return [pid]
-
-    def sync(self) -> None:
-        pass
-
-    def settle(self) -> None:
-        pass
-
-    def joined(self, pid: int) -> None:
-        pass
-
-    def watch(self, pid: int) -> int:
-        return 100 + pid  # its start time
-
-    def pid_from(self, caller: int, pid: int, thread: bool = False) -> int:
-        return pid
-
-    def pids_for(self, caller: int, pids: list[int]) -> list[int]:
-        return pids
-
-    def check_signalable(self, pid: int) -> None:
-        pass
-
-    def kill(self, pids) -> None:
-        pass
-
-    def apply_freezer(self, pids) -> None:
-        pass
-
-
-def new_table(share: float = 0.25) -> Kernfs:
+def new_table(share: float = 0.25) -> Requests:
     engine = new_engine({"sev": 4, "sev_es": 2}, controllers=(EncidsController, MiscController))
-    changes = Changes(engine)
-    changes.kernfs = Kernfs(engine.hierarchy, Processes(), changes, [encids_files, misc_files],
-                            owners=OWNERS, share=share)
-    return changes.kernfs
+    return Requests(changes_for(engine, owners=OWNERS, share=share))
 
 
 @pytest.fixture
@@ -349,10 +304,10 @@ def test_root_xattrs_of_the_daemon_are_read_only(table):
 
 
 @pytest.fixture
-def small(table) -> Kernfs:
+def small(table) -> Requests:
     """xattr budgets of 100 bytes and 10 names: a user's share is a quarter."""
-    table.xattr_bytes = Budget("bytes", 100, errno.ENOSPC, OWNERS, 0.25)
-    table.xattr_names = Budget("names", 10, errno.ENOSPC, OWNERS, 0.25)
+    table.kernfs.xattr_bytes = Budget("bytes", 100, errno.ENOSPC, OWNERS, 0.25)
+    table.kernfs.xattr_names = Budget("names", 10, errno.ENOSPC, OWNERS, 0.25)
     return table
 
 

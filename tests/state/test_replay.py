@@ -3,9 +3,10 @@ the replay takes the IDs from the same range; an older record without one is for
 own guest."""
 
 import pytest
+from fakes import changes_for
 
 from encidfs.engine import MiscController, RangeFull, new_engine
-from encidfs.state.changes import Changes
+from encidfs.files.misc import misc_files
 
 SEV_ES = 1
 HOLDER, START = 7, 100
@@ -14,7 +15,7 @@ HOLDER, START = 7, 100
 def changes_with(snp_asids):
     engine = new_engine({"sev": 4, "sev_es": 6}, {"sev": 7, "sev_es": 1},
                         (MiscController,), snp_asids=snp_asids)
-    return Changes(engine)
+    return changes_for(engine, tables=[misc_files])
 
 
 def test_a_replay_takes_each_guests_ids_from_its_range():

@@ -8,49 +8,19 @@ import errno
 import stat
 
 import pytest
+from fakes import Requests, changes_for
 
 from encidfs.engine import ChargeRefused, EncidsController, MiscController, new_engine
 from encidfs.files.cftype import Caller
-from encidfs.files.encids import encids_files
 from encidfs.files.kernfs import ROOT_INODE, Kernfs
-from encidfs.files.misc import misc_files
 from encidfs.state import restore
-from encidfs.state.changes import Changes
+from encidfs.state.changes import Changes, Journal
 from encidfs.state.operations import Op
 from encidfs.state.store import StateStore
 
 ROOT = Caller(pid=1, uid=0, gid=0)
 ALICE = Caller(pid=2, uid=1000, gid=1000)
 LAYOUT = {"sev": 4, "sev_es": 2}
-
-
-class Processes:
-    """Every process there and movable: the journal is what is tested."""
-
-    def thread_group(self, pid):
-        return pid
-
-    def all_pids(self):
-        return []
-
-    def threads(self, pid):
-        return [pid]
-
-    def watch(self, pid):
-        return 100 + pid
-
-    def pid_from(self, caller, pid, thread=False):
-        return pid
-
-    def pids_for(self, caller, pids):
-        return pids
-
-    def sync(self): pass
-    def settle(self): pass
-    def joined(self, pid): pass
-    def check_signalable(self, pid): pass
-    def kill(self, pids): pass
-    def apply_freezer(self, pids): pass
 
 
 class Recorder:
@@ -75,12 +45,10 @@ class Recorder:
         self.staged.append(record)
 
 
-def fresh() -> Changes:
+def fresh(journal: Journal | None = None) -> Changes:
     engine = new_engine(LAYOUT, controllers=(EncidsController, MiscController))
     engine.hierarchy.clock = lambda: 10**12  # freezing times the same on both sides
-    changes = Changes(engine)
-    changes.kernfs = Kernfs(engine.hierarchy, Processes(), changes, [encids_files, misc_files])
-    return changes
+    return changes_for(engine, journal)
 
 
 def state(changes: Changes) -> dict:
@@ -99,7 +67,7 @@ def mkdir(table: Kernfs, parent: int, name: str, caller: Caller = ROOT) -> int:
 
 def requests(changes: Changes) -> None:
     """Some of every kind of change, through the files as a mount's requests make them."""
-    table = changes.kernfs
+    table = Requests(changes)
     write(table, ROOT_INODE, "cgroup.subtree_control", b"+encids +misc")
     a = mkdir(table, ROOT_INODE, "a", ALICE)
     b = mkdir(table, a, "b", ALICE)
@@ -123,8 +91,8 @@ def requests(changes: Changes) -> None:
 
 
 def test_replayed_records_give_the_same_state():
-    live, journal = fresh(), Recorder()
-    live.journal = journal
+    journal = Recorder()
+    live = fresh(journal)
     requests(live)
     replayed = fresh()
     assert replayed.replay(journal.records + journal.staged) == 0
@@ -132,9 +100,9 @@ def test_replayed_records_give_the_same_state():
 
 
 def test_a_change_the_journal_refuses_is_not_applied():
-    live, journal = fresh(), Recorder()
-    live.journal = journal
-    table = live.kernfs
+    journal = Recorder()
+    live = fresh(journal)
+    table = Requests(live)
     before = state(live)
     journal.full = True
     with pytest.raises(OSError, check=lambda e: e.errno == errno.ENOSPC):
@@ -146,16 +114,16 @@ def test_a_change_the_journal_refuses_is_not_applied():
 
 def test_restore_from_a_checkpoint_and_the_journal_after_it(tmp_path):
     path = str(tmp_path / "state.db")
-    live = fresh()
     store = StateStore(path, LAYOUT, durable=False)
+    live = fresh(store)
     restore.restore(store, live, lambda pid: None)  # nothing yet: a fresh file
-    write(live.kernfs, ROOT_INODE, "cgroup.subtree_control", b"+encids")
+    write(Requests(live), ROOT_INODE, "cgroup.subtree_control", b"+encids")
     store.checkpoint()
     requests(live)  # after the checkpoint: in the journal only
     expected = state(live)
     store.close()
-    restored = fresh()
     again = StateStore(path, LAYOUT, durable=False)
+    restored = fresh(again)
     watched = restore.restore(again, restored, {10: 110}.get)
     again.close()
     assert watched == [10]
@@ -164,13 +132,13 @@ def test_restore_from_a_checkpoint_and_the_journal_after_it(tmp_path):
 
 def test_restore_drops_the_processes_that_are_gone(tmp_path):
     path = str(tmp_path / "state.db")
-    live = fresh()
     store = StateStore(path, LAYOUT, durable=False)
+    live = fresh(store)
     restore.restore(store, live, lambda pid: None)
     requests(live)
     store.close()
-    restored = fresh()
     again = StateStore(path, LAYOUT, durable=False)
+    restored = fresh(again)
     # PID 10 is another process now: it exited, and the IDs it held are free.
     assert restore.restore(again, restored, {10: 999}.get) == []
     again.close()

@@ -12,9 +12,11 @@ from encidfs.state.store import StateError, StateStore
 LAYOUT = {"sev": 4}
 
 
-def store_at(path, state=None):
+def opened(path, state=None):
+    """A store opened on `state` (a test changes it in place) as the state it keeps."""
+    held = {"n": 0} if state is None else state
     store = StateStore(str(path), LAYOUT, durable=False)
-    store.snapshot = lambda: state if state is not None else {"n": 0}
+    store.open(lambda: dict(held))
     return store
 
 
@@ -25,8 +27,8 @@ def crashed(store):
 
 
 def reopened(path):
-    store = store_at(path)
-    snapshot, records, old = store.open()
+    store = StateStore(str(path), LAYOUT, durable=False)
+    snapshot, records, old = store.open(dict)
     assert old is None
     crashed(store)
     return snapshot, records
@@ -38,8 +40,7 @@ def path(tmp_path):
 
 
 def test_records_come_back_in_order_with_the_facts_before_them(path):
-    store = store_at(path)
-    store.open()
+    store = opened(path)
     store.append(("mkdir", 1, "a"))
     store.stage(("fork", 10, 11, 5))
     store.append_all([("set_max", 2, "encids", "sev", 3), ("rmdir", 2)])
@@ -51,8 +52,7 @@ def test_records_come_back_in_order_with_the_facts_before_them(path):
 def test_a_commit_cut_short_is_left_out_whole(path):
     """A group of changes is one line: a crash (or a full disk) in the middle of it leaves
     none of the group, not its first few."""
-    store = store_at(path)
-    store.open()
+    store = opened(path)
     store.append(("mkdir", 1, "a"))
     crashed(store)
     group = json.dumps([["mkdir", 1, "b"], ["mkdir", 1, "c"]]) + "\n"
@@ -64,11 +64,11 @@ def test_a_commit_cut_short_is_left_out_whole(path):
 def test_a_log_older_than_the_snapshot_is_not_read(path):
     """A crash between a checkpoint's two renames: the snapshot is the new one, which holds
     what the old log says."""
-    store = store_at(path)
-    store.open()
+    state = {"n": 0}
+    store = opened(path, state)
     store.append(("mkdir", 1, "a"))
     old_log = open(f"{path}.log", "rb").read()
-    store.snapshot = lambda: {"n": 1}
+    state["n"] = 1
     store.checkpoint()
     crashed(store)
     with open(f"{path}.log", "wb") as log:
@@ -77,11 +77,11 @@ def test_a_log_older_than_the_snapshot_is_not_read(path):
 
 
 def test_a_checkpoint_leaves_a_snapshot_and_an_empty_log(path):
-    store = store_at(path)
-    store.open()
+    state = {"n": 0}
+    store = opened(path, state)
     for n in range(5):
         store.append(("mkdir", 1, f"c{n}"))
-    store.snapshot = lambda: {"n": 5}
+    state["n"] = 5
     store.close()
     assert reopened(path) == ({"n": 5}, [])
     assert oct(os.stat(f"{path}.log").st_mode & 0o777) == oct(os.stat(path).st_mode & 0o777) \
@@ -89,8 +89,8 @@ def test_a_checkpoint_leaves_a_snapshot_and_an_empty_log(path):
 
 
 def test_a_failed_append_changes_nothing_and_the_next_write_writes_all_anew(path, monkeypatch):
-    store = store_at(path)
-    store.open()
+    state = {"n": 0}
+    store = opened(path, state)
     store.append(("mkdir", 1, "a"))
     size = os.path.getsize(f"{path}.log")
     real_write = os.write
@@ -105,7 +105,7 @@ def test_a_failed_append_changes_nothing_and_the_next_write_writes_all_anew(path
     assert os.path.getsize(f"{path}.log") == size  # the part written is cut off again
     monkeypatch.undo()
     store._retry_at = 0  # the next try is due
-    store.snapshot = lambda: {"n": "a"}  # what memory holds: mkdir a, not b
+    state["n"] = "a"  # what memory holds: mkdir a, not b
     store.append(("mkdir", 1, "c"))
     crashed(store)
     assert reopened(path) == ({"n": "a"}, [("mkdir", 1, "c")])
@@ -113,8 +113,7 @@ def test_a_failed_append_changes_nothing_and_the_next_write_writes_all_anew(path
 
 @pytest.mark.parametrize("damage", ["delete the log", "truncate the log", "delete the snapshot"])
 def test_damage_between_commits_is_seen_before_the_next(path, damage):
-    store = store_at(path, {"n": "all"})
-    store.open()
+    store = opened(path, {"n": "all"})
     store.append(("mkdir", 1, "a"))
     log = f"{path}.log"
     if damage == "delete the log":
@@ -129,15 +128,14 @@ def test_damage_between_commits_is_seen_before_the_next(path, damage):
 
 
 def test_a_damaged_file_is_refused_with_one_line_and_left_as_it_is(path):
-    store = store_at(path)
-    store.open()
+    store = opened(path)
     store.append(("mkdir", 1, "a"))
     crashed(store)
     with open(f"{path}.log", "ab") as log:
         log.write(b"not json\n")  # a whole line, not a commit cut short
     before = open(f"{path}.log", "rb").read()
-    store = store_at(path)
+    store = StateStore(str(path), LAYOUT, durable=False)
     with pytest.raises(StateError, match="cannot be read"):
-        store.open()
+        store.open(dict)
     os.close(store._lock)
     assert open(f"{path}.log", "rb").read() == before
