@@ -22,7 +22,7 @@ def encids_files(controller: EncidsController) -> list[CfType]:
                       t: int = t) -> None:
             text = strstrip(text)
             value = U64_MAX if text == b"max" else kstrtoull(text, 0)
-            changes.run(Op.SET_MAX, cg.id, controller.name, types.names[t], value)
+            changes.run(Op.CONTROLLER_SETTING, cg.id, controller.name, types.names[t], value)
 
         def show_current(cg: Cgroup, t: int = t) -> str:
             return f"{controller.css_of(cg).usage[t]}\n"

@@ -44,7 +44,7 @@ def misc_files(controller: MiscController) -> list[CfType]:
 
     def write_max(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         name, value = parse_max(text, names)
-        changes.run(Op.SET_MAX, cg.id, controller.name, name, value)
+        changes.run(Op.CONTROLLER_SETTING, cg.id, controller.name, name, value)
 
     not_on_root = Placement.NOT_ON_ROOT
     current_on = Placement.EVERYWHERE if kernel.misc_current_on_root else not_on_root

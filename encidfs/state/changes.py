@@ -171,11 +171,11 @@ class Changes:
         setter = {"max_depth": h.set_max_depth, "max_descendants": h.set_max_descendants}
         setter[key](cg, value, commit)
 
-    @applies(Op.SET_MAX)
-    def set_max(self, cgroup: int, controller: str, key: str, value: int,
-                commit: Commit = no_journal) -> None:
+    @applies(Op.CONTROLLER_SETTING)
+    def controller_setting(self, cgroup: int, controller: str, key: str, value: int,
+                           commit: Commit = no_journal) -> None:
         """A controller's setting, which it applies itself: encids.<type>.max and misc.max
-        (`key`: the type)."""
+        (`key`: the type), or whatever another controller takes."""
         self.controller(controller).apply_setting(self._cgroup(cgroup), key, value, commit)
 
     # -- node attributes ------------------------------------------------------------------------

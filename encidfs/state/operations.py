@@ -18,7 +18,9 @@ class Op(StrEnum):
     SUBTREE_CONTROL = "subtree_control"
     THREADED = "threaded"
     SET = "set"  # cgroup.max.depth, cgroup.max.descendants, cgroup.freeze
-    SET_MAX = "set_max"  # a controller's setting (encids' and misc's: a type's limit)
+    # A controller's setting, which it applies itself (encids.<type>.max, misc.max, ...).
+    # Its value is its name from when the only settings were limits: journals carry "set_max".
+    CONTROLLER_SETTING = "set_max"
     # Node attributes.
     SETATTR = "setattr"
     SETXATTR = "setxattr"

@@ -69,7 +69,7 @@ def restore(db: sqlite3.Connection, changes: Changes,
         if limits is not None and not cg.is_root:
             for type_name, value in json.loads(limits).items():
                 # Schema 1 kept limits of cgroups whose controller was disabled since.
-                _quietly(changes.set_max, cg.id, "encids", type_name, value)
+                _quietly(changes.controller_setting, cg.id, "encids", type_name, value)
     for pid, start, path in db.execute("SELECT pid, start, path FROM members"):
         if start_time(pid) == start and path in cgroups:
             changes.attach(pid, start, cgroups[path].id)

@@ -103,7 +103,7 @@ def count_files(controller: CountController) -> list[CfType]:
     def write_max(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         text = strstrip(text)
         value = U64_MAX if text == b"max" else kstrtoull(text, 0)
-        changes.run(Op.SET_MAX, cg.id, controller.name, "max", value)
+        changes.run(Op.CONTROLLER_SETTING, cg.id, controller.name, "max", value)
 
     def show_current(cg: Cgroup) -> str:
         return f"{controller.css_of(cg).count}\n"

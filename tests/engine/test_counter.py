@@ -87,7 +87,7 @@ def test_enabling_below_processes_moves_them_to_the_new_csses(h):
 def test_the_journal_applies_the_setting_and_a_snapshot_keeps_the_counts(engine, h):
     changes = changes_for(engine, tables=[encids_files, count_files])
     a = h.mkdir(h.root, "a")
-    changes.run(Op.SET_MAX, a.id, "count", "max", 1)
+    changes.run(Op.CONTROLLER_SETTING, a.id, "count", "max", 1)
     changes.run(Op.ATTACH, 100, 0, a.id)
     with pytest.raises(OSError) as refused:
         changes.run(Op.ATTACH, 200, 0, a.id)
