@@ -1,4 +1,5 @@
-"""Helpers for the mount tests: raw reads and writes that report errnos, polling, a shell.
+"""Helpers for the mount tests: raw reads and writes that report errnos, a shell, and
+tests/waiting.py's polling (DEADLINE, wait_until) to import with them.
 
 Writes go through os.open/os.write so that an error comes back from the write(2) that caused
 it (buffered Python files would only report it at close).
@@ -11,17 +12,14 @@ import os
 import subprocess
 import sys
 import sysconfig
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+
+from waiting import DEADLINE, wait_until  # noqa: F401 (for the tests)
 
 from encidfs.host.mount import FSTYPE, mounted_fstype  # noqa: F401 (for the tests)
 
-T = TypeVar("T")
-
-DEADLINE = 10.0  # seconds: generous, only ever reached when something is broken
 NOBODY = 65534
 REPO = Path(__file__).resolve().parent.parent.parent  # the checkout: encidfs importable from it
 SITE = sysconfig.get_paths()["purelib"]  # where this interpreter has encidfs's dependencies
@@ -89,20 +87,6 @@ class User:
         exactly `groups` as supplementary groups."""
         group_option = f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"
         return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", group_option]
-
-
-def wait_until(condition: Callable[[], T], what: str, timeout: float = DEADLINE) -> T:
-    """Poll condition() until it returns something true; fail with `what` at the deadline."""
-    deadline = time.monotonic() + timeout
-    delay = 0.002
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
 
 
 def read(path: Path | str) -> str:

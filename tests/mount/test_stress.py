@@ -59,6 +59,7 @@ from pathlib import Path
 
 import pytest
 from mountutil import DEADLINE, keyed, read
+from waiting import poll
 
 from encidfs.client import Client, ControlError
 
@@ -485,14 +486,7 @@ class Stress:
         """The cgroup is gone, or going: names are never reused, so it cannot come back; but
         the daemon answers others (ENODEV) while the rmdir waits for its reply to go out, and
         until then the kernel still has the entry: poll a little for it to go."""
-        deadline = time.monotonic() + 2.0
-        delay = 0.001
-        while self.dir(path).is_dir():
-            if time.monotonic() > deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        return True
+        return poll(lambda: not self.dir(path).is_dir(), timeout=2.0)
 
     def expect(self, counter: Counter, op: str, result: str, allowed: set[str],
                path: str, what: str) -> None:
