@@ -5,6 +5,7 @@ import errno
 from collections import Counter
 
 import pytest
+from errnos import raises_errno
 
 from encidfs.engine import U64_MAX, ChargeRefused, new_engine
 
@@ -32,11 +33,6 @@ def abc(h):
     h.write_subtree_control(b, ENCIDS, 0)
     c = h.mkdir(b, "c")
     return a, b, c
-
-
-def raises_errno(code):
-    """pytest.raises for an OSError carrying exactly `code`."""
-    return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
 def usage(cg, t=SEV):

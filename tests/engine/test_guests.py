@@ -6,6 +6,7 @@ event, the charge given back (its watermarks stay, as misc_cg_try_charge() raise
 import errno
 
 import pytest
+from errnos import raises_errno
 
 from encidfs.engine import (
     ChargeRefused,
@@ -30,10 +31,6 @@ def engine_with(snp_asids):
     h.write_subtree_control(h.root, ENCIDS | MISC, 0)
     h.attach(HOLDER, h.mkdir(h.root, "vm"))
     return engine
-
-
-def raises_errno(code):
-    return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
 def books(engine, cg):

@@ -5,6 +5,7 @@ import sys
 from collections import Counter
 
 import pytest
+from errnos import raises_errno
 
 from encidfs.engine import CGROUP_EVENTS_KEY, ChargeRefused, TreeEvent, new_engine
 
@@ -13,11 +14,6 @@ ENCIDS = 1  # subtree_control mask of encids, the hierarchy's only controller
 
 def new_hierarchy(capacities):
     return new_engine(capacities).hierarchy
-
-
-def raises_errno(code):
-    """pytest.raises for an OSError carrying exactly `code`."""
-    return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
 def chain(h, parent, *names):

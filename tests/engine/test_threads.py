@@ -4,7 +4,7 @@ cgroup2 in scratch cgroups."""
 
 import errno
 
-import pytest
+from errnos import raises_errno
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
@@ -19,10 +19,6 @@ from encidfs.engine import (
 )
 
 ENCIDS = 1
-
-
-def raises_errno(code):
-    return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
 def tree(h, *paths):

@@ -8,6 +8,7 @@ import os
 import stat
 
 import pytest
+from errnos import raises_errno
 from fakes import Requests, changes_for
 
 from encidfs.engine import EncidsController, MiscController, new_engine
@@ -42,10 +43,6 @@ def write(table: Kernfs, inode: int, path: str, text: bytes, caller: Caller = RO
 
 def read(table: Kernfs, inode: int, path: str, caller: Caller = ROOT) -> str:
     return table.open(table.lookup(inode, path.encode()), caller).read(0, 4096).decode()
-
-
-def raises_errno(code):
-    return pytest.raises(OSError, check=lambda e: e.errno == code)
 
 
 def mkdir(table: Kernfs, name: str, caller: Caller = ROOT, parent: int = ROOT_INODE,

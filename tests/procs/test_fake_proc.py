@@ -10,6 +10,7 @@ import errno
 from pathlib import Path
 
 import pytest
+from errnos import raises_errno
 
 from encidfs.procs.procfs import Stat, alive, read_stat, state_of
 from encidfs.procs.watcher import PF_NO_SETAFFINITY, ProcessWatcher
@@ -144,14 +145,14 @@ def test_thread_group_of_a_thread_is_its_tgid(proc, watcher):
 ])
 def test_thread_group_refusals(proc, watcher, make, code):
     make(proc)
-    with pytest.raises(OSError, check=lambda e: e.errno == code):
+    with raises_errno(code):
         watcher.thread_group(PID)
 
 
 def test_owners_are_the_real_and_saved_uids(proc, watcher):
     proc.process(PID, uids=(1000, 0, 1001, 0))
     assert watcher.owners(PID) == (1000, 1001)
-    with pytest.raises(OSError, check=lambda e: e.errno == errno.ESRCH):
+    with raises_errno(errno.ESRCH):
         watcher.owners(PID + 1)
 
 

@@ -8,6 +8,7 @@ import errno
 import stat
 
 import pytest
+from errnos import raises_errno
 from fakes import Requests, changes_for
 
 from encidfs.engine import ChargeRefused, EncidsController, MiscController, new_engine
@@ -105,9 +106,9 @@ def test_a_change_the_journal_refuses_is_not_applied():
     table = Requests(live)
     before = state(live)
     journal.full = True
-    with pytest.raises(OSError, check=lambda e: e.errno == errno.ENOSPC):
+    with raises_errno(errno.ENOSPC):
         mkdir(table, ROOT_INODE, "a")
-    with pytest.raises(OSError, check=lambda e: e.errno == errno.ENOSPC):
+    with raises_errno(errno.ENOSPC):
         table.setxattr(table.node(ROOT_INODE), b"user.a", b"1", ROOT)
     assert state(live) == before and journal.records == []
 
