@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from typing import Protocol, TypeVar
 
 from ..engine import ChargeRefused, Engine, collector, fail
 from ..procs.watcher import ProcessWatcher
@@ -24,12 +24,15 @@ from ..state.changes import Changes
 from ..state.operations import Op
 from .protocol import error_reply
 
-if TYPE_CHECKING:
-    from ..daemon.metrics import RequestMetrics
-
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+class Metrics(Protocol):
+    """What a request is counted and timed in (daemon/metrics.py RequestMetrics)."""
+
+    def observe(self, interface: str, kind: str, seconds: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ class ControlService:
         self.capacity_source = capacity_source  # where the capacities came from
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
-        self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
+        self.metrics: Metrics | None = None  # with --metrics: requests counted, timed
 
     def answer_all(self, requests: list[tuple[dict, Peer]]) -> list[dict]:
         """The replies to requests that came together, in their order: each run of

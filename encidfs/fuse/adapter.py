@@ -23,7 +23,7 @@ import select
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import pyfuse3
 import trio
@@ -31,9 +31,6 @@ import trio
 from ..engine.events import Event
 from ..files.cftype import Caller, Changes
 from ..files.kernfs import Kernfs, Node, OpenFile
-
-if TYPE_CHECKING:
-    from ..daemon.metrics import RequestMetrics
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +45,12 @@ class Bus(Protocol):
     def pending(self) -> bool: ...
 
     def deliver(self) -> None: ...
+
+
+class Metrics(Protocol):
+    """What a request is counted and timed in (daemon/metrics.py RequestMetrics)."""
+
+    def observe(self, interface: str, kind: str, seconds: float) -> None: ...
 
 
 def translated(method: F) -> F:
@@ -145,7 +148,7 @@ class CgroupOperations(pyfuse3.Operations):
         self.changes = changes
         self.cache_timeout = cache_timeout
         self.bus = bus
-        self.metrics: RequestMetrics | None = None  # with --metrics: requests counted, timed
+        self.metrics: Metrics | None = None  # with --metrics: requests counted, timed
         self._open_files: dict[int, OpenFile] = {}
         self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
         # inode -> open file -> the handle to wake its poller with (one per open file)
