@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from importlib import resources
 
+from ..control.protocol import PID_XATTR
 from ..daemon import config as configuration
 from ..daemon import controllers, supervisor
 from ..exec.namespace import NamespaceError, exec_with_cgroupfs
@@ -291,7 +292,7 @@ def _start_daemon(mountpoint: str, args: argparse.Namespace) -> int:
         process.stderr.close()
     _wait_until(lambda: mounted_fstype(mountpoint) == FSTYPE, MOUNT_TIMEOUT,
                 f"{mountpoint} did not appear")
-    daemon = int(os.getxattr(mountpoint, "user.encidfs.pid"))
+    daemon = int(os.getxattr(mountpoint, PID_XATTR))
     if not args.quiet:
         print(f"encidfs mounted on {mountpoint} (daemon pid {daemon}, supervisor pid "
               f"{process.pid})")
@@ -345,7 +346,7 @@ def _umount(target: str) -> int:
     if mounted_fstype(mountpoint) != FSTYPE:
         raise CliError(f"{mountpoint} is not an encidfs mount")
     try:
-        pid = int(os.getxattr(mountpoint, "user.encidfs.pid"))
+        pid = int(os.getxattr(mountpoint, PID_XATTR))
     except OSError:
         pid = None  # a daemon that no longer answers: unmounting is all there is to do
     waited = [pid, _supervisor_of(pid)] if pid is not None else []

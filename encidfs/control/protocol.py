@@ -21,7 +21,11 @@ import json
 from ..host.runtime import runtime_path
 
 MAX_LINE = 64 * 1024  # a longer request is refused and the connection closed
-CONTROL_XATTR = "user.encidfs.control"
+
+# The read-only extended attributes of a mount's root: how a client finds its daemon.
+CONTROL_XATTR = "user.encidfs.control"  # the control socket's path
+OVER_XATTR = "user.encidfs.over"  # of a mount --over DIR: DIR (encidfs exec's cgroup namespace)
+PID_XATTR = "user.encidfs.pid"  # the daemon's PID
 
 
 def default_control_path(mountpoint: str) -> str:

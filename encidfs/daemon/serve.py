@@ -14,12 +14,11 @@ from collections.abc import Callable
 import pyfuse3
 import trio
 
-from ..control.protocol import CONTROL_XATTR, default_control_path
+from ..control.protocol import CONTROL_XATTR, OVER_XATTR, PID_XATTR, default_control_path
 from ..control.server import Limits, serve_control
 from ..control.service import ControlService
 from ..engine import new_engine
 from ..engine.budget import Budget
-from ..exec.namespace import OVER_XATTR
 from ..files.kernfs import Kernfs
 from ..fuse import loop
 from ..fuse.adapter import CgroupOperations, mount_options
@@ -139,7 +138,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     if config.over is not None:  # for encidfs exec: its cgroup namespace
         kernfs.root_xattrs[OVER_XATTR.encode()] = config.over.encode()
     control = config.control or default_control_path(mountpoint)
-    kernfs.root_xattrs[b"user.encidfs.pid"] = str(os.getpid()).encode()
+    kernfs.root_xattrs[PID_XATTR.encode()] = str(os.getpid()).encode()
     kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
     operations = CgroupOperations(kernfs, changes, CACHE_TIMEOUT, bus)
     bus.consumers.append(operations.consume)  # kernfs: invalidation and poll

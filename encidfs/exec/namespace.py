@@ -32,6 +32,7 @@ import sys
 from collections.abc import Callable
 
 from ..control.client import Client, ControlError
+from ..control.protocol import OVER_XATTR
 from ..host.capacity import kernel_release
 from ..host.mountinfo import cgroup2_mount_of
 from . import seccomp
@@ -186,7 +187,6 @@ def _books(mount: str) -> Callable[[int, int | None], str | None]:
     return cgroup_of
 
 
-OVER_XATTR = "user.encidfs.over"  # on the root of a mount --over DIR: DIR
 _CLONE_NEWCGROUP = 0x02000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
