@@ -33,8 +33,8 @@ from collections.abc import Callable
 
 from ..control.client import Client, ControlError
 from ..control.protocol import OVER_XATTR
-from ..host.capacity import kernel_release
 from ..host.mountinfo import cgroup2_mount_of
+from ..host.release import kernel_release
 from . import seccomp
 from .cgroup_bpf import CgroupBpf
 

@@ -26,15 +26,6 @@ TYPES = ("sev", "sev_es", "tdx")
 SEV_TYPES = ("sev", "sev_es")
 
 
-def kernel_release() -> tuple[int, int]:
-    """This kernel's version, as (major, minor); (0, 0) where uname says something else."""
-    release = os.uname().release.split(".")
-    try:
-        return int(release[0]), int(release[1].split("-")[0])
-    except (IndexError, ValueError):
-        return 0, 0
-
-
 @dataclass(frozen=True)
 class Detected:
     capacities: dict[str, int]

@@ -17,7 +17,7 @@ import struct
 from collections.abc import Callable, Container
 from typing import NamedTuple
 
-from ..host.capacity import kernel_release
+from ..host.release import kernel_release
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = 1
