@@ -53,12 +53,12 @@ class Processes:
 
 
 def changes_for(engine: Engine, journal: Journal | None = None,
-                tables: list[FileTableMaker] | None = None,
-                owners: frozenset[int] = frozenset({0}), share: float = 1.0) -> Changes:
+                tables: list[FileTableMaker] | None = None, **options) -> Changes:
     """The engine's changes, with a file table on fake processes (its node attributes are
-    `changes.kernfs`); `tables`: one per controller, encids' and misc's by default."""
+    `changes.kernfs`); `tables`: one per controller, encids' and misc's by default;
+    `options`: the Kernfs's."""
     tables = [encids_files, misc_files] if tables is None else tables
-    kernfs = Kernfs(engine.hierarchy, Processes(), tables, owners=owners, share=share)
+    kernfs = Kernfs(engine.hierarchy, Processes(), tables, **options)
     return Changes(engine, kernfs, journal)
 
 

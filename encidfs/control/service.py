@@ -72,7 +72,7 @@ class ControlService:
     def __init__(self, mountpoint: str, engine: Engine, tracker: ProcessWatcher,
                  changes: Changes, changed: Callable[[], None],
                  restarts: list[dict] | None = None, limitations: Sequence[str] = (),
-                 capacity_source: str | None = None) -> None:
+                 capacity_source: str | None = None, metrics: Metrics | None = None) -> None:
         self.mountpoint = mountpoint
         self.hierarchy = engine.hierarchy
         self.allocator = engine.allocator
@@ -84,7 +84,7 @@ class ControlService:
         self.capacity_source = capacity_source  # where the capacities came from
         self.owner_uid = os.geteuid()
         self._changed = changed  # tells the file system that the engine changed
-        self.metrics: Metrics | None = None  # with --metrics: requests counted, timed
+        self.metrics = metrics  # with --metrics: requests counted, timed
 
     def answer_all(self, requests: list[tuple[dict, Peer]]) -> list[dict]:
         """The replies to requests that came together, in their order: each run of

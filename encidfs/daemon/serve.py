@@ -112,6 +112,10 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
     pidfd_budget = max(0, fd_limit - FD_RESERVE - max_connections)
     tables = [files for _, files in offered]
+    control = config.control or default_control_path(mountpoint)
+    root_xattrs = {PID_XATTR: str(os.getpid()), CONTROL_XATTR: control}
+    if config.over is not None:  # for encidfs exec: its cgroup namespace
+        root_xattrs[OVER_XATTR] = config.over
     tree: KernelTree | None = None
     tracker: ProcessWatcher
     kernfs: Kernfs
@@ -121,26 +125,25 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
                                  use_connector=config.proc_connector, exempt=exempt,
                                  pidfd_budget=pidfd_budget, split=hierarchy.split,
                                  on_threads=on_threads, on_settled=changed)
-        kernfs = Kernfs(hierarchy, tracker, tables, owners=owners, share=share)
+        kernfs = Kernfs(hierarchy, tracker, tables, owners=owners, share=share,
+                        root_xattrs=root_xattrs)
     else:
         tree = KernelTree(config.over, hierarchy, on_mirrored)
         # The kernel's files open through the mount hold a descriptor each: half the budget.
         tracker = membership = KernelMembership(tree, on_exit, pidfd_budget // 2, changed)
         hierarchy.membership = membership
         kernfs = OverKernfs(hierarchy, tree, membership, tables, pidfd_budget // 2, owners,
-                            share)
+                            share, root_xattrs)
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.
     runtime = config.state is None
     store = StateStore(config.state or runtime_state_path(mountpoint), config.layout(),
                        durable=not runtime, runtime=runtime)
     journal = _FlushedSoon(store)
     changes = Changes(engine, kernfs, journal)
-    if config.over is not None:  # for encidfs exec: its cgroup namespace
-        kernfs.root_xattrs[OVER_XATTR.encode()] = config.over.encode()
-    control = config.control or default_control_path(mountpoint)
-    kernfs.root_xattrs[PID_XATTR.encode()] = str(os.getpid()).encode()
-    kernfs.root_xattrs[CONTROL_XATTR.encode()] = control.encode()
-    operations = CgroupOperations(kernfs, changes, CACHE_TIMEOUT, bus)
+    restart_log = restarts()
+    request_metrics = (metrics.serve(*config.metrics, engine, len(restart_log))
+                       if config.metrics else None)
+    operations = CgroupOperations(kernfs, changes, CACHE_TIMEOUT, bus, request_metrics)
     bus.consumers.append(operations.consume)  # kernfs: invalidation and poll
     for note in config.capacity_notes:
         log.warning("%s", note)
@@ -151,12 +154,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     else:
         limitations.append("truncating read-only files needs CAP_DAC_OVERRIDE: inotify does "
                            "not see the changes the daemon makes itself (poll(2) does)")
-    restart_log = restarts()
     service = ControlService(mountpoint, engine, tracker, changes, changed, restart_log,
-                             limitations, config.capacity_source)
-    if config.metrics:
-        operations.metrics = service.metrics = metrics.serve(*config.metrics, engine,
-                                                             len(restart_log))
+                             limitations, config.capacity_source, request_metrics)
     restored = restore(store, changes, tracker.start_time_now)
     if tree is not None:
         gone = tree.reconcile()  # the kernel's tree as it is now

@@ -64,12 +64,13 @@ class Node:
 class Kernfs:
     def __init__(self, hierarchy: Hierarchy, processes: Processes,
                  file_tables: list[FileTableMaker], core: CoreTableMaker = core_files,
-                 owners: frozenset[int] = frozenset({0}), share: float = 1.0) -> None:
+                 owners: frozenset[int] = frozenset({0}), share: float = 1.0,
+                 root_xattrs: dict[str, str] | None = None) -> None:
         """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`, `core` the
         cgroup.* rows.  Every change a request makes goes through the `changes` it is given,
         which make it durable first and then apply it here (the apply_* methods) or in the
         engine.  What users make it keep (xattrs) is shared out to them: `share` to each but
-        `owners`."""
+        `owners`.  `root_xattrs`: the daemon's own on the root, read-only."""
         self.hierarchy = hierarchy
         self.processes = processes
         self._controller_names: dict[int, set[str]] = {}
@@ -107,7 +108,8 @@ class Kernfs:
                                   errno.ENOSPC, owners, share)
         self.xattr_names = Budget("extended attributes", XATTR_NAMES_TOTAL_MAX, errno.ENOSPC,
                                   owners, share)
-        self.root_xattrs: dict[bytes, bytes] = {}  # the daemon's own, read-only, on the root
+        self.root_xattrs = {os.fsencode(name): os.fsencode(value)
+                            for name, value in (root_xattrs or {}).items()}
 
     # -- nodes --------------------------------------------------------------------------------
 

@@ -139,16 +139,16 @@ def _caller(ctx: pyfuse3.RequestContext) -> Caller:
 
 class CgroupOperations(pyfuse3.Operations):
     def __init__(self, kernfs: Kernfs, changes: Changes, cache_timeout: float,
-                 bus: Bus) -> None:
+                 bus: Bus, metrics: Metrics | None = None) -> None:
         """A request's changes go through `changes` (journalled, then applied); `bus` is the
         engine's event bus: after each request it is delivered to its consumers, of which
-        consume() is one."""
+        consume() is one.  With `metrics` (--metrics), requests are counted and timed."""
         super().__init__()
         self.kernfs = kernfs
         self.changes = changes
         self.cache_timeout = cache_timeout
         self.bus = bus
-        self.metrics: Metrics | None = None  # with --metrics: requests counted, timed
+        self.metrics = metrics
         self._open_files: dict[int, OpenFile] = {}
         self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
         # inode -> open file -> the handle to wake its poller with (one per open file)

@@ -43,7 +43,7 @@ class OverKernfs(Kernfs):
     def __init__(self, hierarchy: Hierarchy, tree: KernelTree, membership: KernelMembership,
                  file_tables: list[FileTableMaker],
                  descriptors: int = 1 << 20, owners: frozenset[int] = frozenset({0}),
-                 share: float = 1.0) -> None:
+                 share: float = 1.0, root_xattrs: dict[str, str] | None = None) -> None:
         """`descriptors`: how many the kernel's files open through the mount may hold (each
         open holds one), shared out to the users as the xattrs are."""
         self.tree = tree
@@ -54,7 +54,7 @@ class OverKernfs(Kernfs):
         # all Kernfs itself asks of the membership is settle().
         super().__init__(hierarchy, membership, file_tables,  # type: ignore[arg-type]
                          core=lambda h, processes, may_write: merged_files(tree, h),
-                         owners=owners, share=share)
+                         owners=owners, share=share, root_xattrs=root_xattrs)
         # The kernel's file names, each given a slot the first time it is seen (the names
         # are the kernel's: a few hundred at most).
         self._real_names: list[str] = []

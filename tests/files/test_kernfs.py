@@ -14,6 +14,7 @@ from fakes import Requests, changes_for
 from encidfs.engine import EncidsController, MiscController, new_engine
 from encidfs.engine.budget import Budget
 from encidfs.files.cftype import Caller
+from encidfs.files.encids import encids_files
 from encidfs.files.kernfs import ROOT_INODE, WRITE_MAX, XATTR_BYTES_MAX, XATTRS_MAX, Kernfs
 
 ROOT = Caller(pid=1, uid=0, gid=0)
@@ -290,9 +291,11 @@ def test_a_node_holds_kernfs_count_and_size_of_xattrs(table):
         table.setxattr(other, b"user.more", b"xx", ROOT)
 
 
-def test_root_xattrs_of_the_daemon_are_read_only(table):
+def test_root_xattrs_of_the_daemon_are_read_only():
+    engine = new_engine({"sev": 4}, controllers=(EncidsController,))
+    table = Requests(changes_for(engine, tables=[encids_files],
+                                 root_xattrs={"user.encidfs.pid": "1"}))
     root = table.node(ROOT_INODE)
-    table.root_xattrs[b"user.encidfs.pid"] = b"1"
     assert table.getxattr(root, b"user.encidfs.pid") == b"1"
     with raises_errno(errno.EPERM):
         table.setxattr(root, b"user.encidfs.pid", b"2", ROOT)
