@@ -504,7 +504,7 @@ def engine_scaling(iterations):
             f"mkdir+rmdir at depth {DEPTH}": lambda i: h.rmdir(h.mkdir(parent, "x")),
             f"try_charge+uncharge at depth {DEPTH}":
                 lambda i: encids.uncharge(encids.try_charge(a, "sev", 1)),
-            f"attach between depth-{DEPTH} cgroups": lambda i: h.attach(pid, (a, b)[i % 2]),
+            f"attach between depth-{DEPTH} cgroups": lambda i: h.procs.attach(pid, (a, b)[i % 2]),
             "set_max": lambda i: encids.set_max(a, 0, 100 + i % 2),
         }
         for name, op in ops.items():

@@ -56,7 +56,7 @@ def _take_snapshot(engine: Engine, restarts: int, requests: RequestMetrics) -> S
             css = cg.css[controller.ssid]
             if css is not None:
                 resources.append((path, controller.name, controller.report(css, False)))
-    return Snapshot(capacity, resources, len(h.by_id), len(h.members),
+    return Snapshot(capacity, resources, len(h.by_id), len(h.procs.members),
                     restarts,
                     {key: (count, total, list(buckets))
                      for key, (count, total, buckets) in requests.stats.items()})

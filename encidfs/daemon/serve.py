@@ -121,7 +121,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     kernfs: Kernfs
     if config.over is None:
         exempt = frozenset({os.getpid(), supervisor_pid() or 0})  # never frozen or killed
-        tracker = ProcessTracker(hierarchy.members, on_fork, on_exit, frozen, on_stopped,
+        tracker = ProcessTracker(hierarchy.procs.members, on_fork, on_exit, frozen, on_stopped,
                                  use_connector=config.proc_connector, exempt=exempt,
                                  pidfd_budget=pidfd_budget, split=hierarchy.split,
                                  on_threads=on_threads, on_settled=changed)

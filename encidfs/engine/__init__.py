@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 from .allocator import Allocation, Allocator
 from .budget import Budget
-from .cgroup import INT_MAX, Cgroup, Hierarchy, Membership
+from .cgroup import INT_MAX, Cgroup, Hierarchy
 from .css import Controller
 from .encids import EncidsController
 from .errors import ChargeRefused, RangeFull, Refused, fail
 from .events import CGROUP_EVENTS_KEY, TreeEvent
 from .kernel import KernelInterface
+from .membership import Membership
 from .misc import MiscController
 from .resource import U64_MAX, Charge, ResourceController, Types
 

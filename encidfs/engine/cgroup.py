@@ -4,8 +4,10 @@ Every operation either applies completely or raises an OSError carrying the errn
 cgroup files return.  An operation that changes what a restart must restore takes a `commit`
 callback, which it calls once its checks have passed and before it changes anything: a durable
 journal writes the change there, and if it cannot (commit raises), nothing has changed.
-Nothing here does I/O: processes are plain PIDs that the process tracker reports, and what
-changed is appended to `changes` for the layers above to drain.
+Nothing here does I/O, and what changed is appended to `events` for the layers above to
+drain.  The tree's own processes, plain PIDs that the process tracker reports, are in the books
+of membership.py (`Hierarchy.procs`); the rules ask `Hierarchy.membership`, which is those
+books or, under --over, the kernel's tree.
 
 Threads: a process's threads are where the process is, except in a threaded subtree, where
 cgroup.threads places them one by one.  Only a process whose threads are in more than one
@@ -18,19 +20,16 @@ from __future__ import annotations
 import errno
 import time
 from collections.abc import Callable, Iterator
-from typing import Protocol
 
 from .budget import Budget
 from .css import Controller, Css, follows_processes
 from .errors import fail
-from .events import CGROUP_EVENTS_KEY, Commit, Event, TreeEvent, no_journal
+from .events import Commit, Event, TreeEvent, no_journal
 from .freezer import Freezer
+from .membership import Membership, Procs
 from .refcount import cgroup_put, css_put
 
 INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
-
-
-
 
 
 class Cgroup:
@@ -53,7 +52,7 @@ class Cgroup:
         self.max_descendants = INT_MAX
         self.nr_descendants = 0  # live descendants
         self.nr_dying_descendants = 0
-        # TGIDs with a thread here (None while empty: saves memory).
+        # TGIDs with a thread here (None while empty: saves memory), kept by membership.py.
         self.procs: set[int] | None = None
         self.nr_populated_children = 0
         self.nr_populated_domain_children = 0  # of them, those not threaded
@@ -101,28 +100,6 @@ class Cgroup:
         return f"<Cgroup {self.path}{' dying' if self.dying else ''}>"
 
 
-class Membership(Protocol):
-    """Where processes are: the one seam between the engine and what keeps membership.  The
-    standalone tree's is the hierarchy itself (its members, as process tracking reports them);
-    under --over it is the kernel's own cgroup v2 tree."""
-
-    def cgroup_of(self, pid: int) -> Cgroup:
-        """The cgroup of a process (of its leader, if its threads are split)."""
-
-    def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
-        """The cgroup of thread `tid` of process `tgid` (/proc/TID/cgroup)."""
-
-    def has_tasks(self, cg: Cgroup) -> bool:
-        """Whether processes are in cg itself (cgroup_has_tasks())."""
-
-    def type_of(self, cg: Cgroup) -> str:
-        """What cg's cgroup.type reads (not asked of the hierarchy's root)."""
-
-    def is_hierarchy_root(self, cg: Cgroup) -> bool:
-        """Whether cg is the root of the kernel's hierarchy, exempt from the no-internal-process
-        rule (the tree's root is, unless it is a cgroup below the kernel's root)."""
-
-
 class Hierarchy:
     def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX,
                  clock: Callable[[], int] = time.monotonic_ns,
@@ -133,7 +110,6 @@ class Hierarchy:
         `clock` is the kernel's ktime_get_ns(): nanoseconds, the same for every process.
         `membership`: where processes are, if not in this hierarchy's own books."""
         self.controllers = controllers
-        self.membership: Membership = self if membership is None else membership
         self.clock = clock
         self.max_cgroups = max_cgroups
         self.budget = budget
@@ -145,11 +121,11 @@ class Hierarchy:
         self.following = [c for c in controllers if follows_processes(c)]
         self._next_id = 0
         self.by_id: dict[int, Cgroup] = {}
-        # TGID -> cgroup, for processes outside the root (a split one: its leader's cgroup).
-        self.members: dict[int, Cgroup] = {}
         self.split: dict[int, dict[int, Cgroup]] = {}  # TGID -> TID -> cgroup, when split
         self.events: list[Event] = []  # the event bus, drained by the daemon
         self.freezer = Freezer(self)
+        self.procs = Procs(self)
+        self.membership: Membership = self.procs if membership is None else membership
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
@@ -171,26 +147,16 @@ class Hierarchy:
     def names(self, mask: int) -> list[str]:
         return [c.name for c in self.controllers if mask & (1 << c.ssid)]
 
-    def cgroup_of(self, pid: int) -> Cgroup:
-        """The cgroup of a process (of its leader, if its threads are split)."""
-        return self.members.get(pid, self.root)
-
-    def has_tasks(self, cg: Cgroup) -> bool:
-        return bool(cg.procs)
-
-    def is_hierarchy_root(self, cg: Cgroup) -> bool:
-        return cg.parent is None
-
     def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
         threads = self.split.get(tgid)
         if threads is not None and tid in threads:
             return threads[tid]
-        return self.cgroup_of(tgid)
+        return self.procs.cgroup_of(tgid)
 
     def cgroups_of(self, pid: int) -> set[Cgroup]:
         """Every cgroup that has a thread of the process."""
         threads = self.split.get(pid)
-        return set(threads.values()) if threads is not None else {self.cgroup_of(pid)}
+        return set(threads.values()) if threads is not None else {self.procs.cgroup_of(pid)}
 
     def threads_in(self, cg: Cgroup, pid: int) -> list[int] | None:
         """The TIDs of a split process that are in cg; None for a process not split (all its
@@ -397,8 +363,8 @@ class Hierarchy:
             return
         commit()
         following = [c for c in self.following if (enable | disable) & (1 << c.ssid)]
-        before = {(pid, controller): self.effective_css(self.cgroup_of(pid), controller)
-                  for child in cg.children.values() for pid in self.subtree_pids(child)
+        before = {(pid, controller): self.effective_css(self.procs.cgroup_of(pid), controller)
+                  for child in cg.children.values() for pid in self.procs.subtree_pids(child)
                   for controller in following}
         cg.subtree_control = (cg.subtree_control | enable) & ~disable
         for child in cg.children.values():
@@ -413,7 +379,7 @@ class Hierarchy:
         # them.  Not vetoed: the kernel's can_attach could refuse the whole write, which no
         # controller here needs yet.
         for (pid, controller), src_css in before.items():
-            dst_css = self.effective_css(self.cgroup_of(pid), controller)
+            dst_css = self.effective_css(self.procs.cgroup_of(pid), controller)
             if dst_css is not src_css:
                 controller.attach(pid, src_css, dst_css)
 
@@ -438,37 +404,6 @@ class Hierarchy:
         if dst.subtree_control and not (dst.is_threaded or self.can_be_thread_root(dst)):
             raise fail(errno.EBUSY, "no internal processes: the cgroup enables controllers")
 
-    def attach(self, pid: int, dst: Cgroup, commit: Commit = no_journal) -> None:
-        """Move a process, all its threads (cgroup.procs write); membership only, charges stay
-        where they are."""
-        self.vet_destination(dst)
-        sources = self.cgroups_of(pid)
-        if sources == {dst}:
-            return
-        moves = self._css_moves(self.cgroup_of(pid), dst)
-        for controller, src_css, dst_css in moves:
-            controller.can_attach(pid, src_css, dst_css)
-        commit()
-        with self.freezer.watch_frozen(*sources, dst):
-            self.split.pop(pid, None)
-            # Join before leaving, as the kernel does, so that common ancestors stay populated.
-            self._join(pid, dst)
-            for src in sources - {dst}:
-                self._leave(pid, src)
-            self._set_home(pid, dst)
-        for controller, src_css, dst_css in moves:
-            controller.attach(pid, src_css, dst_css)
-
-    def _css_moves(self, src: Cgroup, dst: Cgroup) -> list[tuple[Controller, Css, Css]]:
-        """The controllers following processes whose css changes from src to dst, with both."""
-        moves = []
-        for controller in self.following:
-            src_css = self.effective_css(src, controller)
-            dst_css = self.effective_css(dst, controller)
-            if src_css is not dst_css:
-                moves.append((controller, src_css, dst_css))
-        return moves
-
     def attach_thread(self, pid: int, tid: int, dst: Cgroup, threads: list[int],
                       commit: Commit = no_journal) -> None:
         """Move one thread of process `pid` (cgroup.threads write) within its threaded
@@ -485,10 +420,10 @@ class Hierarchy:
             placed = dict.fromkeys(threads, src)
         placed[tid] = dst
         with self.freezer.watch_frozen(src, dst):
-            self._join(pid, dst)
+            self.procs.join(pid, dst)
             self._place(pid, placed)
             if src not in placed.values():
-                self._leave(pid, src)
+                self.procs.leave(pid, src)
 
     def set_threads(self, pid: int, threads: list[int]) -> None:
         """The live threads of a split process, as /proc lists them (the tracker's view after
@@ -497,44 +432,17 @@ class Hierarchy:
         placed = self.split.get(pid)
         if placed is None:
             return
-        home = self.cgroup_of(pid)
+        home = self.procs.cgroup_of(pid)
         updated = {tid: placed.get(tid, home) for tid in threads}
         if not updated:
             return  # the process is exiting: its exit settles everything
         before, after = set(placed.values()), set(updated.values())
         with self.freezer.watch_frozen(*before):
             for cg in after - before:
-                self._join(pid, cg)
+                self.procs.join(pid, cg)
             self._place(pid, updated)
             for cg in before - after:
-                self._leave(pid, cg)
-
-    def fork(self, parent: int, child: int, creator: int | None = None) -> None:
-        """A new process starts in the cgroup of the thread that forked it (`creator`, when it
-        is known), or else of its parent's leader."""
-        cg = self.thread_cgroup(parent, parent if creator is None else creator)
-        if cg.parent is not None and child not in self.members:
-            csses = [(c, self.effective_css(cg, c)) for c in self.following]
-            for controller, css in csses:
-                controller.can_fork(css)
-            with self.freezer.watch_frozen(cg):
-                self.members[child] = cg
-                cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
-            for controller, css in csses:
-                controller.fork(child, css)
-
-    def exit(self, pid: int) -> None:
-        """A process is gone; a PID not attached anywhere (the root's) is ignored."""
-        sources = self.cgroups_of(pid)
-        with self.freezer.watch_frozen(*sources):
-            self.split.pop(pid, None)
-            home = self.members.pop(pid, None)
-            for src in sources:
-                self._leave(pid, src)
-            self.freezer.stopped.discard(pid)
-        if home is not None:
-            for controller in self.following:
-                controller.exit(pid, self.effective_css(home, controller))
+                self.procs.leave(pid, cg)
 
     def subtree(self, cg: Cgroup) -> Iterator[Cgroup]:
         """cg and its live descendants, parents before children."""
@@ -554,22 +462,6 @@ class Hierarchy:
                 prefix = "" if path == "/" else path
                 stack.extend((child, f"{prefix}/{name}") for name, child in node.children.items())
 
-    def subtree_pids(self, cg: Cgroup) -> list[int]:
-        """PIDs with a thread in cg or its live descendants (the root's implicit members
-        excluded), each once."""
-        return list(dict.fromkeys(pid for node in self.subtree(cg) for pid in node.procs or ()))
-
-    def domain_pids(self, cg: Cgroup) -> list[int]:
-        """What cg's cgroup.procs lists (of the processes attached below the root): for a
-        thread root, every process of its threaded subtree."""
-        stack, found = [cg], {}
-        while stack:
-            node = stack.pop()
-            found.update(dict.fromkeys(node.procs or ()))
-            if node.nr_threaded_children:
-                stack.extend(child for child in node.children.values() if child.is_threaded)
-        return sorted(found)
-
     # -- internals ------------------------------------------------------------------------------
 
     def _new_cgroup(self, name: str, parent: Cgroup | None, cgid: int | None = None) -> Cgroup:
@@ -584,34 +476,6 @@ class Hierarchy:
         if cg.dying:
             raise fail(errno.ENODEV, "the cgroup was removed")
 
-    def _join(self, pid: int, cg: Cgroup) -> None:
-        """pid has a thread in cg now."""
-        if cg.parent is None:
-            return  # the root's members are implicit
-        if cg.procs is None:
-            cg.procs = set()
-        if pid not in cg.procs:
-            cg.procs.add(pid)
-            if len(cg.procs) == 1:
-                self._populated_changed(cg, True)
-
-    def _leave(self, pid: int, cg: Cgroup) -> None:
-        """pid has no thread in cg any more."""
-        if cg.parent is None or not cg.procs or pid not in cg.procs:
-            return
-        cg.procs.discard(pid)
-        if not cg.procs:
-            cg.procs = None
-            self._populated_changed(cg, False)
-
-    def _set_home(self, pid: int, cg: Cgroup) -> None:
-        """Where the process is (a split one: its leader, or a thread if the leader is gone);
-        an unsplit process at the root is not listed."""
-        if cg.parent is None and pid not in self.split:
-            self.members.pop(pid, None)
-        else:
-            self.members[pid] = cg
-
     def _place(self, pid: int, placed: dict[int, Cgroup]) -> None:
         """Keep the threads' cgroups of a process while they are in more than one; the
         process is where its leader is (or, the leader gone, one of its threads)."""
@@ -620,32 +484,13 @@ class Hierarchy:
             self.split[pid] = placed
             home = placed.get(pid)
             if home is None:
-                home = self.cgroup_of(pid)
+                home = self.procs.cgroup_of(pid)
                 if home not in where:
                     home = min(where, key=lambda cg: cg.id)  # the same on every replay
         else:
             self.split.pop(pid, None)
             (home,) = where
-        self._set_home(pid, home)
-
-    def _populated_changed(self, cg: Cgroup, populated: bool) -> None:
-        """cg's own process set became non-empty (or empty): propagate populated flips upwards."""
-        if cg.nr_populated_children:
-            return  # populated through its children all along
-        node = cg
-        step = 1 if populated else -1
-        while True:
-            self.events.append((CGROUP_EVENTS_KEY, node))
-            parent = node.parent
-            if parent is None:
-                return
-            was = parent.populated
-            parent.nr_populated_children += step
-            if not node.is_threaded:
-                parent.nr_populated_domain_children += step
-            if parent.populated == was:
-                return
-            node = parent
+        self.procs.set_home(pid, home)
 
     def _css_online(self, cg: Cgroup, controller: Controller) -> None:
         parent = cg.parent.css[controller.ssid] if cg.parent else None

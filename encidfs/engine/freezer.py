@@ -107,7 +107,7 @@ class Freezer:
     def frozen(self, cg: Cgroup) -> bool:
         """Frozen: freezing applies and every process of the subtree has stopped."""
         return self.effective_freeze(cg) and all(
-            pid in self.stopped for pid in self.hierarchy.subtree_pids(cg))
+            pid in self.stopped for pid in self.hierarchy.procs.subtree_pids(cg))
 
     def set_stopped(self, pid: int, stopped: bool) -> None:
         with self.watch_frozen(*self.hierarchy.cgroups_of(pid)):

@@ -48,7 +48,7 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
                    "parent": None if css.parent is None else css_index[css.parent],
                    "online": css.online, "state": h.controllers[css.ssid].dump_css(css)}
                   for css in csses],
-        "members": sorted([pid, cg.id] for pid, cg in h.members.items()),
+        "members": sorted([pid, cg.id] for pid, cg in h.procs.members.items()),
         "threads": sorted([pid, tid, cg.id] for pid, threads in h.split.items()
                           for tid, cg in threads.items()),
         "allocations": allocator.dump(css_index),
@@ -118,10 +118,10 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
             root.css[ssid] = css
             csses[-1 - ssid] = css
     for pid, cgid in data["members"]:
-        h.members[pid] = cgroups[cgid]
+        h.procs.members[pid] = cgroups[cgid]
     for pid, tid, cgid in data.get("threads", []):
         h.split.setdefault(pid, {})[tid] = cgroups[cgid]
-    for pid in h.members:
+    for pid in h.procs.members:
         for cg in h.cgroups_of(pid):
             if cg.parent is not None:
                 if cg.procs is None:

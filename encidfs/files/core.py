@@ -101,14 +101,14 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
 
     def root_pids() -> list[int]:
         """The processes the root has implicitly: every one not attached elsewhere."""
-        return [pid for pid in processes.all_pids() if pid not in hierarchy.members]
+        return [pid for pid in processes.all_pids() if pid not in hierarchy.procs.members]
 
     def show_procs(cg: Cgroup, reader: Caller) -> str:
         # All processes of a threaded subtree belong to its thread root (cgroup_procs_start()).
         if cg.is_threaded:
             raise fail(errno.EOPNOTSUPP, "cgroup.procs of a threaded cgroup")
         processes.sync()
-        pids = hierarchy.domain_pids(cg)
+        pids = hierarchy.procs.domain_pids(cg)
         if cg.is_root:
             pids = sorted(set(root_pids()).union(pids))
         return "".join(f"{pid}\n" for pid in processes.pids_for(reader.pid, pids))
@@ -124,7 +124,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         start = processes.watch(tgid)
         if start is None:
             return
-        check_migration(hierarchy.cgroup_of(tgid), cg, caller)
+        check_migration(hierarchy.procs.cgroup_of(tgid), cg, caller)
         changes.run(Op.ATTACH, tgid, start, cg.id)
         if not cg.is_root:
             processes.joined(tgid)
@@ -133,7 +133,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     def show_threads(cg: Cgroup, reader: Caller) -> str:
         processes.sync()
         if cg.is_root:
-            pids = root_pids() + [pid for pid in hierarchy.split if pid in hierarchy.members]
+            pids = root_pids() + [pid for pid in hierarchy.split if pid in hierarchy.procs.members]
         else:
             pids = sorted(cg.procs or ())
         tids = []
@@ -154,7 +154,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         check_migration(hierarchy.thread_cgroup(tgid, tid), cg, caller)
         changes.run(Op.ATTACH_THREAD, tgid, start, tid, cg.id,
                     processes.threads(tgid))
-        if tgid in hierarchy.members:
+        if tgid in hierarchy.procs.members:
             processes.joined(tgid)
         processes.apply_freezer([tgid])
 
@@ -198,7 +198,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     def write_freeze(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         changes.run(Op.SET, cg.id, "freeze", _parse_switch(text, range(2)), hierarchy.clock())
         processes.sync()
-        processes.apply_freezer(hierarchy.subtree_pids(cg))
+        processes.apply_freezer(hierarchy.procs.subtree_pids(cg))
 
     def write_kill(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         _parse_switch(text, range(1, 2))
@@ -206,7 +206,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         if cg.is_threaded:
             raise fail(errno.EOPNOTSUPP, "cgroup.kill of a threaded cgroup")
         processes.sync()
-        processes.kill(hierarchy.subtree_pids(cg))
+        processes.kill(hierarchy.procs.subtree_pids(cg))
 
     def write_max_descendants(cg: Cgroup, text: bytes, caller: Caller, changes: Changes) -> None:
         changes.run(Op.SET, cg.id, "max_descendants", _parse_limit(text))

@@ -201,7 +201,7 @@ class Changes:
     @applies(Op.ATTACH)
     def attach(self, pid: int, start: int, cgroup: int, commit: Commit = no_journal) -> None:
         cg = self._cgroup(cgroup)
-        self.hierarchy.attach(pid, cg, commit)
+        self.hierarchy.procs.attach(pid, cg, commit)
         self._started(pid, start)
 
     @applies(Op.ATTACH_THREAD)
@@ -232,7 +232,7 @@ class Changes:
 
     @applies(Op.FORK)
     def fork(self, parent: int, child: int, start: int, creator: int | None = None) -> None:
-        self.hierarchy.fork(parent, child, creator)
+        self.hierarchy.procs.fork(parent, child, creator)
         self._started(child, start)
 
     @applies(Op.THREADS)
@@ -242,7 +242,7 @@ class Changes:
 
     @applies(Op.EXIT)
     def exit(self, pid: int) -> None:
-        self.hierarchy.exit(pid)
+        self.hierarchy.procs.exit(pid)
         self.allocator.release_holder(pid)  # like a VM's fd closing with it
         self.starts.pop(pid, None)
 
@@ -250,7 +250,7 @@ class Changes:
         """Keep the start time of a member or holder; forget a PID that is neither."""
         if pid is None:
             return
-        if pid in self.hierarchy.members or pid in self.allocator.holdings():
+        if pid in self.hierarchy.procs.members or pid in self.allocator.holdings():
             if start is not None:
                 self.starts[pid] = start
         else:

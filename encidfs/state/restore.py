@@ -23,7 +23,7 @@ def snapshot(changes: Changes) -> dict:
 def size(changes: Changes) -> int:
     """About how many entries a snapshot has (what a checkpoint costs)."""
     h = changes.hierarchy
-    return len(h.by_id) + len(h.members) + len(changes.starts)
+    return len(h.by_id) + len(h.procs.members) + len(changes.starts)
 
 
 def restore(store: StateStore, changes: Changes,
@@ -45,7 +45,7 @@ def restore(store: StateStore, changes: Changes,
             log.warning("%d of %d journal records could not be replayed", failed, len(records))
         if data is not None and data.get("boot") != boot_id():
             h.freezer.restart_freezing_clock()
-    processes = sorted(set(h.members) | set(changes.allocator.holdings()))
+    processes = sorted(set(h.procs.members) | set(changes.allocator.holdings()))
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:
         changes.exit(pid)

@@ -103,7 +103,7 @@ def test_a_status_is_told_in_each_clients_pid_namespace() -> None:
 def test_a_tasks_cgroup_is_named_as_its_namer_sees_it() -> None:
     service, _ = service_counting_walks()
     hierarchy = service.hierarchy
-    hierarchy.attach(7, hierarchy.root.children["a"])
+    hierarchy.procs.attach(7, hierarchy.root.children["a"])
     replies = service.answer_all([({"op": "cgroup", "pid": 7}, ROOT_PEER),
                                   ({"op": "cgroup", "pid": 1007}, FOREIGN_PEER),
                                   ({"op": "cgroup", "pid": 1007, "seen_by": FOREIGN_PEER.pid},
@@ -118,7 +118,7 @@ def test_a_tasks_cgroup_is_named_as_its_namer_sees_it() -> None:
 def test_allocate_and_free_are_for_who_may_signal_the_holder_and_for_the_owner() -> None:
     service, _ = service_counting_walks()
     service.owner_uid = 500  # a user's mount
-    service.hierarchy.attach(7, service.hierarchy.root.children["a"])
+    service.hierarchy.procs.attach(7, service.hierarchy.root.children["a"])
     service.tracker.uids[7] = (1000, 1001)
     allocate = {"op": "allocate", "type": "sev", "pid": 7}
 

@@ -34,13 +34,13 @@ def counts(h, *cgroups):
 
 def test_moves_forks_and_exits_are_counted(h):
     a = h.mkdir(h.root, "a")
-    h.attach(100, a)
-    h.fork(100, 101)
+    h.procs.attach(100, a)
+    h.procs.fork(100, 101)
     assert counts(h, a) == [2]
-    h.exit(100)
-    h.attach(101, h.root)
+    h.procs.exit(100)
+    h.procs.attach(101, h.root)
     assert counts(h, a) == [0]
-    h.exit(101)  # at the root: not followed, not counted
+    h.procs.exit(101)  # at the root: not followed, not counted
     assert counts(h, a) == [0]
 
 
@@ -48,17 +48,17 @@ def test_a_limit_vetoes_a_move_and_a_fork(h):
     a = h.mkdir(h.root, "a")
     b = h.mkdir(h.root, "b")
     h.controller("count").apply_setting(a, "max", 1, lambda: None)
-    h.attach(100, a)
+    h.procs.attach(100, a)
     with pytest.raises(OSError) as refused:
-        h.attach(200, a)
+        h.procs.attach(200, a)
     assert refused.value.errno == errno.EAGAIN
     with pytest.raises(OSError) as refused:
-        h.fork(100, 101)
+        h.procs.fork(100, 101)
     assert refused.value.errno == errno.EAGAIN
-    assert h.cgroup_of(200) is h.root and h.cgroup_of(101) is h.root
+    assert h.procs.cgroup_of(200) is h.root and h.procs.cgroup_of(101) is h.root
     assert counts(h, a, b) == [1, 0]
-    h.attach(100, b)
-    h.attach(200, a)
+    h.procs.attach(100, b)
+    h.procs.attach(200, a)
     assert counts(h, a, b) == [1, 1]
 
 
@@ -67,20 +67,20 @@ def test_a_move_within_the_limited_subtree_passes(h):
     h.write_subtree_control(a, COUNT, 0)
     b, c = h.mkdir(a, "b"), h.mkdir(a, "c")
     h.controller("count").apply_setting(a, "max", 1, lambda: None)
-    h.attach(100, b)
-    h.attach(100, c)  # a counts it already
+    h.procs.attach(100, b)
+    h.procs.attach(100, c)  # a counts it already
     assert counts(h, a, b, c) == [1, 0, 1]
 
 
 def test_enabling_below_processes_moves_them_to_the_new_csses(h):
     a = h.mkdir(h.root, "a")
     b = h.mkdir(a, "b")
-    h.attach(100, b)  # counted at a's css: b has none yet
+    h.procs.attach(100, b)  # counted at a's css: b has none yet
     h.write_subtree_control(a, COUNT, 0)
     assert counts(h, a, b) == [1, 1]
     h.write_subtree_control(a, 0, COUNT)
     assert counts(h, a) == [1]
-    h.exit(100)
+    h.procs.exit(100)
     assert counts(h, a) == [0]
 
 

@@ -210,12 +210,12 @@ def test_limits_of_a_nearest_ancestor_apply_to_charges_from_below(h, encids, abc
 def test_charge_stays_with_its_css_after_the_process_moves(h, encids, abc):
     a, b, c = abc
     other = h.mkdir(h.root, "other")
-    h.attach(1, c)
-    charge = encids.try_charge(h.cgroup_of(1), "sev", 2)
-    h.attach(1, other)
+    h.procs.attach(1, c)
+    charge = encids.try_charge(h.procs.cgroup_of(1), "sev", 2)
+    h.procs.attach(1, other)
     assert charge.css is c.css[0]
     assert (usage(c), usage(other), usage(h.root)) == (2, 0, 2)
-    h.exit(1)
+    h.procs.exit(1)
     assert usage(c) == 2
     encids.uncharge(charge)
     assert (usage(c), usage(other), usage(h.root)) == (0, 0, 0)
@@ -370,9 +370,9 @@ def test_a_dying_chain_10000_deep_is_released_by_its_last_uncharge(h, encids, al
     for _ in range(depth):
         h.write_subtree_control(cg, ENCIDS, 0)
         cg = h.mkdir(cg, "c")
-    h.attach(100, cg)
+    h.procs.attach(100, cg)
     ids = allocator.allocate(100, "sev", 1)
-    h.attach(100, h.root)
+    h.procs.attach(100, h.root)
     chain = list(cg.ancestors())[:-1]
     for node in chain:
         h.rmdir(node)

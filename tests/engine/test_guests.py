@@ -29,7 +29,7 @@ def engine_with(snp_asids):
                         snp_asids=snp_asids)
     h = engine.hierarchy
     h.write_subtree_control(h.root, ENCIDS | MISC, 0)
-    h.attach(HOLDER, h.mkdir(h.root, "vm"))
+    h.procs.attach(HOLDER, h.mkdir(h.root, "vm"))
     return engine
 
 

@@ -157,7 +157,7 @@ def test_rmdir_of_root_is_ebusy(h):
 
 def test_rmdir_of_populated_cgroup_is_ebusy(h):
     a = h.mkdir(h.root, "a")
-    h.attach(1, a)
+    h.procs.attach(1, a)
     with raises_errno(errno.EBUSY):
         h.rmdir(a)
     assert not a.dying and h.root.children == {"a": a}
@@ -172,7 +172,7 @@ def test_rmdir_of_cgroup_with_children_is_ebusy(h):
 
 def test_rmdir_of_cgroup_populated_only_below_is_ebusy(h):
     a, b = chain(h, h.root, "a", "b")
-    h.attach(1, b)
+    h.procs.attach(1, b)
     with raises_errno(errno.EBUSY):
         h.rmdir(a)
 
@@ -195,7 +195,7 @@ def test_operations_on_a_removed_cgroup_are_enodev(h):
         lambda: h.rmdir(a),
         lambda: h.write_subtree_control(a, ENCIDS, 0),
         lambda: h.write_subtree_control(a, 0, ENCIDS),
-        lambda: h.attach(1, a),
+        lambda: h.procs.attach(1, a),
         lambda: h.set_max_depth(a, 1),
         lambda: h.set_max_descendants(a, 1),
         lambda: h.freezer.set_freeze(a, True),
@@ -203,7 +203,7 @@ def test_operations_on_a_removed_cgroup_are_enodev(h):
     for operation in operations:
         with raises_errno(errno.ENODEV):
             operation()
-    assert h.members == {}
+    assert h.procs.members == {}
 
 
 def test_removed_cgroup_without_pins_is_released_at_once(h):
@@ -235,7 +235,7 @@ def test_enabling_in_non_root_cgroup_with_processes_is_ebusy(h):
     # The no-internal-process rule: children's controllers must not compete with these PIDs.
     h.write_subtree_control(h.root, ENCIDS, 0)
     a, b = chain(h, h.root, "a", "b")
-    h.attach(1, a)
+    h.procs.attach(1, a)
     with raises_errno(errno.EBUSY):
         h.write_subtree_control(a, ENCIDS, 0)
     assert a.subtree_control == 0 and b.css[0] is None
@@ -244,8 +244,8 @@ def test_enabling_in_non_root_cgroup_with_processes_is_ebusy(h):
 def test_root_enables_controllers_with_processes_in_it(h):
     # The root is exempt from the no-internal-process rule; every process starts in it.
     a = h.mkdir(h.root, "a")
-    h.attach(1, a)
-    h.attach(1, h.root)
+    h.procs.attach(1, a)
+    h.procs.attach(1, h.root)
     h.write_subtree_control(h.root, ENCIDS, 0)
     assert a.css[0] is not None
 
@@ -254,7 +254,7 @@ def test_disabling_is_allowed_while_processes_are_attached(h):
     h.write_subtree_control(h.root, ENCIDS, 0)
     a, b = chain(h, h.root, "a", "b")
     h.write_subtree_control(a, ENCIDS, 0)
-    h.attach(1, b)
+    h.procs.attach(1, b)
     h.write_subtree_control(a, 0, ENCIDS)
     h.write_subtree_control(h.root, 0, ENCIDS)
     assert (a.subtree_control, h.root.subtree_control) == (0, 0)
@@ -328,71 +328,71 @@ def test_attach_into_cgroup_enabling_controllers_is_ebusy(h):
     a = h.mkdir(h.root, "a")
     h.write_subtree_control(a, ENCIDS, 0)
     with raises_errno(errno.EBUSY):
-        h.attach(1, a)
-    assert h.members == {} and a.procs is None
+        h.procs.attach(1, a)
+    assert h.procs.members == {} and a.procs is None
 
 
 def test_root_accepts_processes_whatever_it_enables(h):
     a = h.mkdir(h.root, "a")
-    h.attach(1, a)
+    h.procs.attach(1, a)
     h.write_subtree_control(h.root, ENCIDS, 0)
-    h.attach(1, h.root)
-    assert h.cgroup_of(1) is h.root
-    assert h.members == {} and a.procs is None
+    h.procs.attach(1, h.root)
+    assert h.procs.cgroup_of(1) is h.root
+    assert h.procs.members == {} and a.procs is None
 
 
 def test_attach_moves_the_process(h):
     a, b = h.mkdir(h.root, "a"), h.mkdir(h.root, "b")
-    h.attach(1, a)
-    h.attach(2, a)
-    h.attach(1, b)
-    assert h.members == {1: b, 2: a}
+    h.procs.attach(1, a)
+    h.procs.attach(2, a)
+    h.procs.attach(1, b)
+    assert h.procs.members == {1: b, 2: a}
     assert (a.procs, b.procs) == ({2}, {1})
-    h.attach(2, b)
+    h.procs.attach(2, b)
     assert a.procs is None and b.procs == {1, 2}
 
 
 def test_attach_to_current_cgroup_changes_nothing(h):
     a = h.mkdir(h.root, "a")
-    h.attach(1, a)
+    h.procs.attach(1, a)
     h.drain_events()
-    h.attach(1, a)
+    h.procs.attach(1, a)
     assert a.procs == {1} and h.drain_events() == []
 
 
 def test_populated_propagates_to_all_ancestors_and_back_on_exit(h):
     a, b, c = chain(h, h.root, "a", "b", "c")
-    h.attach(1, c)
+    h.procs.attach(1, c)
     assert all(cg.populated for cg in (h.root, a, b, c))
     assert [cg.nr_populated_children for cg in (h.root, a, b, c)] == [1, 1, 1, 0]
-    h.exit(1)
+    h.procs.exit(1)
     assert not any(cg.populated for cg in (h.root, a, b, c))
-    assert h.members == {} and c.procs is None
+    assert h.procs.members == {} and c.procs is None
 
 
 def test_populated_follows_a_moving_process(h):
     a, b = chain(h, h.root, "a", "b")
     other = h.mkdir(h.root, "other")
-    h.attach(1, b)
-    h.attach(1, other)
+    h.procs.attach(1, b)
+    h.procs.attach(1, other)
     assert [cg.populated for cg in (h.root, a, b, other)] == [True, False, False, True]
 
 
 def test_exit_of_a_pid_in_the_root_is_ignored(h):
-    h.exit(42)
-    assert h.members == {} and h.drain_events() == []
+    h.procs.exit(42)
+    assert h.procs.members == {} and h.drain_events() == []
 
 
 def test_events_logged_for_cgroups_whose_populated_flipped_on_attach_and_exit(h):
     a, b = chain(h, h.root, "a", "b")
     h.drain_events()
-    h.attach(1, b)
+    h.procs.attach(1, b)
     assert events_logged(h) == Counter({"/a/b": 1, "/a": 1, "/": 1})
-    h.attach(2, b)  # already populated: nothing flips
+    h.procs.attach(2, b)  # already populated: nothing flips
     assert events_logged(h) == Counter()
-    h.exit(1)
+    h.procs.exit(1)
     assert events_logged(h) == Counter()
-    h.exit(2)
+    h.procs.exit(2)
     assert events_logged(h) == Counter({"/a/b": 1, "/a": 1, "/": 1})
 
 
@@ -411,10 +411,10 @@ def test_move_logs_events_for_exactly_the_cgroups_whose_populated_flipped(h, src
     a = h.mkdir(h.root, "a")
     cgroups = {"/a": a, "/a/x": h.mkdir(a, "x"), "/a/y": h.mkdir(a, "y")}
     cgroups["/b"] = h.mkdir(h.root, "b")
-    h.attach(1, cgroups[src])
+    h.procs.attach(1, cgroups[src])
     before = populated_map(h)
     h.drain_events()
-    h.attach(1, cgroups[dst])
+    h.procs.attach(1, cgroups[dst])
     after = populated_map(h)
     flipped = Counter(path for path in after if after[path] != before[path])
     assert events_logged(h) == flipped

@@ -53,7 +53,7 @@ def snapshot(h, charges):
             csses[id(css)] = css
             cgroups[css.cgroup.id] = css.cgroup
     state = {
-        "members": dict(h.members),
+        "members": dict(h.procs.members),
         "stopped": set(h.freezer.stopped),
         "by_id": set(h.by_id),
         "cgroups": {
@@ -175,7 +175,7 @@ class EngineMachine(RuleBasedStateMachine):
     def process(self, data, pid, leave):
         """A process moves to a cgroup, or exits."""
         if leave:
-            self.h.exit(pid)  # never refused
+            self.h.procs.exit(pid)  # never refused
             self.pids.pop(pid, None)
             return
         cg = self.pick(data, include_removed=True)
@@ -185,7 +185,7 @@ class EngineMachine(RuleBasedStateMachine):
             expected = {errno.EBUSY}
         else:
             expected = set()
-        self.attempt(lambda: self.h.attach(pid, cg), expected)
+        self.attempt(lambda: self.h.procs.attach(pid, cg), expected)
         if not expected:
             self.pids.pop(pid, None)
             if cg.parent is not None:
@@ -308,7 +308,7 @@ class EngineMachine(RuleBasedStateMachine):
         live = live_cgroups(self.h)
         assert {cg.path for cg in live} == self.paths
         assert set(self.h.by_id.values()) == set(live)
-        assert {pid: cg.path for pid, cg in self.h.members.items()} == self.pids
+        assert {pid: cg.path for pid, cg in self.h.procs.members.items()} == self.pids
         for cg in live:
             assert cg.subtree_control == (ENCIDS if cg.path in self.enabled else 0)
             assert cg.populated == self.populated(cg)

@@ -99,7 +99,7 @@ def test_peaks_stay_when_usage_falls(engine, tree):
 def test_an_allocation_refused_by_one_controller_is_charged_in_none(engine, tree, refusing):
     h, allocator = engine.hierarchy, engine.allocator
     a, b, _ = tree
-    h.attach(7, b)
+    h.procs.attach(7, b)
     allocator.allocate(7, "sev", 1)
     h.controller(refusing).set_max(a, SEV, 1)
 
@@ -127,8 +127,8 @@ def test_an_allocation_refused_by_one_controller_is_charged_in_none(engine, tree
 def test_both_controllers_keep_the_same_books(engine, tree):
     h, allocator = engine.hierarchy, engine.allocator
     a, b, c = tree
-    h.attach(7, b)
-    h.attach(8, c)
+    h.procs.attach(7, b)
+    h.procs.attach(8, c)
     allocator.allocate(7, "sev", 3)
     allocator.allocate(8, "sev_es", 2)
     allocator.free([2])
@@ -141,7 +141,7 @@ def test_both_controllers_keep_the_same_books(engine, tree):
 
 def test_a_type_without_capacity_is_einval_in_the_allocator(engine, tree):
     _, b, _ = tree
-    engine.hierarchy.attach(7, b)
+    engine.hierarchy.procs.attach(7, b)
     with pytest.raises(OSError) as refused:
         engine.allocator.allocate(7, "tdx", 1)
     assert refused.value.errno == errno.EINVAL
@@ -160,7 +160,7 @@ def test_an_older_kernel_counts_a_refusal_where_it_had_files(version, counted):
     h = engine.hierarchy
     h.write_subtree_control(h.root, ENCIDS | MISC, 0)
     a = h.mkdir(h.root, "a")
-    h.attach(7, a)
+    h.procs.attach(7, a)
     h.controller("misc").set_max(a, SEV, 0)
     h.drain_events()
     with pytest.raises(ChargeRefused) as refused:
@@ -179,7 +179,7 @@ def test_a_kernel_before_tdx_refuses_a_tdx_charge_as_an_unknown_type(version):
     h = engine.hierarchy
     h.write_subtree_control(h.root, ENCIDS | MISC, 0)
     a = h.mkdir(h.root, "a")
-    h.attach(7, a)
+    h.procs.attach(7, a)
     with pytest.raises(OSError) as refused:
         engine.allocator.allocate(7, "tdx", 1)
     assert refused.value.errno == errno.EINVAL
@@ -195,6 +195,6 @@ def test_from_6_16_misc_has_tdx():
     h = engine.hierarchy
     h.write_subtree_control(h.root, ENCIDS | MISC, 0)
     a = h.mkdir(h.root, "a")
-    h.attach(7, a)
+    h.procs.attach(7, a)
     assert engine.allocator.allocate(7, "tdx", 2) == [11, 12]
     assert misc(engine, a).usage == [0, 2]

@@ -32,7 +32,7 @@ def fingerprint(engine):
         [(css.ssid, css.cgroup.id, index.get(css.parent), css.online, css.refs,
           css.nr_descendants, tuple(css.usage), tuple(css.max), tuple(css.peak),
           tuple(css.events), tuple(css.events_local)) for css in csses],
-        sorted(h.by_id), {pid: cg.id for pid, cg in h.members.items()},
+        sorted(h.by_id), {pid: cg.id for pid, cg in h.procs.members.items()},
         {pid: sorted(ids) for pid, ids in allocator.holdings().items()},
         sorted((cg.id, cg.path) for cg in allocator.origins()),
     )
@@ -98,11 +98,11 @@ class SnapshotMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS))
     def attach(self, data, pid):
-        self.attempt(lambda: self.h.attach(pid, self.cgroup(data)))
+        self.attempt(lambda: self.h.procs.attach(pid, self.cgroup(data)))
 
     @rule(pid=st.sampled_from(PIDS))
     def exit(self, pid):
-        self.h.exit(pid)
+        self.h.procs.exit(pid)
         self.allocator.release_holder(pid)
 
     @rule(pid=st.sampled_from(PIDS), type_name=st.sampled_from(list(CAPACITIES)),
@@ -137,9 +137,9 @@ def test_an_allocation_keeps_the_released_cgroup_it_was_charged_in():
     engine = new_engine(CAPACITIES, controllers=BOTH)
     h, allocator = engine.hierarchy, engine.allocator
     y = h.mkdir(h.mkdir(h.root, "x"), "y")
-    h.attach(3, y)
+    h.procs.attach(3, y)
     allocator.allocate(3, "sev", 1)
-    h.attach(3, h.root)
+    h.procs.attach(3, h.root)
     h.rmdir(y)
     h.rmdir(h.by_id[y.parent.id])
     data, copy = round_trip(engine)
@@ -154,9 +154,9 @@ def test_a_loaded_engine_goes_on_as_the_original_would():
     a = h.mkdir(h.root, "a")
     h.write_subtree_control(a, ENCIDS, 0)
     b = h.mkdir(a, "b")
-    h.attach(7, b)
+    h.procs.attach(7, b)
     allocator.allocate(7, "sev", 3)
-    h.attach(7, h.root)
+    h.procs.attach(7, h.root)
     h.rmdir(b)  # dying, pinned by the charge
     allocator.free([2])
     _, copy = round_trip(engine)
@@ -174,7 +174,7 @@ def test_a_controller_the_snapshot_lacks_starts_with_what_is_held():
     h, allocator = engine.hierarchy, engine.allocator
     h.write_subtree_control(h.root, ENCIDS, 0)
     a = h.mkdir(h.root, "a")
-    h.attach(7, a)
+    h.procs.attach(7, a)
     allocator.allocate(7, "sev", 3)
     _, copy = round_trip(engine, BOTH)
     misc = copy.hierarchy.controller("misc")

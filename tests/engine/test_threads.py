@@ -66,10 +66,10 @@ def test_threaded_descendants_join_the_new_domain_as_cgroup_enable_threaded_does
     assert copy.hierarchy.by_id[cgs["/a/b/c"].id].dom is copy.hierarchy.root
     # A process joins /a/b/c, whose domain is valid: the invalid /a/b between is populated
     # (so on this machine's cgroup2: "domain invalid", "populated 1"), but takes none itself.
-    h.attach(10, cgs["/a/b/c"])
+    h.procs.attach(10, cgs["/a/b/c"])
     assert cgs["/a/b"].populated and not cgs["/a/b"].procs
     with raises_errno(errno.EOPNOTSUPP):
-        h.attach(20, cgs["/a/b"])
+        h.procs.attach(20, cgs["/a/b"])
 
 
 def test_removing_the_last_threaded_child_makes_the_parent_a_domain_again(h):
@@ -81,7 +81,7 @@ def test_removing_the_last_threaded_child_makes_the_parent_a_domain_again(h):
 
 def test_a_populated_cgroup_or_one_with_domain_controllers_cannot_turn_threaded(h):
     cgs = tree(h, "/p", "/p/a", "/q", "/q/c")
-    h.attach(10, cgs["/p/a"])
+    h.procs.attach(10, cgs["/p/a"])
     with raises_errno(errno.EOPNOTSUPP):
         h.enable_threaded(cgs["/p/a"])
     h.write_subtree_control(h.root, ENCIDS, 0)
@@ -95,10 +95,10 @@ def test_a_populated_cgroup_or_one_with_domain_controllers_cannot_turn_threaded(
 
 def test_a_parent_with_a_populated_domain_child_cannot_be_a_thread_root(h):
     cgs = tree(h, "/r", "/r/p", "/r/q")
-    h.attach(10, cgs["/r/p"])
+    h.procs.attach(10, cgs["/r/p"])
     with raises_errno(errno.EOPNOTSUPP):
         h.enable_threaded(cgs["/r/q"])
-    h.attach(10, h.root)
+    h.procs.attach(10, h.root)
     h.enable_threaded(cgs["/r/q"])
     assert types(h, cgs, "/r", "/r/p", "/r/q") == ["domain threaded", "domain invalid",
                                                    "threaded"]
@@ -106,11 +106,11 @@ def test_a_parent_with_a_populated_domain_child_cannot_be_a_thread_root(h):
 
 def test_a_thread_root_may_have_processes_and_gets_them_from_its_subtree(h):
     cgs = tree(h, "/p", "/p/a", "/p/a/x")
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.enable_threaded(cgs["/p/a"])  # processes in the parent are no obstacle
     h.enable_threaded(cgs["/p/a/x"])
-    h.attach(20, cgs["/p/a/x"])
-    assert h.domain_pids(cgs["/p"]) == [10, 20]
+    h.procs.attach(20, cgs["/p/a/x"])
+    assert h.procs.domain_pids(cgs["/p"]) == [10, 20]
     assert [cgs[p].populated for p in ("/p", "/p/a", "/p/a/x")] == [True, True, True]
 
 
@@ -118,27 +118,27 @@ def test_moving_into_a_domain_invalid_cgroup_is_eopnotsupp(h):
     cgs = tree(h, "/p", "/p/a", "/p/b")
     h.enable_threaded(cgs["/p/a"])
     with raises_errno(errno.EOPNOTSUPP):
-        h.attach(10, cgs["/p/b"])
+        h.procs.attach(10, cgs["/p/b"])
     with raises_errno(errno.EOPNOTSUPP):
         h.attach_thread(10, 11, cgs["/p/b"], [10, 11])
-    assert not h.members and not h.split and not cgs["/p/b"].populated
+    assert not h.procs.members and not h.split and not cgs["/p/b"].populated
 
 
 def test_threads_move_one_at_a_time_within_their_threaded_subtree(h):
     cgs = tree(h, "/p", "/p/a", "/p/a/x", "/q")
     h.enable_threaded(cgs["/p/a"])
     h.enable_threaded(cgs["/p/a/x"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11, 12])
     h.attach_thread(10, 12, cgs["/p/a/x"], [10, 11, 12])
     assert [h.threads_in(cgs[p], 10) for p in ("/p", "/p/a", "/p/a/x")] == [[10], [11], [12]]
-    assert h.cgroup_of(10) is cgs["/p"]  # where its leader is
-    assert h.domain_pids(cgs["/p"]) == [10]
+    assert h.procs.cgroup_of(10) is cgs["/p"]  # where its leader is
+    assert h.procs.domain_pids(cgs["/p"]) == [10]
     with raises_errno(errno.EOPNOTSUPP):  # across domains
         h.attach_thread(10, 11, cgs["/q"], [10, 11, 12])
     # Moving the leader: the process is where its leader is.
     h.attach_thread(10, 10, cgs["/p/a/x"], [10, 11, 12])
-    assert h.cgroup_of(10) is cgs["/p/a/x"] and not cgs["/p"].procs
+    assert h.procs.cgroup_of(10) is cgs["/p/a/x"] and not cgs["/p"].procs
     # Back together: the process is no longer split.
     h.attach_thread(10, 11, cgs["/p/a/x"], [10, 11, 12])
     assert 10 not in h.split and cgs["/p/a/x"].procs == {10} and cgs["/p/a"].procs is None
@@ -147,20 +147,20 @@ def test_threads_move_one_at_a_time_within_their_threaded_subtree(h):
 def test_a_process_move_takes_every_thread(h):
     cgs = tree(h, "/p", "/p/a", "/q")
     h.enable_threaded(cgs["/p/a"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
-    h.attach(10, cgs["/q"])
-    assert 10 not in h.split and h.cgroup_of(10) is cgs["/q"]
+    h.procs.attach(10, cgs["/q"])
+    assert 10 not in h.split and h.procs.cgroup_of(10) is cgs["/q"]
     assert not cgs["/p"].populated and not cgs["/p/a"].populated
 
 
 def test_a_single_threaded_process_moved_by_its_thread_leaves_its_cgroup_empty(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.drain_events()
     h.attach_thread(10, 10, cgs["/p/a"], [10])
-    assert 10 not in h.split and h.cgroup_of(10) is cgs["/p/a"] and cgs["/p"].procs is None
+    assert 10 not in h.split and h.procs.cgroup_of(10) is cgs["/p/a"] and cgs["/p"].procs is None
     assert cgs["/p"].populated  # through its threaded child
     assert (CGROUP_EVENTS_KEY, cgs["/p/a"]) in h.drain_events()
 
@@ -168,7 +168,7 @@ def test_a_single_threaded_process_moved_by_its_thread_leaves_its_cgroup_empty(h
 def test_new_threads_join_the_leader_and_gone_ones_leave(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
     h.set_threads(10, [10, 11, 13])
     assert h.threads_in(cgs["/p"], 10) == [10, 13]
@@ -182,37 +182,37 @@ def test_when_the_leader_exits_first_its_threads_go_on(h):
     cgs = tree(h, "/p", "/p/a", "/p/b")
     h.enable_threaded(cgs["/p/a"])
     h.enable_threaded(cgs["/p/b"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11, 12])
     h.attach_thread(10, 12, cgs["/p/b"], [10, 11, 12])
     h.set_threads(10, [11, 12])
-    assert not cgs["/p"].procs and h.cgroup_of(10) in (cgs["/p/a"], cgs["/p/b"])
-    h.exit(10)
-    assert not cgs["/p"].populated and not h.members and not h.split
+    assert not cgs["/p"].procs and h.procs.cgroup_of(10) in (cgs["/p/a"], cgs["/p/b"])
+    h.procs.exit(10)
+    assert not cgs["/p"].populated and not h.procs.members and not h.split
 
 
 def test_a_child_process_starts_where_the_thread_that_forked_it_is(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
-    h.fork(10, 20, creator=11)
-    h.fork(10, 30)  # the thread that forked is not known: the leader's cgroup
-    assert h.cgroup_of(20) is cgs["/p/a"] and h.cgroup_of(30) is cgs["/p"]
+    h.procs.fork(10, 20, creator=11)
+    h.procs.fork(10, 30)  # the thread that forked is not known: the leader's cgroup
+    assert h.procs.cgroup_of(20) is cgs["/p/a"] and h.procs.cgroup_of(30) is cgs["/p"]
 
 
 def test_the_root_is_a_thread_root_that_keeps_its_domain_children(h):
     cgs = tree(h, "/t", "/d")
     h.write_subtree_control(h.root, ENCIDS, 0)
-    h.attach(10, cgs["/d"])  # a populated domain child does not stop the root
+    h.procs.attach(10, cgs["/d"])  # a populated domain child does not stop the root
     h.enable_threaded(cgs["/t"])
     assert types(h, cgs, "/t", "/d") == ["threaded", "domain"]
     assert cgs["/t"].css[0] is None and cgs["/d"].css[0] is not None
     assert h.controllers_of(cgs["/t"]) == 0
     # A thread of a process at the root moves to its threaded child: split at the root.
     h.attach_thread(30, 31, cgs["/t"], [30, 31])
-    assert h.split[30] == {30: h.root, 31: cgs["/t"]} and h.cgroup_of(30) is h.root
-    assert h.domain_pids(h.root) == [30] and cgs["/t"].populated
+    assert h.split[30] == {30: h.root, 31: cgs["/t"]} and h.procs.cgroup_of(30) is h.root
+    assert h.procs.domain_pids(h.root) == [30] and cgs["/t"].populated
     h.write_subtree_control(h.root, 0, ENCIDS)  # its threaded child has no css to lose
 
 
@@ -243,7 +243,7 @@ def test_charges_from_a_threaded_cgroup_land_at_its_domain(engine):
     cgs = tree(h, "/p", "/p/a")
     h.write_subtree_control(h.root, ENCIDS, 0)
     h.enable_threaded(cgs["/p/a"])
-    h.attach(10, cgs["/p/a"])
+    h.procs.attach(10, cgs["/p/a"])
     allocator.allocate(10, "sev", 2)
     encids = h.controllers[0]
     assert encids.effective_css(cgs["/p/a"]) is cgs["/p"].css[0]
@@ -253,13 +253,13 @@ def test_charges_from_a_threaded_cgroup_land_at_its_domain(engine):
 def test_freezing_a_threaded_cgroup_covers_the_processes_with_a_thread_there(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
-    h.attach(10, cgs["/p"])
+    h.procs.attach(10, cgs["/p"])
     h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
     h.freezer.set_freeze(cgs["/p/a"], True)
     assert h.freezer.freezing(10) and not h.freezer.frozen(cgs["/p/a"])
     h.freezer.set_stopped(10, True)
     assert h.freezer.frozen(cgs["/p/a"]) and not h.freezer.frozen(cgs["/p"])
-    assert h.subtree_pids(cgs["/p"]) == [10]
+    assert h.procs.subtree_pids(cgs["/p"]) == [10]
 
 
 class ThreadsMachine(RuleBasedStateMachine):
@@ -306,7 +306,7 @@ class ThreadsMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS))
     def attach(self, data, pid):
-        self.attempt(lambda: self.h.attach(pid, self.cgroup(data)))
+        self.attempt(lambda: self.h.procs.attach(pid, self.cgroup(data)))
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS))
     def attach_thread(self, data, pid):
@@ -322,7 +322,7 @@ class ThreadsMachine(RuleBasedStateMachine):
 
     @rule(pid=st.sampled_from(PIDS))
     def exit(self, pid):
-        self.h.exit(pid)
+        self.h.procs.exit(pid)
         self.threads[pid] = list(self.THREADS[pid])
 
     @invariant()
@@ -339,17 +339,17 @@ class ThreadsMachine(RuleBasedStateMachine):
             assert cg.dom is cg or (not cg.dom.is_threaded
                                     and cg.dom in cg.ancestors(include_self=False))
             if cg.parent is not None:
-                expected = {pid for pid in h.members if cg in h.cgroups_of(pid)}
+                expected = {pid for pid in h.procs.members if cg in h.cgroups_of(pid)}
                 assert (cg.procs or set()) == expected
             if h.type_of(cg) == "domain invalid":  # populated only by threaded descendants
                 assert not cg.procs
         for pid, placed in h.split.items():
             assert len(set(placed.values())) > 1
             assert len({cg.dom for cg in placed.values()}) == 1
-            assert h.cgroup_of(pid) in placed.values()
+            assert h.procs.cgroup_of(pid) in placed.values()
             if pid in placed:
-                assert h.cgroup_of(pid) is placed[pid]
-        assert all(cg.parent is not None or pid in h.split for pid, cg in h.members.items())
+                assert h.procs.cgroup_of(pid) is placed[pid]
+        assert all(cg.parent is not None or pid in h.split for pid, cg in h.procs.members.items())
 
     @invariant()
     def a_snapshot_gives_back_the_same_engine(self):

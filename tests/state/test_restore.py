@@ -143,5 +143,5 @@ def test_restore_drops_the_processes_that_are_gone(tmp_path):
     # PID 10 is another process now: it exited, and the IDs it held are free.
     assert restore.restore(again, restored, {10: 999}.get) == []
     again.close()
-    assert restored.hierarchy.members == {} and restored.allocator.holdings() == {}
+    assert restored.hierarchy.procs.members == {} and restored.allocator.holdings() == {}
     assert restored.starts == {}
