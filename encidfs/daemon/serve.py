@@ -123,7 +123,7 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         exempt = frozenset({os.getpid(), supervisor_pid() or 0})  # never frozen or killed
         tracker = ProcessTracker(hierarchy.procs.members, on_fork, on_exit, frozen, on_stopped,
                                  use_connector=config.proc_connector, exempt=exempt,
-                                 pidfd_budget=pidfd_budget, split=hierarchy.split,
+                                 pidfd_budget=pidfd_budget, split=hierarchy.threads.split,
                                  on_threads=on_threads, on_settled=changed)
         kernfs = Kernfs(hierarchy, tracker, tables, owners=owners, share=share,
                         root_xattrs=root_xattrs)

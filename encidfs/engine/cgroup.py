@@ -5,14 +5,14 @@ cgroup files return.  An operation that changes what a restart must restore take
 callback, which it calls once its checks have passed and before it changes anything: a durable
 journal writes the change there, and if it cannot (commit raises), nothing has changed.
 Nothing here does I/O, and what changed is appended to `events` for the layers above to
-drain.  The tree's own processes, plain PIDs that the process tracker reports, are in the books
-of membership.py (`Hierarchy.procs`); the rules ask `Hierarchy.membership`, which is those
-books or, under --over, the kernel's tree.
+drain.
 
-Threads: a process's threads are where the process is, except in a threaded subtree, where
-cgroup.threads places them one by one.  Only a process whose threads are in more than one
-cgroup ("split") has its threads listed here, with the cgroup of each; its TGID is in the
-`procs` of every cgroup that has one of them.
+Processes are kept beside the tree: the tree's own, plain PIDs that the process tracker reports,
+in the books of membership.py (`Hierarchy.procs`), and the threads of a process split across
+cgroups in those of threads.py (`Hierarchy.threads`).  The rules here ask
+`Hierarchy.membership`, which is those books or, under --over, the kernel's tree.  Where
+threads may go on their own (cgroup.type: threaded cgroups and their thread root) is the
+tree's, here.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from .events import Commit, Event, TreeEvent, no_journal
 from .freezer import Freezer
 from .membership import Membership, Procs
 from .refcount import cgroup_put, css_put
+from .threads import Threads
 
 INT_MAX = 2**31 - 1  # cgroup.max.depth / cgroup.max.descendants "max"
 
@@ -121,10 +122,10 @@ class Hierarchy:
         self.following = [c for c in controllers if follows_processes(c)]
         self._next_id = 0
         self.by_id: dict[int, Cgroup] = {}
-        self.split: dict[int, dict[int, Cgroup]] = {}  # TGID -> TID -> cgroup, when split
         self.events: list[Event] = []  # the event bus, drained by the daemon
         self.freezer = Freezer(self)
         self.procs = Procs(self)
+        self.threads = Threads(self)
         self.membership: Membership = self.procs if membership is None else membership
         self.root = self._new_cgroup("", None)
         for controller in controllers:
@@ -146,25 +147,6 @@ class Hierarchy:
 
     def names(self, mask: int) -> list[str]:
         return [c.name for c in self.controllers if mask & (1 << c.ssid)]
-
-    def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
-        threads = self.split.get(tgid)
-        if threads is not None and tid in threads:
-            return threads[tid]
-        return self.procs.cgroup_of(tgid)
-
-    def cgroups_of(self, pid: int) -> set[Cgroup]:
-        """Every cgroup that has a thread of the process."""
-        threads = self.split.get(pid)
-        return set(threads.values()) if threads is not None else {self.procs.cgroup_of(pid)}
-
-    def threads_in(self, cg: Cgroup, pid: int) -> list[int] | None:
-        """The TIDs of a split process that are in cg; None for a process not split (all its
-        threads are where it is)."""
-        threads = self.split.get(pid)
-        if threads is None:
-            return None
-        return sorted(tid for tid, where in threads.items() if where is cg)
 
     # -- the cgroup's type (cgroup.type) ---------------------------------------------------
 
@@ -393,7 +375,7 @@ class Hierarchy:
         commit()
         cg.max_descendants = value
 
-    # -- processes and threads ------------------------------------------------------------
+    # -- where processes may go -----------------------------------------------------------------
 
     def vet_destination(self, dst: Cgroup) -> None:
         """cgroup_migrate_vet_dst(): whether processes or threads may move into dst."""
@@ -404,45 +386,7 @@ class Hierarchy:
         if dst.subtree_control and not (dst.is_threaded or self.can_be_thread_root(dst)):
             raise fail(errno.EBUSY, "no internal processes: the cgroup enables controllers")
 
-    def attach_thread(self, pid: int, tid: int, dst: Cgroup, threads: list[int],
-                      commit: Commit = no_journal) -> None:
-        """Move one thread of process `pid` (cgroup.threads write) within its threaded
-        subtree; `threads` are the process's live TIDs (needed when it splits)."""
-        self.vet_destination(dst)
-        src = self.thread_cgroup(pid, tid)
-        if src.dom is not dst.dom:
-            raise fail(errno.EOPNOTSUPP, "threads move only within their threaded subtree")
-        if src is dst:
-            return
-        commit()
-        placed = self.split.get(pid)
-        if placed is None:
-            placed = dict.fromkeys(threads, src)
-        placed[tid] = dst
-        with self.freezer.watch_frozen(src, dst):
-            self.procs.join(pid, dst)
-            self._place(pid, placed)
-            if src not in placed.values():
-                self.procs.leave(pid, src)
-
-    def set_threads(self, pid: int, threads: list[int]) -> None:
-        """The live threads of a split process, as /proc lists them (the tracker's view after
-        threads came and went): new ones join the leader's cgroup (the thread that made one is
-        not known), gone ones leave."""
-        placed = self.split.get(pid)
-        if placed is None:
-            return
-        home = self.procs.cgroup_of(pid)
-        updated = {tid: placed.get(tid, home) for tid in threads}
-        if not updated:
-            return  # the process is exiting: its exit settles everything
-        before, after = set(placed.values()), set(updated.values())
-        with self.freezer.watch_frozen(*before):
-            for cg in after - before:
-                self.procs.join(pid, cg)
-            self._place(pid, updated)
-            for cg in before - after:
-                self.procs.leave(pid, cg)
+    # -- walks ----------------------------------------------------------------------------------
 
     def subtree(self, cg: Cgroup) -> Iterator[Cgroup]:
         """cg and its live descendants, parents before children."""
@@ -475,22 +419,6 @@ class Hierarchy:
     def _check_live(self, cg: Cgroup) -> None:
         if cg.dying:
             raise fail(errno.ENODEV, "the cgroup was removed")
-
-    def _place(self, pid: int, placed: dict[int, Cgroup]) -> None:
-        """Keep the threads' cgroups of a process while they are in more than one; the
-        process is where its leader is (or, the leader gone, one of its threads)."""
-        where = set(placed.values())
-        if len(where) > 1:
-            self.split[pid] = placed
-            home = placed.get(pid)
-            if home is None:
-                home = self.procs.cgroup_of(pid)
-                if home not in where:
-                    home = min(where, key=lambda cg: cg.id)  # the same on every replay
-        else:
-            self.split.pop(pid, None)
-            (home,) = where
-        self.procs.set_home(pid, home)
 
     def _css_online(self, cg: Cgroup, controller: Controller) -> None:
         parent = cg.parent.css[controller.ssid] if cg.parent else None

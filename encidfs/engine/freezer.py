@@ -102,7 +102,7 @@ class Freezer:
     def freezing(self, pid: int) -> bool:
         """Whether the freezer covers a process: any cgroup with a thread of it (SIGSTOP
         stops a whole process)."""
-        return any(self.effective_freeze(cg) for cg in self.hierarchy.cgroups_of(pid))
+        return any(self.effective_freeze(cg) for cg in self.hierarchy.threads.cgroups_of(pid))
 
     def frozen(self, cg: Cgroup) -> bool:
         """Frozen: freezing applies and every process of the subtree has stopped."""
@@ -110,7 +110,7 @@ class Freezer:
             pid in self.stopped for pid in self.hierarchy.procs.subtree_pids(cg))
 
     def set_stopped(self, pid: int, stopped: bool) -> None:
-        with self.watch_frozen(*self.hierarchy.cgroups_of(pid)):
+        with self.watch_frozen(*self.hierarchy.threads.cgroups_of(pid)):
             if stopped:
                 self.stopped.add(pid)
             else:

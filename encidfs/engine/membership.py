@@ -2,10 +2,10 @@
 `Procs`, the standalone tree's own books, as process tracking reports them (under --over, the
 kernel's tree keeps membership: over/membership.py).
 
-The books are each process outside the root with its cgroup (`members`) and
-each cgroup's own processes (`Cgroup.procs`); a cgroup whose processes come or go flips
-`populated` up the tree, as the kernel's cgroup_update_populated() does.  A process whose
-threads are in more than one cgroup is in the `procs` of each.
+The books are each process outside the root with its cgroup (`members`) and each cgroup's own
+processes (`Cgroup.procs`); a cgroup whose processes come or go flips `populated` up the tree,
+as the kernel's cgroup_update_populated() does.  A process whose threads are in more than one
+cgroup is in the `procs` of each (where each thread is, is threads.py's).
 """
 
 from __future__ import annotations
@@ -49,14 +49,14 @@ class Procs:
         # TGID -> cgroup, for processes outside the root (a split one: its leader's cgroup).
         self.members: dict[int, Cgroup] = {}
 
-    # -- the Membership ---------------------------------------------------------------------
+    # -- the Membership -------------------------------------------------------------------------
 
     def cgroup_of(self, pid: int) -> Cgroup:
         """The cgroup of a process (of its leader, if its threads are split)."""
         return self.members.get(pid, self.hierarchy.root)
 
     def thread_cgroup(self, tgid: int, tid: int) -> Cgroup:
-        return self.hierarchy.thread_cgroup(tgid, tid)
+        return self.hierarchy.threads.thread_cgroup(tgid, tid)
 
     def has_tasks(self, cg: Cgroup) -> bool:
         return bool(cg.procs)
@@ -67,14 +67,14 @@ class Procs:
     def is_hierarchy_root(self, cg: Cgroup) -> bool:
         return cg.parent is None
 
-    # -- moves, forks and exits -------------------------------------------------------------
+    # -- moves, forks and exits -----------------------------------------------------------------
 
     def attach(self, pid: int, dst: Cgroup, commit: Commit = no_journal) -> None:
         """Move a process, all its threads (cgroup.procs write); membership only, charges stay
         where they are."""
         h = self.hierarchy
         h.vet_destination(dst)
-        sources = h.cgroups_of(pid)
+        sources = h.threads.cgroups_of(pid)
         if sources == {dst}:
             return
         moves = self._css_moves(self.cgroup_of(pid), dst)
@@ -82,7 +82,7 @@ class Procs:
             controller.can_attach(pid, src_css, dst_css)
         commit()
         with h.freezer.watch_frozen(*sources, dst):
-            h.split.pop(pid, None)
+            h.threads.split.pop(pid, None)
             # Join before leaving, as the kernel does, so that common ancestors stay populated.
             self.join(pid, dst)
             for src in sources - {dst}:
@@ -106,7 +106,7 @@ class Procs:
         """A new process starts in the cgroup of the thread that forked it (`creator`, when it
         is known), or else of its parent's leader."""
         h = self.hierarchy
-        cg = h.thread_cgroup(parent, parent if creator is None else creator)
+        cg = h.threads.thread_cgroup(parent, parent if creator is None else creator)
         if cg.parent is not None and child not in self.members:
             csses = [(c, h.effective_css(cg, c)) for c in h.following]
             for controller, css in csses:
@@ -120,9 +120,9 @@ class Procs:
     def exit(self, pid: int) -> None:
         """A process is gone; a PID not attached anywhere (the root's) is ignored."""
         h = self.hierarchy
-        sources = h.cgroups_of(pid)
+        sources = h.threads.cgroups_of(pid)
         with h.freezer.watch_frozen(*sources):
-            h.split.pop(pid, None)
+            h.threads.split.pop(pid, None)
             home = self.members.pop(pid, None)
             for src in sources:
                 self.leave(pid, src)
@@ -131,7 +131,7 @@ class Procs:
             for controller in h.following:
                 controller.exit(pid, h.effective_css(home, controller))
 
-    # -- what the books list ----------------------------------------------------------------
+    # -- what the books list --------------------------------------------------------------------
 
     def subtree_pids(self, cg: Cgroup) -> list[int]:
         """PIDs with a thread in cg or its live descendants (the root's implicit members
@@ -150,7 +150,7 @@ class Procs:
                 stack.extend(child for child in node.children.values() if child.is_threaded)
         return sorted(found)
 
-    # -- keeping the books (also for the thread placement) ----------------------------------
+    # -- keeping the books (also for the thread placement) --------------------------------------
 
     def join(self, pid: int, cg: Cgroup) -> None:
         """pid has a thread in cg now."""
@@ -175,7 +175,7 @@ class Procs:
     def set_home(self, pid: int, cg: Cgroup) -> None:
         """Where the process is (a split one: its leader, or a thread if the leader is gone);
         an unsplit process at the root is not listed."""
-        if cg.parent is None and pid not in self.hierarchy.split:
+        if cg.parent is None and pid not in self.hierarchy.threads.split:
             self.members.pop(pid, None)
         else:
             self.members[pid] = cg

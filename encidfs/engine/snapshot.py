@@ -49,7 +49,7 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
                    "online": css.online, "state": h.controllers[css.ssid].dump_css(css)}
                   for css in csses],
         "members": sorted([pid, cg.id] for pid, cg in h.procs.members.items()),
-        "threads": sorted([pid, tid, cg.id] for pid, threads in h.split.items()
+        "threads": sorted([pid, tid, cg.id] for pid, threads in h.threads.split.items()
                           for tid, cg in threads.items()),
         "allocations": allocator.dump(css_index),
         "released": [[cg.id, cg.parent.id, cg.name]  # type: ignore[union-attr]
@@ -120,9 +120,9 @@ def load(h: Hierarchy, allocator: Allocator, data: dict) -> None:
     for pid, cgid in data["members"]:
         h.procs.members[pid] = cgroups[cgid]
     for pid, tid, cgid in data.get("threads", []):
-        h.split.setdefault(pid, {})[tid] = cgroups[cgid]
+        h.threads.split.setdefault(pid, {})[tid] = cgroups[cgid]
     for pid in h.procs.members:
-        for cg in h.cgroups_of(pid):
+        for cg in h.threads.cgroups_of(pid):
             if cg.parent is not None:
                 if cg.procs is None:
                     cg.procs = set()

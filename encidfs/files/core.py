@@ -133,12 +133,13 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     def show_threads(cg: Cgroup, reader: Caller) -> str:
         processes.sync()
         if cg.is_root:
-            pids = root_pids() + [pid for pid in hierarchy.split if pid in hierarchy.procs.members]
+            pids = root_pids() + [pid for pid in hierarchy.threads.split
+                                  if pid in hierarchy.procs.members]
         else:
             pids = sorted(cg.procs or ())
         tids = []
         for pid in pids:
-            placed = hierarchy.threads_in(cg, pid)
+            placed = hierarchy.threads.threads_in(cg, pid)
             tids += processes.threads(pid) if placed is None else placed
         return "".join(f"{tid}\n" for tid in processes.pids_for(reader.pid, sorted(tids)))
 
@@ -151,7 +152,7 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
         start = processes.watch(tgid)
         if start is None:
             return
-        check_migration(hierarchy.thread_cgroup(tgid, tid), cg, caller)
+        check_migration(hierarchy.threads.thread_cgroup(tgid, tid), cg, caller)
         changes.run(Op.ATTACH_THREAD, tgid, start, tid, cg.id,
                     processes.threads(tgid))
         if tgid in hierarchy.procs.members:

@@ -208,7 +208,7 @@ class Changes:
     def attach_thread(self, pid: int, start: int, tid: int, cgroup: int, threads: list[int],
                       commit: Commit = no_journal) -> None:
         """A cgroup.threads write; `threads` are the process's threads then."""
-        self.hierarchy.attach_thread(pid, tid, self._cgroup(cgroup), threads, commit)
+        self.hierarchy.threads.attach_thread(pid, tid, self._cgroup(cgroup), threads, commit)
         self._started(pid, start)
 
     @applies(Op.ALLOCATE)
@@ -238,7 +238,7 @@ class Changes:
     @applies(Op.THREADS)
     def threads(self, pid: int, threads: list[int]) -> None:
         """The threads of a process whose threads are in more than one cgroup changed."""
-        self.hierarchy.set_threads(pid, threads)
+        self.hierarchy.threads.set_threads(pid, threads)
 
     @applies(Op.EXIT)
     def exit(self, pid: int) -> None:

@@ -120,8 +120,8 @@ def test_moving_into_a_domain_invalid_cgroup_is_eopnotsupp(h):
     with raises_errno(errno.EOPNOTSUPP):
         h.procs.attach(10, cgs["/p/b"])
     with raises_errno(errno.EOPNOTSUPP):
-        h.attach_thread(10, 11, cgs["/p/b"], [10, 11])
-    assert not h.procs.members and not h.split and not cgs["/p/b"].populated
+        h.threads.attach_thread(10, 11, cgs["/p/b"], [10, 11])
+    assert not h.procs.members and not h.threads.split and not cgs["/p/b"].populated
 
 
 def test_threads_move_one_at_a_time_within_their_threaded_subtree(h):
@@ -129,28 +129,29 @@ def test_threads_move_one_at_a_time_within_their_threaded_subtree(h):
     h.enable_threaded(cgs["/p/a"])
     h.enable_threaded(cgs["/p/a/x"])
     h.procs.attach(10, cgs["/p"])
-    h.attach_thread(10, 11, cgs["/p/a"], [10, 11, 12])
-    h.attach_thread(10, 12, cgs["/p/a/x"], [10, 11, 12])
-    assert [h.threads_in(cgs[p], 10) for p in ("/p", "/p/a", "/p/a/x")] == [[10], [11], [12]]
+    h.threads.attach_thread(10, 11, cgs["/p/a"], [10, 11, 12])
+    h.threads.attach_thread(10, 12, cgs["/p/a/x"], [10, 11, 12])
+    assert [h.threads.threads_in(cgs[p], 10) for p in ("/p", "/p/a", "/p/a/x")] == [
+        [10], [11], [12]]
     assert h.procs.cgroup_of(10) is cgs["/p"]  # where its leader is
     assert h.procs.domain_pids(cgs["/p"]) == [10]
     with raises_errno(errno.EOPNOTSUPP):  # across domains
-        h.attach_thread(10, 11, cgs["/q"], [10, 11, 12])
+        h.threads.attach_thread(10, 11, cgs["/q"], [10, 11, 12])
     # Moving the leader: the process is where its leader is.
-    h.attach_thread(10, 10, cgs["/p/a/x"], [10, 11, 12])
+    h.threads.attach_thread(10, 10, cgs["/p/a/x"], [10, 11, 12])
     assert h.procs.cgroup_of(10) is cgs["/p/a/x"] and not cgs["/p"].procs
     # Back together: the process is no longer split.
-    h.attach_thread(10, 11, cgs["/p/a/x"], [10, 11, 12])
-    assert 10 not in h.split and cgs["/p/a/x"].procs == {10} and cgs["/p/a"].procs is None
+    h.threads.attach_thread(10, 11, cgs["/p/a/x"], [10, 11, 12])
+    assert 10 not in h.threads.split and cgs["/p/a/x"].procs == {10} and cgs["/p/a"].procs is None
 
 
 def test_a_process_move_takes_every_thread(h):
     cgs = tree(h, "/p", "/p/a", "/q")
     h.enable_threaded(cgs["/p/a"])
     h.procs.attach(10, cgs["/p"])
-    h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
+    h.threads.attach_thread(10, 11, cgs["/p/a"], [10, 11])
     h.procs.attach(10, cgs["/q"])
-    assert 10 not in h.split and h.procs.cgroup_of(10) is cgs["/q"]
+    assert 10 not in h.threads.split and h.procs.cgroup_of(10) is cgs["/q"]
     assert not cgs["/p"].populated and not cgs["/p/a"].populated
 
 
@@ -159,8 +160,9 @@ def test_a_single_threaded_process_moved_by_its_thread_leaves_its_cgroup_empty(h
     h.enable_threaded(cgs["/p/a"])
     h.procs.attach(10, cgs["/p"])
     h.drain_events()
-    h.attach_thread(10, 10, cgs["/p/a"], [10])
-    assert 10 not in h.split and h.procs.cgroup_of(10) is cgs["/p/a"] and cgs["/p"].procs is None
+    h.threads.attach_thread(10, 10, cgs["/p/a"], [10])
+    assert 10 not in h.threads.split and h.procs.cgroup_of(10) is cgs["/p/a"]
+    assert cgs["/p"].procs is None
     assert cgs["/p"].populated  # through its threaded child
     assert (CGROUP_EVENTS_KEY, cgs["/p/a"]) in h.drain_events()
 
@@ -169,12 +171,12 @@ def test_new_threads_join_the_leader_and_gone_ones_leave(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
     h.procs.attach(10, cgs["/p"])
-    h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
-    h.set_threads(10, [10, 11, 13])
-    assert h.threads_in(cgs["/p"], 10) == [10, 13]
+    h.threads.attach_thread(10, 11, cgs["/p/a"], [10, 11])
+    h.threads.set_threads(10, [10, 11, 13])
+    assert h.threads.threads_in(cgs["/p"], 10) == [10, 13]
     h.drain_events()
-    h.set_threads(10, [10, 13])  # 11 exited: /p/a is empty
-    assert 10 not in h.split and not cgs["/p/a"].populated
+    h.threads.set_threads(10, [10, 13])  # 11 exited: /p/a is empty
+    assert 10 not in h.threads.split and not cgs["/p/a"].populated
     assert (CGROUP_EVENTS_KEY, cgs["/p/a"]) in h.drain_events()
 
 
@@ -183,19 +185,19 @@ def test_when_the_leader_exits_first_its_threads_go_on(h):
     h.enable_threaded(cgs["/p/a"])
     h.enable_threaded(cgs["/p/b"])
     h.procs.attach(10, cgs["/p"])
-    h.attach_thread(10, 11, cgs["/p/a"], [10, 11, 12])
-    h.attach_thread(10, 12, cgs["/p/b"], [10, 11, 12])
-    h.set_threads(10, [11, 12])
+    h.threads.attach_thread(10, 11, cgs["/p/a"], [10, 11, 12])
+    h.threads.attach_thread(10, 12, cgs["/p/b"], [10, 11, 12])
+    h.threads.set_threads(10, [11, 12])
     assert not cgs["/p"].procs and h.procs.cgroup_of(10) in (cgs["/p/a"], cgs["/p/b"])
     h.procs.exit(10)
-    assert not cgs["/p"].populated and not h.procs.members and not h.split
+    assert not cgs["/p"].populated and not h.procs.members and not h.threads.split
 
 
 def test_a_child_process_starts_where_the_thread_that_forked_it_is(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
     h.procs.attach(10, cgs["/p"])
-    h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
+    h.threads.attach_thread(10, 11, cgs["/p/a"], [10, 11])
     h.procs.fork(10, 20, creator=11)
     h.procs.fork(10, 30)  # the thread that forked is not known: the leader's cgroup
     assert h.procs.cgroup_of(20) is cgs["/p/a"] and h.procs.cgroup_of(30) is cgs["/p"]
@@ -210,8 +212,8 @@ def test_the_root_is_a_thread_root_that_keeps_its_domain_children(h):
     assert cgs["/t"].css[0] is None and cgs["/d"].css[0] is not None
     assert h.controllers_of(cgs["/t"]) == 0
     # A thread of a process at the root moves to its threaded child: split at the root.
-    h.attach_thread(30, 31, cgs["/t"], [30, 31])
-    assert h.split[30] == {30: h.root, 31: cgs["/t"]} and h.procs.cgroup_of(30) is h.root
+    h.threads.attach_thread(30, 31, cgs["/t"], [30, 31])
+    assert h.threads.split[30] == {30: h.root, 31: cgs["/t"]} and h.procs.cgroup_of(30) is h.root
     assert h.procs.domain_pids(h.root) == [30] and cgs["/t"].populated
     h.write_subtree_control(h.root, 0, ENCIDS)  # its threaded child has no css to lose
 
@@ -254,7 +256,7 @@ def test_freezing_a_threaded_cgroup_covers_the_processes_with_a_thread_there(h):
     cgs = tree(h, "/p", "/p/a")
     h.enable_threaded(cgs["/p/a"])
     h.procs.attach(10, cgs["/p"])
-    h.attach_thread(10, 11, cgs["/p/a"], [10, 11])
+    h.threads.attach_thread(10, 11, cgs["/p/a"], [10, 11])
     h.freezer.set_freeze(cgs["/p/a"], True)
     assert h.freezer.freezing(10) and not h.freezer.frozen(cgs["/p/a"])
     h.freezer.set_stopped(10, True)
@@ -311,14 +313,14 @@ class ThreadsMachine(RuleBasedStateMachine):
     @rule(data=st.data(), pid=st.sampled_from(PIDS))
     def attach_thread(self, data, pid):
         tid = data.draw(st.sampled_from(self.threads[pid]))
-        self.attempt(lambda: self.h.attach_thread(pid, tid, self.cgroup(data),
+        self.attempt(lambda: self.h.threads.attach_thread(pid, tid, self.cgroup(data),
                                                   self.threads[pid]))
 
     @rule(data=st.data(), pid=st.sampled_from(PIDS))
     def threads_come_and_go(self, data, pid):
         self.threads[pid] = data.draw(st.lists(st.sampled_from(range(pid, pid + 4)),
                                                min_size=1, unique=True))
-        self.h.set_threads(pid, self.threads[pid])
+        self.h.threads.set_threads(pid, self.threads[pid])
 
     @rule(pid=st.sampled_from(PIDS))
     def exit(self, pid):
@@ -339,17 +341,18 @@ class ThreadsMachine(RuleBasedStateMachine):
             assert cg.dom is cg or (not cg.dom.is_threaded
                                     and cg.dom in cg.ancestors(include_self=False))
             if cg.parent is not None:
-                expected = {pid for pid in h.procs.members if cg in h.cgroups_of(pid)}
+                expected = {pid for pid in h.procs.members if cg in h.threads.cgroups_of(pid)}
                 assert (cg.procs or set()) == expected
             if h.type_of(cg) == "domain invalid":  # populated only by threaded descendants
                 assert not cg.procs
-        for pid, placed in h.split.items():
+        for pid, placed in h.threads.split.items():
             assert len(set(placed.values())) > 1
             assert len({cg.dom for cg in placed.values()}) == 1
             assert h.procs.cgroup_of(pid) in placed.values()
             if pid in placed:
                 assert h.procs.cgroup_of(pid) is placed[pid]
-        assert all(cg.parent is not None or pid in h.split for pid, cg in h.procs.members.items())
+        assert all(cg.parent is not None or pid in h.threads.split
+                   for pid, cg in h.procs.members.items())
 
     @invariant()
     def a_snapshot_gives_back_the_same_engine(self):
