@@ -17,7 +17,7 @@ import trio
 from ..control.protocol import CONTROL_XATTR, OVER_XATTR, PID_XATTR, default_control_path
 from ..control.server import Limits, serve_control
 from ..control.service import ControlService
-from ..engine import new_engine
+from ..engine import Hierarchy, new_engine
 from ..engine.budget import Budget
 from ..files.kernfs import Kernfs
 from ..fuse import loop
@@ -68,13 +68,8 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     offered = [CONTROLLERS[name] for name in names]
     owners = frozenset({0, os.geteuid()})  # root and the mount's owner: the reserve is theirs
     share = config.user_share / 100
-    engine = new_engine(config.capacities, config.first_ids,
-                        tuple(controller for controller, _ in offered), config.max_cgroups,
-                        Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share),
-                        config.kernel_interface, config.snp_asids)
-    hierarchy = engine.hierarchy
-    bus = EventBus(hierarchy)
 
+    # What the process events and the kernel's tree report, journalled as facts.
     def changed() -> None:
         """After a change from elsewhere than a FUSE request (which delivers its own)."""
         bus.deliver()
@@ -111,6 +106,21 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
     fd_limit = raise_fd_limit()
     max_connections = min(MAX_CONNECTIONS, fd_limit // 4)
     pidfd_budget = max(0, fd_limit - FD_RESERVE - max_connections)
+
+    def kernel_membership(hierarchy: Hierarchy) -> KernelMembership:
+        """Under --over: the kernel's tree at DIR, which the hierarchy mirrors."""
+        assert config.over is not None
+        tree = KernelTree(config.over, hierarchy, on_mirrored)
+        # The kernel's files open through the mount hold a descriptor each: half the budget.
+        return KernelMembership(tree, on_exit, pidfd_budget // 2, changed)
+
+    engine = new_engine(config.capacities, config.first_ids,
+                        tuple(controller for controller, _ in offered), config.max_cgroups,
+                        Budget("cgroups", config.max_cgroups, errno.EAGAIN, owners, share),
+                        config.kernel_interface, config.snp_asids,
+                        None if config.over is None else kernel_membership)
+    hierarchy = engine.hierarchy
+    bus = EventBus(hierarchy)
     tables = [files for _, files in offered]
     control = config.control or default_control_path(mountpoint)
     root_xattrs = {PID_XATTR: str(os.getpid()), CONTROL_XATTR: control}
@@ -128,10 +138,9 @@ async def serve(mountpoint: str, config: Config, ready: Callable[[], None]) -> N
         kernfs = Kernfs(hierarchy, tracker, tables, owners=owners, share=share,
                         root_xattrs=root_xattrs)
     else:
-        tree = KernelTree(config.over, hierarchy, on_mirrored)
-        # The kernel's files open through the mount hold a descriptor each: half the budget.
-        tracker = membership = KernelMembership(tree, on_exit, pidfd_budget // 2, changed)
-        hierarchy.membership = membership
+        membership = hierarchy.membership
+        assert isinstance(membership, KernelMembership)
+        tracker, tree = membership, membership.tree
         kernfs = OverKernfs(hierarchy, tree, membership, tables, pidfd_budget // 2, owners,
                             share, root_xattrs)
     # Without --state, a runtime file: a daemon that dies loses nothing, a reboot starts afresh.

@@ -3,6 +3,7 @@ No I/O."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from .allocator import Allocation, Allocator
@@ -36,12 +37,14 @@ def new_engine(capacities: dict[str, int], first_ids: dict[str, int] | None = No
                controllers: tuple[type[Controller], ...] = (EncidsController,),
                max_cgroups: int = INT_MAX, budget: Budget | None = None,
                kernel: KernelInterface = KernelInterface(),
-               snp_asids: int | None = 0) -> Engine:
+               snp_asids: int | None = 0,
+               membership: Callable[[Hierarchy], Membership] | None = None) -> Engine:
     """A hierarchy with these controllers (in this order) for the given resource types, and the
     allocator that charges them; `budget` shares the cgroups out to their creators; `kernel`
     is the kernel whose interface misc shows; `snp_asids`, the SNP guests' own IDs (see
-    Allocator)."""
+    Allocator); `membership`, what keeps where processes are, made for the hierarchy, if not
+    its own books (see Hierarchy)."""
     types = Types(capacities, first_ids)
     hierarchy = Hierarchy([controller(types, kernel) for controller in controllers],
-                          max_cgroups, budget=budget)
+                          max_cgroups, membership=membership, budget=budget)
     return Engine(hierarchy, types, Allocator(hierarchy, types, snp_asids))

@@ -104,12 +104,14 @@ class Cgroup:
 class Hierarchy:
     def __init__(self, controllers: list[Controller], max_cgroups: int = INT_MAX,
                  clock: Callable[[], int] = time.monotonic_ns,
-                 membership: Membership | None = None, budget: Budget | None = None) -> None:
+                 membership: Callable[[Hierarchy], Membership] | None = None,
+                 budget: Budget | None = None) -> None:
         """`max_cgroups` caps the cgroups below the root, live and dying, as the root's
         cgroup.max.descendants would (the daemon's memory is the limit a kernel would have);
         `budget` shares them out to the users who make them (mkdir's `creator`).
         `clock` is the kernel's ktime_get_ns(): nanoseconds, the same for every process.
-        `membership`: where processes are, if not in this hierarchy's own books."""
+        `membership`: makes, for this hierarchy, what keeps where processes are, if not its
+        own books (under --over, the kernel's tree, which the hierarchy mirrors)."""
         self.controllers = controllers
         self.clock = clock
         self.max_cgroups = max_cgroups
@@ -126,10 +128,10 @@ class Hierarchy:
         self.freezer = Freezer(self)
         self.procs = Procs(self)
         self.threads = Threads(self)
-        self.membership: Membership = self.procs if membership is None else membership
         self.root = self._new_cgroup("", None)
         for controller in controllers:
             self._css_online(self.root, controller)
+        self.membership: Membership = self.procs if membership is None else membership(self)
 
     # -- lookups ------------------------------------------------------------------------------
 
