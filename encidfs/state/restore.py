@@ -32,13 +32,13 @@ def restore(store: StateStore, changes: Changes,
     another process has now) and compact the file, which keeps the changes' journal from now
     on.  Return the PIDs to watch: members and holders."""
     data, records, old = store.open(lambda: snapshot(changes), lambda: size(changes))
-    h, table = changes.hierarchy, changes.kernfs
+    h, kernfs = changes.hierarchy, changes.kernfs
     if old is not None:
         v1.restore(old, changes, start_time_now)
     else:
         if data is not None:
             engine_snapshot.load(h, changes.allocator, _upgrade(data["engine"]))
-            table.load(data["nodes"])
+            kernfs.load(data["nodes"])
             changes.starts = {int(pid): start for pid, start in data["starts"].items()}
         failed = changes.replay(records)
         if failed:
@@ -49,7 +49,7 @@ def restore(store: StateStore, changes: Changes,
     gone = [pid for pid in processes if start_time_now(pid) != changes.starts.get(pid)]
     for pid in gone:
         changes.exit(pid)
-    table.consume(h.drain_events())  # nothing is mounted yet: no cache, nobody polls
+    kernfs.consume(h.drain_events())  # nothing is mounted yet: no cache, nobody polls
     if old is not None:
         old.close()
     try:
