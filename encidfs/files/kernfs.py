@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..engine import Cgroup, Hierarchy, TreeEvent, fail
-from ..engine.budget import Budget
 from ..engine.events import Commit, Event
 from ..state.operations import Op
 from .cftype import Caller, CfType, Changes
 from .core import Processes, core_files
 from .parse import written_text
+from .xattrs import Xattrs, as_bytes, as_text
 
 FileTableMaker = Callable[..., list[CfType]]  # (controller) -> its rows
 # (hierarchy, processes, may_write) -> the rows every cgroup has besides its controllers'
@@ -32,12 +32,6 @@ ROOT_INODE = 1
 STRIDE = 4096
 FILE_BASE = 2
 WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
-XATTRS_MAX = 128  # kernfs's limits on user xattrs per node
-XATTR_BYTES_MAX = 128 * 1024
-# All nodes together (bytes of names and values, and names): kernfs charges xattrs to the
-# writer's memory cgroup, the daemon has only its own memory to spend (some 150 bytes a name).
-XATTR_TOTAL_MAX = 64 << 20
-XATTR_NAMES_TOTAL_MAX = 1 << 18
 
 
 @dataclass(slots=True)
@@ -100,14 +94,7 @@ class Kernfs:
         self._file_defaults = {hierarchy.root.id: NodeAttr(stat.S_IFREG, owner, group, now,
                                                            now)}
         self._file_attrs: dict[int, NodeAttr] = {}  # by inode; only files someone changed
-        self._xattrs: dict[int, dict[bytes, bytes]] = {}  # by inode; only nodes that have some
-        # Who set each xattr, charged its name and value's bytes and one name in the budgets.
-        self._xattr_setters: dict[tuple[int, bytes], int] = {}
-        self.owner = owner
-        self.xattr_bytes = Budget("bytes of extended attributes", XATTR_TOTAL_MAX,
-                                  errno.ENOSPC, owners, share)
-        self.xattr_names = Budget("extended attributes", XATTR_NAMES_TOTAL_MAX, errno.ENOSPC,
-                                  owners, share)
+        self.xattrs = Xattrs(owner, owners, share)
         self.root_xattrs = {os.fsencode(name): os.fsencode(value)
                             for name, value in (root_xattrs or {}).items()}
 
@@ -209,7 +196,7 @@ class Kernfs:
                 attr.mode, attr.uid, attr.gid, attr.mtime_ns, attr.ctime_ns))
         return attr
 
-    # -- extended attributes (kernfs keeps them in memory, as here) ----------------------------
+    # -- extended attributes: requests and records (self.xattrs keeps them) --------------------
 
     def getxattr(self, node: Node, name: bytes) -> bytes:
         value = self._node_xattrs(node).get(name)
@@ -222,64 +209,28 @@ class Kernfs:
 
     def setxattr(self, node: Node, name: bytes, value: bytes, caller: Caller,
                  changes: Changes) -> None:
-        changes.run(Op.SETXATTR, node.cgroup.id, self._file_name(node), _text(name),
-                         _text(value), caller.uid)
+        changes.run(Op.SETXATTR, node.cgroup.id, self._file_name(node), as_text(name),
+                    as_text(value), caller.uid)
 
     def apply_setxattr(self, cg: Cgroup, file: str, name_text: str, value_text: str,
                        uid: int | None, commit: Commit) -> None:
         """`uid`: who sets it (a record written before xattrs were charged: the owner)."""
-        node, name, value = self._named(cg, file), _bytes(name_text), _bytes(value_text)
+        node, name = self._named(cg, file), as_bytes(name_text)
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
-        xattrs = self._xattrs.get(node.inode, {})
-        old = xattrs.get(name)
-        size = sum(len(v) for k, v in xattrs.items() if k != name) + len(value)
-        if (old is None and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX:
-            raise fail(errno.ENOSPC)
-        setter = self.owner if uid is None else uid
-        replaced = self._uncharge_xattr(node.inode, name, old)
-        try:
-            self.xattr_bytes.check(setter, len(name) + len(value))
-            self.xattr_names.check(setter)
-            commit()
-        except OSError:
-            if replaced is not None:
-                self._charge_xattr(node.inode, name, old, replaced)  # type: ignore[arg-type]
-            raise
-        self._xattrs.setdefault(node.inode, xattrs)[name] = value
-        self._charge_xattr(node.inode, name, value, setter)
-
-    def _charge_xattr(self, inode: int, name: bytes, value: bytes, uid: int) -> None:
-        self.xattr_bytes.take(uid, len(name) + len(value))
-        self.xattr_names.take(uid)
-        self._xattr_setters[inode, name] = uid
-
-    def _uncharge_xattr(self, inode: int, name: bytes, value: bytes | None) -> int | None:
-        """Give back what setting xattr `name` took, if it is set; who had set it."""
-        if value is None:
-            return None
-        uid = self._xattr_setters.pop((inode, name))
-        self.xattr_bytes.give(uid, len(name) + len(value))
-        self.xattr_names.give(uid)
-        return uid
+        self.xattrs.set(node.inode, name, as_bytes(value_text), uid, commit)
 
     def removexattr(self, node: Node, name: bytes, changes: Changes) -> None:
-        changes.run(Op.REMOVEXATTR, node.cgroup.id, self._file_name(node), _text(name))
+        changes.run(Op.REMOVEXATTR, node.cgroup.id, self._file_name(node), as_text(name))
 
     def apply_removexattr(self, cg: Cgroup, file: str, name_text: str, commit: Commit) -> None:
-        node, name = self._named(cg, file), _bytes(name_text)
+        node, name = self._named(cg, file), as_bytes(name_text)
         if node.inode == ROOT_INODE and name in self.root_xattrs:
             raise fail(errno.EPERM)
-        xattrs = self._xattrs.get(node.inode, {})
-        if name not in xattrs:
-            raise fail(errno.ENODATA)
-        commit()
-        self._uncharge_xattr(node.inode, name, xattrs.pop(name))
-        if not xattrs:
-            del self._xattrs[node.inode]
+        self.xattrs.remove(node.inode, name, commit)
 
     def _node_xattrs(self, node: Node) -> dict[bytes, bytes]:
-        own = self._xattrs.get(node.inode, {})
+        own = self.xattrs.of(node.inode)
         return {**self.root_xattrs, **own} if node.inode == ROOT_INODE else own
 
     # -- directories --------------------------------------------------------------------------
@@ -388,15 +339,21 @@ class Kernfs:
             directory, files = self._dir_attrs[cg.id], self._file_defaults[cg.id]
             nodes[str(cg.id)] = {"dir": [directory.mode, directory.uid, directory.gid],
                                  "files": [files.uid, files.gid], "attrs": {}, "xattrs": {}}
-        for inode, attr in self._file_attrs.items():
+
+        def entry(inode: int) -> tuple[dict, str]:
             cgid, name = self._id_and_name(inode)
-            nodes[str(cgid)]["attrs"][name] = [attr.mode, attr.uid, attr.gid]
-        for inode, xattrs in self._xattrs.items():
-            cgid, name = self._id_and_name(inode)
-            nodes[str(cgid)]["xattrs"][name] = {_text(k): _text(v) for k, v in xattrs.items()}
-            nodes[str(cgid)].setdefault("xattr_setters", {})[name] = {
-                _text(k): self._xattr_setters[inode, k] for k in xattrs}
+            return nodes[str(cgid)], name
+
+        self._dump_files(entry)
         return nodes
+
+    def _dump_files(self, entry: Callable[[int], tuple[dict, str]]) -> None:
+        """The modes and owners of the files someone changed, and every node's xattrs, each into
+        `entry(inode)`: the snapshot entry of its cgroup and its file name."""
+        for inode, attr in self._file_attrs.items():
+            node, name = entry(inode)
+            node["attrs"][name] = [attr.mode, attr.uid, attr.gid]
+        self.xattrs.dump(entry)
 
     def load(self, nodes: dict) -> None:
         """What dump() wrote, into a Kernfs whose hierarchy was loaded from the same snapshot."""
@@ -407,21 +364,17 @@ class Kernfs:
             self._dir_attrs[cg.id] = NodeAttr(mode, uid, gid, now, now)
             uid, gid = entry["files"]
             self._file_defaults[cg.id] = NodeAttr(stat.S_IFREG, uid, gid, now, now)
-            # What the snapshot's mount had on a file this one lacks (another kernel's misc,
-            # other controllers) goes with the file, as when a controller is disabled.
-            for name, (mode, uid, gid) in entry["attrs"].items():
-                if self._has(cg, name):
-                    self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid,
-                                                                             now, now)
-            for name, xattrs in entry["xattrs"].items():
-                if not self._has(cg, name):
-                    continue
-                inode = self._named(cg, name).inode
-                setters = entry.get("xattr_setters", {}).get(name, {})
-                self._xattrs[inode] = {_bytes(k): _bytes(v) for k, v in xattrs.items()}
-                for key, value in xattrs.items():
-                    self._charge_xattr(inode, _bytes(key), _bytes(value),
-                                       setters.get(key, self.owner))
+            self._load_files(cg, entry, now)
+
+    def _load_files(self, cg: Cgroup, entry: dict, at: int) -> None:
+        """What _dump_files() wrote into cg's snapshot `entry`, with the times `at`.  What the
+        snapshot's mount had on a file this one lacks (another kernel's misc, other
+        controllers) goes with the file, as when a controller is disabled."""
+        for name, (mode, uid, gid) in entry["attrs"].items():
+            inode = self._inode_of(cg, name)
+            if inode is not None:
+                self._file_attrs[inode] = NodeAttr(mode, uid, gid, at, at)
+        self.xattrs.load(entry, lambda name: self._inode_of(cg, name))
 
     def _id_and_name(self, inode: int) -> tuple[int, str]:
         cgid, slot = divmod(inode, STRIDE)
@@ -431,6 +384,10 @@ class Kernfs:
         """Whether cg has the node ("" for the directory)."""
         row = self._row_by_name.get(file)
         return file == "" or row is not None and self.cftypes[row].present_in(cg)
+
+    def _inode_of(self, cg: Cgroup, file: str) -> int | None:
+        """cg's node by file name ("" for the directory), None if cg lacks it."""
+        return self._named(cg, file).inode if self._has(cg, file) else None
 
     def _named(self, cg: Cgroup, file: str) -> Node:
         """A node by cgroup and file name ("" for the directory); ENOENT if not present."""
@@ -458,10 +415,7 @@ class Kernfs:
             if table:
                 for inode in inodes:
                     table.pop(inode, None)
-        if self._xattrs:
-            for inode in inodes:
-                for name, value in self._xattrs.pop(inode, {}).items():
-                    self._uncharge_xattr(inode, name, value)
+        self.xattrs.forget(inodes)
 
     def _dir(self, inode: int) -> Cgroup:
         node = self.node(inode)
@@ -529,13 +483,3 @@ class OpenFile:
         self.kernfs.processes.settle()  # its checks see the processes as they are
         cft.write(self.node.cgroup, written_text(buf), self.caller, changes)
         return len(buf)
-
-
-# xattr names and values are bytes; records and snapshots carry them as Latin-1 text (one
-# character a byte), which JSON keeps exactly.
-def _text(data: bytes) -> str:
-    return data.decode("latin-1")
-
-
-def _bytes(text: str) -> bytes:
-    return text.encode("latin-1")

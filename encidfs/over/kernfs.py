@@ -309,38 +309,14 @@ class OverKernfs(Kernfs):
             cgid, name = self._id_and_name(inode)
             return nodes.setdefault(str(cgid), {"attrs": {}, "xattrs": {}}), name
 
-        for inode, attr in self._file_attrs.items():
-            node, name = entry(inode)
-            node["attrs"][name] = [attr.mode, attr.uid, attr.gid]
-        for inode, xattrs in self._xattrs.items():
-            node, name = entry(inode)
-            node["xattrs"][name] = {k.decode("latin-1"): v.decode("latin-1")
-                                    for k, v in xattrs.items()}
-            node.setdefault("xattr_setters", {})[name] = {
-                k.decode("latin-1"): self._xattr_setters[inode, k] for k in xattrs}
+        self._dump_files(entry)
         return nodes
 
     def load(self, nodes: dict) -> None:
-        kept = {cgid: entry for cgid, entry in nodes.items()
-                if int(cgid) in self.hierarchy.by_id}
-        for cgid_text, entry in kept.items():
-            cg = self.hierarchy.by_id[int(cgid_text)]
-            # A file this mount lacks (another kernel's misc) takes what it had with it.
-            for name, (mode, uid, gid) in entry["attrs"].items():
-                if self._has(cg, name):
-                    self._file_attrs[self._named(cg, name).inode] = NodeAttr(mode, uid, gid, 0, 0)
-            for name, xattrs in entry["xattrs"].items():
-                if not self._has(cg, name):
-                    continue
-                # Charged to whoever set each (a snapshot from before setters were kept: the
-                # owner), as the standalone tree's load does.
-                inode = self._named(cg, name).inode
-                setters = entry.get("xattr_setters", {}).get(name, {})
-                self._xattrs[inode] = {k.encode("latin-1"): v.encode("latin-1")
-                                       for k, v in xattrs.items()}
-                for key, value in xattrs.items():
-                    self._charge_xattr(inode, key.encode("latin-1"), value.encode("latin-1"),
-                                       setters.get(key, self.owner))
+        for cgid_text, entry in nodes.items():
+            cg = self.hierarchy.by_id.get(int(cgid_text))
+            if cg is not None:  # the kernel's tree has lost it since
+                self._load_files(cg, entry, 0)
 
 
 class KernelFile:

@@ -15,7 +15,8 @@ from encidfs.engine import EncidsController, MiscController, new_engine
 from encidfs.engine.budget import Budget
 from encidfs.files.cftype import Caller
 from encidfs.files.encids import encids_files
-from encidfs.files.kernfs import ROOT_INODE, WRITE_MAX, XATTR_BYTES_MAX, XATTRS_MAX, Kernfs
+from encidfs.files.kernfs import ROOT_INODE, WRITE_MAX, Kernfs
+from encidfs.files.xattrs import XATTR_BYTES_MAX, XATTRS_MAX
 
 ROOT = Caller(pid=1, uid=0, gid=0)
 ALICE = Caller(pid=2, uid=1000, gid=1000)
@@ -275,7 +276,7 @@ def test_xattrs_set_listed_and_removed(table):
         table.getxattr(node, b"user.a")
     with raises_errno(errno.ENODATA):
         table.removexattr(node, b"user.a")
-    assert table.xattr_bytes.held == {ALICE.uid: len(b"user.b\xff\x00")}
+    assert table.xattrs.byte_budget.held == {ALICE.uid: len(b"user.b\xff\x00")}
 
 
 def test_a_node_holds_kernfs_count_and_size_of_xattrs(table):
@@ -306,8 +307,8 @@ def test_root_xattrs_of_the_daemon_are_read_only():
 @pytest.fixture
 def small(table) -> Requests:
     """xattr budgets of 100 bytes and 10 names: a user's share is a quarter."""
-    table.kernfs.xattr_bytes = Budget("bytes", 100, errno.ENOSPC, OWNERS, 0.25)
-    table.kernfs.xattr_names = Budget("names", 10, errno.ENOSPC, OWNERS, 0.25)
+    table.xattrs.byte_budget = Budget("bytes", 100, errno.ENOSPC, OWNERS, 0.25)
+    table.xattrs.name_budget = Budget("names", 10, errno.ENOSPC, OWNERS, 0.25)
     return table
 
 
@@ -321,7 +322,7 @@ def test_a_user_holds_her_share_of_xattr_bytes(small):
         small.setxattr(node, b"user.a", b"x" * 20, ALICE)
     assert small.getxattr(node, b"user.a") == b"x" * 19  # the refusal kept the old value
     small.setxattr(node, b"user.a", b"x" * 10, ALICE)
-    assert small.xattr_bytes.held[ALICE.uid] == 16
+    assert small.xattrs.byte_budget.held[ALICE.uid] == 16
 
 
 def test_users_leave_the_owner_a_reserve(small):
@@ -332,4 +333,4 @@ def test_users_leave_the_owner_a_reserve(small):
     with raises_errno(errno.ENOSPC):
         small.setxattr(node, b"user.9", b"", Caller(1, 2004, 2000))
     small.setxattr(node, b"user.owner", b"", ROOT)
-    assert small.xattr_names.in_all == small.xattr_names.total
+    assert small.xattrs.name_budget.in_all == small.xattrs.name_budget.total
