@@ -30,7 +30,8 @@ import trio
 
 from ..engine.events import Event
 from ..files.cftype import Caller, Changes
-from ..files.kernfs import Kernfs, Node, OpenFile
+from ..files.kernfs import Kernfs, Node
+from ..files.openfile import OpenFile
 
 log = logging.getLogger(__name__)
 

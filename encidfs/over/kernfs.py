@@ -29,8 +29,8 @@ from ..files.kernfs import (
     Kernfs,
     Node,
     NodeAttr,
-    OpenFile,
 )
+from ..files.openfile import OpenFile
 from ..files.parse import kstrtoint, strstrip, written_text
 from .files import CONTROLLERS_FILE, MERGED, merged_files
 from .membership import KernelMembership

@@ -15,7 +15,8 @@ from encidfs.engine import EncidsController, MiscController, new_engine
 from encidfs.engine.budget import Budget
 from encidfs.files.cftype import Caller
 from encidfs.files.encids import encids_files
-from encidfs.files.kernfs import ROOT_INODE, WRITE_MAX, Kernfs
+from encidfs.files.kernfs import ROOT_INODE, Kernfs
+from encidfs.files.openfile import WRITE_MAX
 from encidfs.files.xattrs import XATTR_BYTES_MAX, XATTRS_MAX
 
 ROOT = Caller(pid=1, uid=0, gid=0)
