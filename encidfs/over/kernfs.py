@@ -16,6 +16,7 @@ import errno
 import os
 import select
 import stat
+import time
 
 from ..engine import Cgroup, Hierarchy, fail
 from ..engine.budget import Budget
@@ -313,10 +314,11 @@ class OverKernfs(Kernfs):
         return nodes
 
     def load(self, nodes: dict) -> None:
+        now = time.time_ns()  # times are not kept: a restarted daemon's start its own
         for cgid_text, entry in nodes.items():
             cg = self.hierarchy.by_id.get(int(cgid_text))
             if cg is not None:  # the kernel's tree has lost it since
-                self._load_files(cg, entry, 0)
+                self._load_files(cg, entry, now)
 
 
 class KernelFile:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import errno
 import os
 import select
+import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -313,6 +315,7 @@ def test_limits_and_holders_survive_a_restart(scratch, encidfs_factory, procs):
         (mnt / name).mkdir()
     write(mnt / "a" / "encids.sev.max", "3")
     write(mnt / "b" / "encids.sev.max", "5")
+    os.chmod(mnt / "a" / "encids.sev.max", 0o664)
     holder, gone = procs.sleep(), procs.sleep()
     write(scratch / "a" / "cgroup.procs", str(holder.pid))
     mount.client().allocate("sev", 2, pid=holder.pid)
@@ -325,6 +328,10 @@ def test_limits_and_holders_survive_a_restart(scratch, encidfs_factory, procs):
     (scratch / "c").mkdir()  # made meanwhile
     mount.restart()
     assert read(mnt / "a" / "encids.sev.max") == "3\n"
+    mount.restart()  # from the checkpoint the first restore wrote, not from the journal
+    limit = os.stat(mnt / "a" / "encids.sev.max")
+    # The mode kept; the times the restarted daemon's own, as on the standalone tree.
+    assert stat.S_IMODE(limit.st_mode) == 0o664 and limit.st_mtime > time.time() - 600
     assert read(mnt / "a" / "encids.sev.current") == "2\n"
     assert keyed(read(mnt / "encids.sev.stat"))["used"] == 2  # the gone holder's 3 are free
     assert read(mnt / "cgroup.subtree_control").split()[-1] == "encids"
@@ -340,6 +347,7 @@ def test_limits_and_holders_survive_a_restart(scratch, encidfs_factory, procs):
 
 USER_MOVES = USER_HELPERS + r"""
 import sys
+import time
 mnt, pid = sys.argv[1], sys.argv[2]
 print(mkdir(f"{mnt}/del/x"))
 print(write(f"{mnt}/del/x/cgroup.procs", pid))
