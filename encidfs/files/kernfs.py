@@ -126,22 +126,34 @@ class Kernfs:
         child = cg.children.get(text)
         if child is not None:
             return Node(self.dir_inode(child), child, None)
-        row = self._row_by_name.get(text)
-        if row is not None and self.cftypes[row].present_in(cg):
-            return Node(self.file_inode(cg, row), cg, self.cftypes[row])
-        raise fail(errno.ENOENT)
+        file = self._file(cg, text)
+        if file is None:
+            raise fail(errno.ENOENT)
+        return file
 
     def entries(self, dir_inode: int) -> list[tuple[bytes, Node]]:
         """The directory's entries as readdir lists them, "." and ".." first."""
         cg = self._dir(dir_inode)
-        parent = cg.parent or cg
-        entries = [(b".", Node(dir_inode, cg, None)),
-                   (b"..", Node(self.dir_inode(parent), parent, None))]
-        entries += [(cft.name.encode(), Node(self.file_inode(cg, row), cg, cft))
-                    for row, cft in enumerate(self.cftypes) if cft.present_in(cg)]
+        entries = self._dots_and_files(cg)
         entries += [(os.fsencode(child.name), Node(self.dir_inode(child), child, None))
                     for child in cg.children.values()]
         return entries
+
+    def _dots_and_files(self, cg: Cgroup) -> list[tuple[bytes, Node]]:
+        """The first entries of cg's directory: "." and "..", then cg's interface files."""
+        parent = cg.parent or cg
+        entries = [(b".", Node(self.dir_inode(cg), cg, None)),
+                   (b"..", Node(self.dir_inode(parent), parent, None))]
+        entries += [(cft.name.encode(), Node(self.file_inode(cg, row), cg, cft))
+                    for row, cft in enumerate(self.cftypes) if cft.present_in(cg)]
+        return entries
+
+    def _file(self, cg: Cgroup, name: str) -> Node | None:
+        """cg's interface file of that name, None if cg has none."""
+        row = self._row_by_name.get(name)
+        if row is None or not self.cftypes[row].present_in(cg):
+            return None
+        return Node(self.file_inode(cg, row), cg, self.cftypes[row])
 
     def attr(self, node: Node) -> NodeAttr:
         if node.cgroup.dying:
@@ -245,8 +257,7 @@ class Kernfs:
 
     def apply_mkdir(self, parent: Cgroup, name: str, mode: int, uid: int, gid: int,
                     commit: Commit, at: int | None = None) -> Cgroup:
-        row = self._row_by_name.get(name)
-        if row is not None and self.cftypes[row].present_in(parent):
+        if self._file(parent, name) is not None:
             raise fail(errno.EEXIST)
         cg = self.hierarchy.mkdir(parent, name, commit, at, creator=uid)
         now = time.time_ns()
@@ -380,23 +391,17 @@ class Kernfs:
         cgid, slot = divmod(inode, STRIDE)
         return cgid, "" if slot == ROOT_INODE else self.cftypes[slot - FILE_BASE].name
 
-    def _has(self, cg: Cgroup, file: str) -> bool:
-        """Whether cg has the node ("" for the directory)."""
-        row = self._row_by_name.get(file)
-        return file == "" or row is not None and self.cftypes[row].present_in(cg)
-
     def _inode_of(self, cg: Cgroup, file: str) -> int | None:
         """cg's node by file name ("" for the directory), None if cg lacks it."""
-        return self._named(cg, file).inode if self._has(cg, file) else None
+        node = Node(self.dir_inode(cg), cg, None) if file == "" else self._file(cg, file)
+        return None if node is None else node.inode
 
     def _named(self, cg: Cgroup, file: str) -> Node:
         """A node by cgroup and file name ("" for the directory); ENOENT if not present."""
-        if not self._has(cg, file):
+        node = Node(self.dir_inode(cg), cg, None) if file == "" else self._file(cg, file)
+        if node is None:
             raise fail(errno.ENOENT)
-        if file == "":
-            return Node(self.dir_inode(cg), cg, None)
-        row = self._row_by_name[file]
-        return Node(self.file_inode(cg, row), cg, self.cftypes[row])
+        return node
 
     @staticmethod
     def _file_name(node: Node) -> str:

@@ -96,9 +96,9 @@ class OverKernfs(Kernfs):
         cg = self._dir(parent_inode)
         self.tree.drain()
         text = os.fsdecode(name)
-        row = self._row_by_name.get(text)
-        if row is not None and self.cftypes[row].present_in(cg):
-            return Node(self.file_inode(cg, row), cg, self.cftypes[row])
+        file = self._file(cg, text)
+        if file is not None:
+            return file
         try:
             st = os.lstat(f"{self.tree.path(cg)}/{text}")
         except (FileNotFoundError, NotADirectoryError):
@@ -113,11 +113,7 @@ class OverKernfs(Kernfs):
     def entries(self, dir_inode: int) -> list[tuple[bytes, Node]]:
         cg = self._dir(dir_inode)
         self.tree.drain()
-        parent = cg.parent or cg
-        entries = [(b".", Node(dir_inode, cg, None)),
-                   (b"..", Node(self.dir_inode(parent), parent, None))]
-        entries += [(cft.name.encode(), Node(self.file_inode(cg, row), cg, cft))
-                    for row, cft in enumerate(self.cftypes) if cft.present_in(cg)]
+        entries = self._dots_and_files(cg)
         children = set()
         for entry in os.scandir(self.tree.path(cg)):
             name = entry.name
@@ -127,8 +123,7 @@ class OverKernfs(Kernfs):
                     children.add(name)
                     entries.append((os.fsencode(name), Node(self.dir_inode(child), child, None)))
                 continue
-            row = self._row_by_name.get(name)
-            if row is None or not self.cftypes[row].present_in(cg):
+            if self._file(cg, name) is None:
                 entries.append((os.fsencode(name), self._real_node(cg, name)))
         for name in [name for name in cg.children if name not in children]:
             self.tree.found(cg, name, None)  # removed since the mirror last heard
@@ -234,8 +229,7 @@ class OverKernfs(Kernfs):
         """The kernel's mkdir: the mirror journals the new cgroup when it sees it."""
         parent = self._dir(parent_inode)
         text = os.fsdecode(name)
-        row = self._row_by_name.get(text)
-        if row is not None and self.cftypes[row].present_in(parent):
+        if self._file(parent, text) is not None:
             raise fail(errno.EEXIST)
         path = f"{self.tree.path(parent)}/{text}"
         os.mkdir(path, stat.S_IMODE(mode))
