@@ -49,14 +49,15 @@ class Xattrs:
         if (old is None and len(xattrs) >= XATTRS_MAX) or size > XATTR_BYTES_MAX:
             raise fail(errno.ENOSPC)
         setter = self.owner if uid is None else uid
-        replaced = self._uncharge(inode, name, old)
+        # A value replaced gives back what it took first: the new one may take that room.
+        old_setter = None if old is None else self._uncharge(inode, name, old)
         try:
             self.byte_budget.check(setter, len(name) + len(value))
             self.name_budget.check(setter)
             commit()
         except OSError:
-            if replaced is not None:
-                self._charge(inode, name, old, replaced)  # type: ignore[arg-type]
+            if old is not None and old_setter is not None:
+                self._charge(inode, name, old, old_setter)
             raise
         self._values.setdefault(inode, xattrs)[name] = value
         self._charge(inode, name, value, setter)
@@ -82,10 +83,8 @@ class Xattrs:
         self.name_budget.take(uid)
         self._setters[inode, name] = uid
 
-    def _uncharge(self, inode: int, name: bytes, value: bytes | None) -> int | None:
-        """Give back what setting xattr `name` took, if it is set; who had set it."""
-        if value is None:
-            return None
+    def _uncharge(self, inode: int, name: bytes, value: bytes) -> int:
+        """Give back what setting xattr `name` to `value` took; who had set it."""
         uid = self._setters.pop((inode, name))
         self.byte_budget.give(uid, len(name) + len(value))
         self.name_budget.give(uid)
