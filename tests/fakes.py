@@ -54,7 +54,7 @@ class Processes:
 
 def changes_for(engine: Engine, journal: Journal | None = None,
                 tables: list[FileTableMaker] | None = None, **options) -> Changes:
-    """The engine's changes, with a file table on fake processes (its node attributes are
+    """The engine's changes, with a kernfs on fake processes (its node attributes are
     `changes.kernfs`); `tables`: one per controller, encids' and misc's by default;
     `options`: the Kernfs's."""
     tables = [encids_files, misc_files] if tables is None else tables
@@ -63,8 +63,8 @@ def changes_for(engine: Engine, journal: Journal | None = None,
 
 
 class Requests:
-    """A file table as the FUSE adapter asks it: lookups and reads its own, every change
-    through the changes (the tests call it as they called the table)."""
+    """The file system as the FUSE adapter asks it: lookups and reads the kernfs's own,
+    every change through the changes."""
 
     def __init__(self, changes: Changes) -> None:
         self.changes = changes

@@ -13,7 +13,7 @@ from fakes import Requests, changes_for
 
 from encidfs.engine import ChargeRefused, EncidsController, MiscController, new_engine
 from encidfs.files.cftype import Caller
-from encidfs.files.kernfs import ROOT_INODE, Kernfs
+from encidfs.files.kernfs import ROOT_INODE
 from encidfs.state import restore
 from encidfs.state.changes import Changes, Journal
 from encidfs.state.operations import Op
@@ -58,37 +58,37 @@ def state(changes: Changes) -> dict:
     return data
 
 
-def write(table: Kernfs, inode: int, name: str, text: bytes, caller: Caller = ROOT) -> None:
-    table.open(table.lookup(inode, name.encode()), caller).write(text)
+def write(fs: Requests, inode: int, name: str, text: bytes, caller: Caller = ROOT) -> None:
+    fs.open(fs.lookup(inode, name.encode()), caller).write(text)
 
 
-def mkdir(table: Kernfs, parent: int, name: str, caller: Caller = ROOT) -> int:
-    return table.mkdir(parent, name.encode(), stat.S_IFDIR | 0o755, caller).inode
+def mkdir(fs: Requests, parent: int, name: str, caller: Caller = ROOT) -> int:
+    return fs.mkdir(parent, name.encode(), stat.S_IFDIR | 0o755, caller).inode
 
 
 def requests(changes: Changes) -> None:
     """Some of every kind of change, through the files as a mount's requests make them."""
-    table = Requests(changes)
-    write(table, ROOT_INODE, "cgroup.subtree_control", b"+encids +misc")
-    a = mkdir(table, ROOT_INODE, "a", ALICE)
-    b = mkdir(table, a, "b", ALICE)
-    mkdir(table, ROOT_INODE, "gone")
-    write(table, a, "cgroup.subtree_control", b"+encids", ALICE)
-    write(table, a, "encids.sev.max", b"2")
-    write(table, a, "misc.max", b"sev_es 1")
-    write(table, a, "cgroup.freeze", b"1")
-    write(table, b, "cgroup.procs", b"10")
+    fs = Requests(changes)
+    write(fs, ROOT_INODE, "cgroup.subtree_control", b"+encids +misc")
+    a = mkdir(fs, ROOT_INODE, "a", ALICE)
+    b = mkdir(fs, a, "b", ALICE)
+    mkdir(fs, ROOT_INODE, "gone")
+    write(fs, a, "cgroup.subtree_control", b"+encids", ALICE)
+    write(fs, a, "encids.sev.max", b"2")
+    write(fs, a, "misc.max", b"sev_es 1")
+    write(fs, a, "cgroup.freeze", b"1")
+    write(fs, b, "cgroup.procs", b"10")
     changes.fact(Op.FORK, 10, 11, 111)
-    changes.run(Op.ALLOCATE, 10, 110, "sev", 2, table.node(b).cgroup.id)
+    changes.run(Op.ALLOCATE, 10, 110, "sev", 2, fs.node(b).cgroup.id)
     with pytest.raises(ChargeRefused):  # refused, and its events counted: staged
-        changes.run(Op.ALLOCATE, 11, 111, "sev", 1, table.node(b).cgroup.id)
+        changes.run(Op.ALLOCATE, 11, 111, "sev", 1, fs.node(b).cgroup.id)
     changes.fact(Op.EXIT, 11)
-    procs = table.lookup(b, b"cgroup.procs")
-    table.setattr(procs, mode=0o664, gid=7)
-    table.setxattr(procs, b"user.note", b"\xffkept", ALICE)
-    table.setxattr(table.node(a), b"user.gone", b"", ALICE)
-    table.removexattr(table.node(a), b"user.gone")
-    table.rmdir(ROOT_INODE, b"gone")
+    procs = fs.lookup(b, b"cgroup.procs")
+    fs.setattr(procs, mode=0o664, gid=7)
+    fs.setxattr(procs, b"user.note", b"\xffkept", ALICE)
+    fs.setxattr(fs.node(a), b"user.gone", b"", ALICE)
+    fs.removexattr(fs.node(a), b"user.gone")
+    fs.rmdir(ROOT_INODE, b"gone")
 
 
 def test_replayed_records_give_the_same_state():
@@ -103,13 +103,13 @@ def test_replayed_records_give_the_same_state():
 def test_a_change_the_journal_refuses_is_not_applied():
     journal = Recorder()
     live = fresh(journal)
-    table = Requests(live)
+    fs = Requests(live)
     before = state(live)
     journal.full = True
     with raises_errno(errno.ENOSPC):
-        mkdir(table, ROOT_INODE, "a")
+        mkdir(fs, ROOT_INODE, "a")
     with raises_errno(errno.ENOSPC):
-        table.setxattr(table.node(ROOT_INODE), b"user.a", b"1", ROOT)
+        fs.setxattr(fs.node(ROOT_INODE), b"user.a", b"1", ROOT)
     assert state(live) == before and journal.records == []
 
 
