@@ -66,7 +66,6 @@ class KernelTree:
         self._mountpoint, self._mount_root = mount
         self.hierarchy = hierarchy
         self._fact = fact
-        self.top_id = os.stat(top).st_ino
         # DIR is the hierarchy's own root (not a cgroup below it, nor a cgroup namespace's).
         self.is_hierarchy_root = top == mount.mountpoint and mount.root == "/"
         self._inotify = INotify(nonblocking=True)
