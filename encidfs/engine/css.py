@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from .errors import fail
 
@@ -46,9 +46,14 @@ class Css:
             css = css.parent
 
 
-class Controller:
+CssT = TypeVar("CssT", bound=Css)
+
+
+class Controller(Generic[CssT]):
     """What the hierarchy needs from a controller; one module per controller subclasses it,
-    overriding what it needs: every hook does nothing by default."""
+    making its csses (CssT, a Css subclass with its own state) and overriding what else it
+    needs: every other hook does nothing by default.  The hierarchy, which keeps controllers
+    of every kind, sees each as a bare Controller (Controller[Any])."""
 
     name: str = ""
     # A threaded controller can be enabled in a threaded subtree and handles processes beside
@@ -61,15 +66,17 @@ class Controller:
         """Every controller is made alike (new_engine): with the host's resource types and the
         kernel whose interface the mount shows; one that needs neither ignores them."""
 
-    def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> Css:
-        return Css(self.ssid, cgroup, parent)
+    def css_alloc(self, cgroup: Cgroup, parent: CssT | None) -> CssT:
+        """A new css for cgroup, below the parent cgroup's (None at the root).  Every
+        controller makes its own, as every cgroup_subsys has its css_alloc."""
+        raise NotImplementedError
 
     # A controller's own state in a css, for snapshots.
 
-    def dump_css(self, css: Css) -> dict:
+    def dump_css(self, css: CssT) -> dict:
         return {}
 
-    def load_css(self, css: Css, data: dict) -> None:
+    def load_css(self, css: CssT, data: dict) -> None:
         pass
 
     # Processes, as cgroup_subsys has them: called for processes the hierarchy follows (its
@@ -77,19 +84,19 @@ class Controller:
     # (its cgroup's effective one).  A veto is an OSError with the errno the writer or the
     # fork gets; the hierarchy asks every controller before it changes anything.
 
-    def can_attach(self, pid: int, src: Css, dst: Css) -> None:
+    def can_attach(self, pid: int, src: CssT, dst: CssT) -> None:
         """Whether the process may move from src to dst (cgroup.procs)."""
 
-    def attach(self, pid: int, src: Css, dst: Css) -> None:
+    def attach(self, pid: int, src: CssT, dst: CssT) -> None:
         """The process moved from src to dst."""
 
-    def can_fork(self, css: Css) -> None:
+    def can_fork(self, css: CssT) -> None:
         """Whether a process accounted to css may fork (pids' can_fork)."""
 
-    def fork(self, pid: int, css: Css) -> None:
+    def fork(self, pid: int, css: CssT) -> None:
         """A new process is accounted to css."""
 
-    def exit(self, pid: int, css: Css) -> None:
+    def exit(self, pid: int, css: CssT) -> None:
         """The process accounted to css is gone."""
 
     # Its settings and figures.
@@ -100,7 +107,7 @@ class Controller:
         commit(), then change."""
         raise fail(errno.EINVAL, f"{self.name} has no setting {key!r}")
 
-    def report(self, css: Css, sparse: bool) -> Report:
+    def report(self, css: CssT, sparse: bool) -> Report:
         """The css's figures for status, metrics and top; `sparse`: a resource whose figures
         are a new css's may be left out."""
         return {}

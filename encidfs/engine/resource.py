@@ -84,14 +84,14 @@ class Charge:
         return self.css.cgroup
 
 
-class ResourceController(Controller):
+class ResourceController(Controller[ResourceCss]):
     def __init__(self, types: Types, kernel: KernelInterface = KernelInterface()) -> None:
         self.types = types
         self.kernel = kernel  # whose interface the controller shows, if it has the kernel's
         self._unlimited = [U64_MAX] * len(types.names)  # a new css's figures
         self._zeros = [0] * len(types.names)
 
-    def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> ResourceCss:
+    def css_alloc(self, cgroup: Cgroup, parent: ResourceCss | None) -> ResourceCss:
         return ResourceCss(self.ssid, cgroup, parent, len(self.types.names))
 
     def css_of(self, cg: Cgroup) -> ResourceCss:
@@ -123,7 +123,7 @@ class ResourceController(Controller):
     def resources(self) -> list[str]:
         return self.types.names
 
-    def report(self, css: ResourceCss, sparse: bool) -> Report:  # type: ignore[override]
+    def report(self, css: ResourceCss, sparse: bool) -> Report:
         if sparse and css.max == self._unlimited and css.usage == self._zeros and \
                 css.peak == self._zeros and css.events == self._zeros and \
                 css.events_local == self._zeros:
@@ -208,12 +208,12 @@ class ResourceController(Controller):
 
     # -- snapshots ------------------------------------------------------------------------------
 
-    def dump_css(self, css: ResourceCss) -> dict:  # type: ignore[override]
+    def dump_css(self, css: ResourceCss) -> dict:
         names = self.types.names
         return {field: dict(zip(names, getattr(css, field)))
                 for field in ("max", "peak", "events", "events_local")}
 
-    def load_css(self, css: ResourceCss, data: dict) -> None:  # type: ignore[override]
+    def load_css(self, css: ResourceCss, data: dict) -> None:
         for field in ("max", "peak", "events", "events_local"):
             values = data.get(field, {})  # a field a snapshot of an older release lacks is 0
             default = U64_MAX if field == "max" else 0
