@@ -188,7 +188,7 @@ class Allocator:
                 if controller.name in charged:
                     charge = Charge(csses[charged[controller.name]], t, len(ids))  # type: ignore[arg-type]
                     for level in charge.css.ancestors():
-                        level.usage[t] += len(ids)  # type: ignore[attr-defined]
+                        level.usage[t] += len(ids)
                 else:
                     charge = controller.charge(controller.effective_css(origin), t, len(ids))
                 charges.append(charge)

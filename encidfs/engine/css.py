@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, Self, TypeVar
 
 from .errors import fail
 
@@ -26,9 +26,12 @@ Report = dict[str, dict[str, "int | str"]]
 
 
 class Css:
+    """One controller's state in one cgroup; a subclass adds the controller's own.  Its parent
+    is the same controller's css in the parent cgroup: of the same class (Self)."""
+
     __slots__ = ("ssid", "cgroup", "parent", "online", "refs", "nr_descendants")
 
-    def __init__(self, ssid: int, cgroup: Cgroup, parent: Css | None) -> None:
+    def __init__(self, ssid: int, cgroup: Cgroup, parent: Self | None) -> None:
         self.ssid = ssid
         self.cgroup = cgroup
         self.parent = parent
@@ -38,9 +41,9 @@ class Css:
         # Online csses below this one: the kernel's css->nr_descendants (cgroup.stat nr_subsys_*).
         self.nr_descendants = 0
 
-    def ancestors(self) -> Iterator[Css]:
+    def ancestors(self) -> Iterator[Self]:
         """This css and its parents up to the root's."""
-        css: Css | None = self
+        css: Self | None = self
         while css is not None:
             yield css
             css = css.parent

@@ -16,7 +16,7 @@ class EncidsController(ResourceController):
     def count_refusal(self, refusing: ResourceCss, t: int) -> None:
         key = events_file(self.types.names[t])
         for level in refusing.ancestors():
-            level.events[t] += 1  # type: ignore[attr-defined]
+            level.events[t] += 1
             self._notify(level.cgroup, key)
 
 

@@ -48,5 +48,5 @@ class MiscController(ResourceController):
         for level in refusing.ancestors():
             if level.parent is None:
                 break
-            level.events[t] += 1  # type: ignore[attr-defined]
+            level.events[t] += 1
             self._notify(level.cgroup, MISC_EVENTS_KEY)

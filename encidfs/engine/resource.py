@@ -60,7 +60,8 @@ class Types:
 class ResourceCss(Css):
     __slots__ = ("max", "usage", "peak", "events", "events_local")
 
-    def __init__(self, ssid: int, cgroup: Cgroup, parent: Css | None, nr_types: int) -> None:
+    def __init__(self, ssid: int, cgroup: Cgroup, parent: ResourceCss | None,
+                 nr_types: int) -> None:
         super().__init__(ssid, cgroup, parent)
         self.max = [U64_MAX] * nr_types
         self.usage = [0] * nr_types
@@ -146,7 +147,7 @@ class ResourceController(Controller[ResourceCss]):
             new_usage = level.usage[t] + amount
             if new_usage > level.max[t] or new_usage > capacity:
                 return level
-            level = level.parent  # type: ignore[assignment]
+            level = level.parent
         return None
 
     def refuse(self, css: ResourceCss, refusing: ResourceCss, t: int, amount: int) -> None:
@@ -155,7 +156,7 @@ class ResourceController(Controller[ResourceCss]):
         for level in css.ancestors():
             if level is refusing:
                 break
-            level.peak[t] = max(level.peak[t], level.usage[t] + amount)  # type: ignore[attr-defined]
+            level.peak[t] = max(level.peak[t], level.usage[t] + amount)
         self.count_refusal(refusing, t)
         raise ChargeRefused(self.name, self.types.names[t], refusing.cgroup.path)
 
@@ -169,7 +170,7 @@ class ResourceController(Controller[ResourceCss]):
             usage = level.usage[t] = level.usage[t] + amount
             if usage > level.peak[t]:
                 level.peak[t] = usage
-            level = level.parent  # type: ignore[assignment]
+            level = level.parent
         css.refs += 1  # the charge pins its css until uncharged
         return Charge(css, t, amount)
 
@@ -178,7 +179,7 @@ class ResourceController(Controller[ResourceCss]):
         level: ResourceCss | None = css
         while level is not None:
             level.peak[t] = max(level.peak[t], level.usage[t] + amount)
-            level = level.parent  # type: ignore[assignment]
+            level = level.parent
 
     def try_charge(self, cg: Cgroup, type_name: str, amount: int,
                    commit: Commit = no_journal) -> Charge:
@@ -198,7 +199,7 @@ class ResourceController(Controller[ResourceCss]):
         level: ResourceCss | None = charge.css
         while level is not None:
             level.usage[t] -= amount
-            level = level.parent  # type: ignore[assignment]
+            level = level.parent
         charge.amount -= amount
         if charge.amount == 0:
             css_put(charge.css)
