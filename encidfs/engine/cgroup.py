@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from .budget import Budget
-from .css import Controller, Css, follows_processes
+from .css import Controller, Css, CssT, follows_processes
 from .errors import fail
 from .events import Commit, Event, TreeEvent, no_journal
 from .freezer import Freezer
@@ -216,10 +216,10 @@ class Hierarchy:
                 self._css_offline(css)
         self.events.append((TreeEvent.FILES, cg))
 
-    def effective_css(self, cg: Cgroup, controller: Controller) -> Css:
+    def effective_css(self, cg: Cgroup, controller: Controller[CssT]) -> CssT:
         """The css that accounts for processes in `cg`: its own, or the nearest ancestor's."""
         for ancestor in cg.ancestors():
-            css = ancestor.css[controller.ssid]
+            css = controller.cgroup_css(ancestor)
             if css is not None:
                 return css
         raise AssertionError("the root has every controller's css")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import errno
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Generic, Self, TypeVar
+from typing import TYPE_CHECKING, Generic, Self, TypeVar, cast
 
 from .errors import fail
 
@@ -73,6 +73,13 @@ class Controller(Generic[CssT]):
         """A new css for cgroup, below the parent cgroup's (None at the root).  Every
         controller makes its own, as every cgroup_subsys has its css_alloc."""
         raise NotImplementedError
+
+    def cgroup_css(self, cg: Cgroup) -> CssT | None:
+        """cg's own css of this controller (the kernel's cgroup_css()): None unless cg's parent
+        enables the controller."""
+        # What css_alloc made: the cgroup's list holds every controller's, each in its ssid's
+        # slot, and cannot say which class is where.
+        return cast("CssT | None", cg.css[self.ssid])
 
     # A controller's own state in a css, for snapshots.
 

@@ -97,16 +97,16 @@ class ResourceController(Controller[ResourceCss]):
 
     def css_of(self, cg: Cgroup) -> ResourceCss:
         """The css whose files cg shows; present only while the parent enables the controller."""
-        css = cg.css[self.ssid]
+        css = self.cgroup_css(cg)
         if css is None:
             raise fail(errno.ENOENT, f"{self.name} is not enabled for {cg.path}")
-        return css  # type: ignore[return-value]
+        return css
 
     def effective_css(self, cg: Cgroup) -> ResourceCss:
-        return self.hierarchy.effective_css(cg, self)  # type: ignore[return-value]
+        return self.hierarchy.effective_css(cg, self)
 
     def used(self, t: int) -> int:
-        return self.hierarchy.root.css[self.ssid].usage[t]  # type: ignore[union-attr]
+        return self.css_of(self.hierarchy.root).usage[t]
 
     def set_max(self, cg: Cgroup, t: int, value: int, commit: Commit = no_journal) -> None:
         """A limit below the usage or above the capacity is accepted; later charges obey it.
