@@ -18,7 +18,7 @@ from .css import Css
 from .errors import RangeFull, fail
 from .events import Commit, no_journal
 from .ids import IdSpace
-from .resource import Charge, ResourceController, Types
+from .resource import Charge, ResourceController, ResourceCss, Types
 
 SNP, SNP_TYPE = "snp", "sev_es"  # KVM charges an SNP guest's ASID as an SEV-ES guest's
 
@@ -186,7 +186,9 @@ class Allocator:
             charges = []
             for controller in self.controllers:
                 if controller.name in charged:
-                    charge = Charge(csses[charged[controller.name]], t, len(ids))  # type: ignore[arg-type]
+                    css = csses[charged[controller.name]]
+                    assert isinstance(css, ResourceCss), "dump() names the controller's own css"
+                    charge = Charge(css, t, len(ids))
                     for level in charge.css.ancestors():
                         level.usage[t] += len(ids)
                 else:
