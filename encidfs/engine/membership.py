@@ -113,7 +113,8 @@ class Procs:
                 controller.can_fork(css)
             with h.freezer.watch_frozen(cg):
                 self.members[child] = cg
-                cg.procs.add(child)  # type: ignore[union-attr]  # the parent is there already
+                assert cg.procs is not None, "the parent is there already"
+                cg.procs.add(child)
             for controller, css in csses:
                 controller.fork(child, css)
 

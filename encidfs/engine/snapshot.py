@@ -52,8 +52,7 @@ def dump(h: Hierarchy, allocator: Allocator) -> dict:
         "threads": sorted([pid, tid, cg.id] for pid, threads in h.threads.split.items()
                           for tid, cg in threads.items()),
         "allocations": allocator.dump(css_index),
-        "released": [[cg.id, cg.parent.id, cg.name]  # type: ignore[union-attr]
-                     for cg in _released_origins(allocator, cgroups)],
+        "released": [_released_entry(cg) for cg in _released_origins(allocator, cgroups)],
     }
 
 
@@ -175,6 +174,12 @@ def _released_origins(allocator: Allocator, kept: list[Cgroup]) -> list[Cgroup]:
                 break
             released.add(cg)
     return sorted(released, key=lambda cg: (cg.level, cg.id))
+
+
+def _released_entry(cg: Cgroup) -> list:
+    """A released cgroup as its path needs it: [id, parent's id, name]."""
+    assert cg.parent is not None, "the root is never released"
+    return [cg.id, cg.parent.id, cg.name]
 
 
 def _mask(h: Hierarchy, names: list[str]) -> int:
