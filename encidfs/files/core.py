@@ -93,9 +93,8 @@ def core_files(hierarchy: Hierarchy, processes: Processes,
     def check_migration(src: Cgroup, dst: Cgroup, caller: Caller) -> None:
         """cgroup_procs_write_permission(): the opener must be able to write cgroup.procs of
         the common ancestor of source and destination (the delegation boundary)."""
-        common = src
-        while not any(ancestor is common for ancestor in dst.ancestors()):
-            common = common.parent  # type: ignore[assignment]
+        above_dst = set(dst.ancestors())
+        common = next(cg for cg in src.ancestors() if cg in above_dst)  # the root at the latest
         if not may_write(common, "cgroup.procs", caller):
             raise fail(errno.EACCES, f"no write access to {common.path}/cgroup.procs")
 
