@@ -247,12 +247,13 @@ class OverKernfs(Kernfs):
         return Node(self.dir_inode(child), child, None)
 
     def rmdir(self, parent_inode: int, name: bytes, changes: Changes) -> None:
+        parent = self._dir(parent_inode)
         node = self.lookup(parent_inode, name)
         if not node.is_dir:
             raise fail(errno.ENOTDIR)
         os.rmdir(self.tree.path(node.cgroup))
         self._removed_here.add(node.cgroup)
-        self.tree.found(node.cgroup.parent, node.cgroup.name, None)  # type: ignore[arg-type]
+        self.tree.found(parent, node.cgroup.name, None)
         self.tree.drain()  # this rmdir's own events, now rather than in a wake-up of their own
 
     # -- files --------------------------------------------------------------------------------
@@ -288,7 +289,8 @@ class OverKernfs(Kernfs):
         if cg in self._removed_here:
             self._removed_here.discard(cg)
         else:
-            stale.append((self.dir_inode(cg.parent), os.fsencode(cg.name)))  # type: ignore
+            assert cg.parent is not None, "the root is never removed"
+            stale.append((self.dir_inode(cg.parent), os.fsencode(cg.name)))
 
     def files_notified_by(self, key: str, cg: Cgroup) -> list[str]:
         if key in self._real_rows and key not in self._rows_by_notify:
