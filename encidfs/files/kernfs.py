@@ -297,9 +297,9 @@ class Kernfs:
     # -- file contents ------------------------------------------------------------------------
 
     def open(self, node: Node, caller: Caller, flags: int = os.O_RDONLY) -> OpenFile:
-        if node.is_dir:
+        if node.cftype is None:  # a directory: the kernel's files are over/kernfs.py's
             raise fail(errno.EISDIR)
-        return OpenFile(self, node, caller)
+        return OpenFile(self, node, node.cftype, caller)
 
     # -- what changed -------------------------------------------------------------------------
 

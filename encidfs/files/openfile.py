@@ -20,11 +20,13 @@ class OpenFile:
     """An open interface file; reads follow seq_file: offset 0 renders afresh, later offsets
     continue that rendering, so a reader in small pieces sees one consistent text."""
 
-    __slots__ = ("kernfs", "node", "caller", "_css", "_text", "_seen")
+    __slots__ = ("kernfs", "node", "cftype", "caller", "_css", "_text", "_seen")
 
-    def __init__(self, kernfs: Kernfs, node: Node, caller: Caller) -> None:
+    def __init__(self, kernfs: Kernfs, node: Node, cftype: CfType, caller: Caller) -> None:
+        """`cftype`: the node's, which a file has (open() checked)."""
         self.kernfs = kernfs
         self.node = node
+        self.cftype = cftype
         self.caller = caller
         # A controller's file is gone with the css it showed; one made anew is another node.
         self._css = self._css_now()
@@ -34,7 +36,7 @@ class OpenFile:
         self._seen = -1
 
     def _css_now(self) -> object:
-        controller = self.node.cftype.controller  # type: ignore[union-attr]
+        controller = self.cftype.controller
         return None if controller is None else self.node.cgroup.css[controller.ssid]
 
     def close(self) -> None:
@@ -45,8 +47,7 @@ class OpenFile:
         return self._seen != self.kernfs.notifications(self.node.inode)
 
     def _check_live(self) -> CfType:
-        cg, cft = self.node.cgroup, self.node.cftype
-        assert cft is not None
+        cg, cft = self.node.cgroup, self.cftype
         if cg.dying or not cft.present_in(cg) or self._css_now() is not self._css:
             raise fail(errno.ENODEV)
         return cft
