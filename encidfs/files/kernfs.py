@@ -252,8 +252,9 @@ class Kernfs:
         parent = self._dir(parent_inode)
         self.processes.settle()  # an exit may release dying cgroups that count in the limits
         cg = changes.run(Op.MKDIR, parent.id, os.fsdecode(name), stat.S_IMODE(mode),
-                              caller.uid, caller.gid, self.hierarchy.clock())
-        return Node(self.dir_inode(cg), cg, None)  # type: ignore[arg-type]
+                         caller.uid, caller.gid, self.hierarchy.clock())
+        assert isinstance(cg, Cgroup), "the change returns what apply_mkdir() made"
+        return Node(self.dir_inode(cg), cg, None)
 
     def apply_mkdir(self, parent: Cgroup, name: str, mode: int, uid: int, gid: int,
                     commit: Commit, at: int | None = None) -> Cgroup:
