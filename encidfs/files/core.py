@@ -12,7 +12,14 @@ from .cftype import Caller, CfType, Changes, Placement
 from .parse import kstrtoint, limit_text, strstrip
 
 
-class Processes(Protocol):
+class Settles(Protocol):
+    """What every file needs from process tracking: Kernfs asks nothing more of it."""
+
+    def settle(self) -> None:
+        """Bring the engine up to date with the exits that have happened."""
+
+
+class Processes(Settles, Protocol):
     """What the core files need from process tracking."""
 
     def thread_group(self, pid: int) -> int:
@@ -24,9 +31,6 @@ class Processes(Protocol):
 
     def sync(self) -> None:
         """Bring the engine up to date with the forks and exits that have happened."""
-
-    def settle(self) -> None:
-        """Bring the engine up to date with the exits that have happened."""
 
     def joined(self, pid: int) -> None:
         """pid now belongs to a cgroup other than the root: follow its forks and its exit."""

@@ -19,7 +19,7 @@ from ..engine import Cgroup, Hierarchy, TreeEvent, fail
 from ..engine.events import Commit, Event
 from ..state.operations import Op
 from .cftype import Caller, CfType, Changes
-from .core import Processes, core_files
+from .core import Settles, core_files
 from .openfile import OpenFile
 from .xattrs import Xattrs, as_bytes, as_text
 
@@ -56,12 +56,13 @@ class Node:
 
 
 class Kernfs:
-    def __init__(self, hierarchy: Hierarchy, processes: Processes,
+    def __init__(self, hierarchy: Hierarchy, processes: Settles,
                  file_tables: list[FileTableMaker], core: CoreTableMaker = core_files,
                  owners: frozenset[int] = frozenset({0}), share: float = 1.0,
                  root_xattrs: dict[str, str] | None = None) -> None:
         """`file_tables[ssid]` makes the rows of the hierarchy's controller `ssid`, `core` the
-        cgroup.* rows.  Every change a request makes goes through the `changes` it is given,
+        cgroup.* rows, given `processes` (core_files needs them to be Processes; Kernfs itself
+        only settles them).  Every change a request makes goes through the `changes` it is given,
         which make it durable first and then apply it here (the apply_* methods) or in the
         engine.  What users make it keep (xattrs) is shared out to them: `share` to each but
         `owners`.  `root_xattrs`: the daemon's own on the root, read-only."""

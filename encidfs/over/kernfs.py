@@ -53,7 +53,7 @@ class OverKernfs(Kernfs):
         self.membership = membership
         # The kernel's cgroup.procs and threads replace the core rows that move processes:
         # all Kernfs itself asks of the membership is settle().
-        super().__init__(hierarchy, membership, file_tables,  # type: ignore[arg-type]
+        super().__init__(hierarchy, membership, file_tables,
                          core=lambda h, processes, may_write: merged_files(tree, h),
                          owners=owners, share=share, root_xattrs=root_xattrs)
         # The kernel's file names, each given a slot the first time it is seen (the names
