@@ -20,7 +20,7 @@ from ..engine.events import Commit, Event
 from ..state.operations import Op
 from .cftype import Caller, CfType, Changes
 from .core import Settles, core_files
-from .openfile import OpenFile
+from .openfile import FileHandle, OpenFile
 from .xattrs import Xattrs, as_bytes, as_text
 
 FileTableMaker = Callable[..., list[CfType]]  # (controller) -> its rows
@@ -298,7 +298,7 @@ class Kernfs:
 
     # -- file contents ------------------------------------------------------------------------
 
-    def open(self, node: Node, caller: Caller, flags: int = os.O_RDONLY) -> OpenFile:
+    def open(self, node: Node, caller: Caller, flags: int = os.O_RDONLY) -> FileHandle:
         if node.cftype is None:  # a directory: the kernel's files are over/kernfs.py's
             raise fail(errno.EISDIR)
         return OpenFile(self, node, node.cftype, caller)

@@ -4,7 +4,7 @@ nodes of dir.c (kernfs.py)."""
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from ..engine import fail
 from .cftype import Caller, CfType, Changes
@@ -14,6 +14,21 @@ if TYPE_CHECKING:  # kernfs.py imports this module to open files: at run time, a
     from .kernfs import Kernfs, Node
 
 WRITE_MAX = 4096  # kernfs's atomic_write_len for cgroup files (PAGE_SIZE): longer is E2BIG
+
+
+class FileHandle(Protocol):
+    """What the FUSE adapter keeps for a file open through the mount, and asks of it: an
+    interface file (OpenFile) or, under --over, a kernel file (over/kernfs.py)."""
+
+    node: Node
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def write(self, buf: bytes, changes: Changes) -> int: ...
+
+    def changed(self) -> bool: ...
+
+    def close(self) -> None: ...
 
 
 class OpenFile:

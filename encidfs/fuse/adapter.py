@@ -31,7 +31,7 @@ import trio
 from ..engine.events import Event
 from ..files.cftype import Caller, Changes
 from ..files.kernfs import Kernfs, Node
-from ..files.openfile import OpenFile
+from ..files.openfile import FileHandle
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +150,7 @@ class CgroupOperations(pyfuse3.Operations):
         self.cache_timeout = cache_timeout
         self.bus = bus
         self.metrics = metrics
-        self._open_files: dict[int, OpenFile] = {}
+        self._open_files: dict[int, FileHandle] = {}
         self._open_dirs: dict[int, list[tuple[bytes, Node]]] = {}
         # inode -> open file -> the handle to wake its poller with (one per open file)
         self._pollers: dict[int, dict[int, pyfuse3.PollHandle]] = {}

@@ -31,7 +31,7 @@ from ..files.kernfs import (
     Node,
     NodeAttr,
 )
-from ..files.openfile import OpenFile
+from ..files.openfile import FileHandle
 from ..files.parse import kstrtoint, strstrip, written_text
 from .files import CONTROLLERS_FILE, MERGED, merged_files
 from .membership import KernelMembership
@@ -258,8 +258,7 @@ class OverKernfs(Kernfs):
 
     # -- files --------------------------------------------------------------------------------
 
-    def open(self, node: Node, caller: Caller,  # type: ignore[override]
-             flags: int = os.O_RDONLY) -> OpenFile | KernelFile:
+    def open(self, node: Node, caller: Caller, flags: int = os.O_RDONLY) -> FileHandle:
         if node.real is None:
             return super().open(node, caller, flags)
         self.descriptors.check(caller.uid)
