@@ -262,7 +262,7 @@ class OverKernfs(Kernfs):
         if node.real is None:
             return super().open(node, caller, flags)
         self.descriptors.check(caller.uid)
-        opened = KernelFile(self, node, caller, flags)
+        opened = KernelFile(self, node, node.real, caller, flags)
         self.descriptors.take(caller.uid)
         return opened
 
@@ -320,20 +320,23 @@ class KernelFile:
     """A kernel file open through the mount: one descriptor of the kernel's file, so that its
     reads, writes and poll state are the kernel's."""
 
-    __slots__ = ("kernfs", "node", "caller", "fd", "_watch", "_text")
+    __slots__ = ("kernfs", "node", "name", "caller", "fd", "_watch", "_text")
 
-    def __init__(self, kernfs: OverKernfs, node: Node, caller: Caller, flags: int) -> None:
+    def __init__(self, kernfs: OverKernfs, node: Node, name: str, caller: Caller,
+                 flags: int) -> None:
+        """`name`: the node's, a kernel file's (node.real)."""
         self.kernfs = kernfs
         self.node = node
+        self.name = name
         self.caller = caller
-        self.fd = os.open(kernfs.tree.file(node.cgroup, node.real),  # type: ignore[arg-type]
+        self.fd = os.open(kernfs.tree.file(node.cgroup, name),
                           (flags & os.O_ACCMODE) | os.O_CLOEXEC)
         self._watch: int | None = None  # the inotify watch of a file polled
         self._text = b""  # a PID list rendered for a reader in another PID namespace
 
     def read(self, offset: int, size: int) -> bytes:
         membership = self.kernfs.membership
-        if self.node.real in _PID_FILES and membership.foreign(self.caller.pid):
+        if self.name in _PID_FILES and membership.foreign(self.caller.pid):
             if offset == 0 or not self._text:
                 text = os.pread(self.fd, 1 << 20, 0)
                 while chunk := os.pread(self.fd, 1 << 20, len(text)):
@@ -345,8 +348,8 @@ class KernelFile:
 
     def write(self, buf: bytes, changes: Changes) -> int:
         """Written to the kernel's file, which changes nothing the journal keeps."""
-        written = self._pid_written(buf) if self.node.real in _PID_FILES else buf
-        if self.node.real == "cgroup.type" and strstrip(written_text(buf)) == b"threaded":
+        written = self._pid_written(buf) if self.name in _PID_FILES else buf
+        if self.name == "cgroup.type" and strstrip(written_text(buf)) == b"threaded":
             self._check_threaded()
         os.write(self.fd, written)
         return len(buf)
@@ -369,7 +372,7 @@ class KernelFile:
         if pid < 0:
             return buf
         membership = self.kernfs.membership
-        thread = self.node.real == "cgroup.threads"
+        thread = self.name == "cgroup.threads"
         pid = membership.pid_from(self.caller.pid, pid, thread) if pid else self.caller.pid
         if not os.path.exists(f"/proc/{pid}"):
             return str(pid).encode()  # the kernel's ESRCH
@@ -408,8 +411,7 @@ class KernelFile:
         """The kernel's poll state of this descriptor; the file is watched from the first
         poll on, so that a change wakes the poller."""
         if self._watch is None:
-            assert self.node.real is not None  # only the kernel's files are passed through
-            self._watch = self.kernfs.tree.opened(self.node.cgroup, self.node.real) or -1
+            self._watch = self.kernfs.tree.opened(self.node.cgroup, self.name) or -1
         poller = select.poll()
         poller.register(self.fd, select.POLLPRI)
         return bool(poller.poll(0))
