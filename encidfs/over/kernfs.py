@@ -131,9 +131,11 @@ class OverKernfs(Kernfs):
 
     def _path(self, node: Node) -> str:
         """The kernel's node behind a directory, a kernel file or a merged file."""
-        if node.is_dir:
-            return self.tree.path(node.cgroup)
-        return self.tree.file(node.cgroup, node.real or node.cftype.name)  # type: ignore
+        if node.real is not None:
+            return self.tree.file(node.cgroup, node.real)
+        if node.cftype is not None:
+            return self.tree.file(node.cgroup, node.cftype.name)
+        return self.tree.path(node.cgroup)  # a directory
 
     def _passed_through(self, node: Node) -> bool:
         return node.cftype is None or node.cftype.name in MERGED
@@ -149,13 +151,14 @@ class OverKernfs(Kernfs):
         elif self._passed_through(node):
             st = self._lstat(self._path(node))
         else:
+            assert node.cftype is not None, "a file not passed through is an emulated one"
             changed = self._file_attrs.get(node.inode)
             if changed is not None:
                 return changed
             st = self._lstat(self.tree.file(cg, CONTROLLERS_FILE))
             if st is None:
                 raise fail(errno.ENOENT)
-            return NodeAttr(stat.S_IFREG | node.cftype.mode, st.st_uid, st.st_gid,  # type: ignore
+            return NodeAttr(stat.S_IFREG | node.cftype.mode, st.st_uid, st.st_gid,
                             st.st_mtime_ns, st.st_ctime_ns)
         if st is None:
             raise fail(errno.ENOENT)
