@@ -7,7 +7,6 @@ handlers then strstrip() it and convert numbers with the kstrto*() family.
 from __future__ import annotations
 
 import errno
-import re
 
 from ..engine import U64_MAX, fail
 
@@ -25,14 +24,13 @@ def strstrip(buf: bytes) -> bytes:
     return buf.strip(KERNEL_SPACE)
 
 
-_DIGITS = {base: re.compile(pattern) for base, pattern in
-           ((8, rb"[0-7]*"), (10, rb"[0-9]*"), (16, rb"[0-9a-fA-F]*"))}
+_DIGITS = {8: b"01234567", 10: b"0123456789", 16: b"0123456789abcdefABCDEF"}
 
 
 def _digits(text: bytes, base: int) -> tuple[int, int]:
     """_parse_integer(): the value of the leading digits and how many there were."""
-    digits = _DIGITS[base].match(text).group()  # type: ignore[union-attr]  # always matches
-    return (int(digits, base) if digits else 0), len(digits)
+    count = len(text) - len(text.lstrip(_DIGITS[base]))
+    return (int(text[:count], base) if count else 0), count
 
 
 def kstrtoull(text: bytes, base: int = 0) -> int:
