@@ -33,7 +33,8 @@ class CliError(Exception):
     """A problem to report in one line, without a traceback."""
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, set[str]]:
+    """The command line's parser, and the names of its commands."""
     parser = argparse.ArgumentParser(prog="encidfs", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -110,15 +111,13 @@ def _parser() -> argparse.ArgumentParser:
                              "the mount's (every open goes through encidfs exec then)")
     run_in.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
     client_commands.add_parsers(commands)
-    parser.command_names = set(commands.choices)  # type: ignore[attr-defined]
-    return parser
+    return parser, set(commands.choices)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
+    parser, command_names = _parser()
     argv = sys.argv[1:] if argv is None else argv
-    if mount_helper.is_helper_call(os.path.basename(sys.argv[0]), argv,
-                                   parser.command_names):  # type: ignore[attr-defined]
+    if mount_helper.is_helper_call(os.path.basename(sys.argv[0]), argv, command_names):
         try:
             helper_argv = mount_helper.to_cli(argv)
         except mount_helper.HelperError as error:
