@@ -37,7 +37,7 @@ import resource
 import subprocess
 import sys
 import time
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
 
 import pluggy
@@ -278,7 +278,7 @@ def _encidfs_pool(tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest
 
 @pytest.fixture
 def encidfs_factory(_encidfs_pool: _Pool, tmp_path: Path, request: pytest.FixtureRequest
-                    ) -> Iterator[object]:
+                    ) -> Iterator[Callable[..., Mount]]:
     """encidfs_factory(capacity=..., controllers=[...], state=False, options=(...),
     kernel_interface=None) mounts a fresh encidfs and returns its `Mount`; every one is
     unmounted after the test."""
@@ -315,12 +315,12 @@ def encidfs_factory(_encidfs_pool: _Pool, tmp_path: Path, request: pytest.Fixtur
 
 
 @pytest.fixture
-def encidfs(encidfs_factory: object, request: pytest.FixtureRequest) -> Mount:
+def encidfs(encidfs_factory: Callable[..., Mount], request: pytest.FixtureRequest) -> Mount:
     """A fresh encidfs mount in a temporary directory, as `@pytest.mark.encidfs(...)` says
     (by default: sev with 509 IDs, sev_es with 99, both controllers, no state file, the
     newest kernel's misc files)."""
     marker = request.node.get_closest_marker("encidfs")
-    return encidfs_factory(**(marker.kwargs if marker else {}))  # type: ignore[operator]
+    return encidfs_factory(**(marker.kwargs if marker else {}))
 
 
 @pytest.hookimpl(hookwrapper=True)
