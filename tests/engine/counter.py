@@ -23,38 +23,40 @@ from encidfs.state.operations import Op
 class CountCss(Css):
     __slots__ = ("max", "count")
 
-    def __init__(self, ssid: int, cgroup: Cgroup, parent: Css | None) -> None:
+    def __init__(self, ssid: int, cgroup: Cgroup, parent: CountCss | None) -> None:
         super().__init__(ssid, cgroup, parent)
         self.max = U64_MAX
         self.count = 0  # processes of the subtree
 
 
-class CountController(Controller):
+class CountController(Controller[CountCss]):
     name = "count"
 
-    def css_alloc(self, cgroup: Cgroup, parent: Css | None) -> CountCss:
+    def css_alloc(self, cgroup: Cgroup, parent: CountCss | None) -> CountCss:
         return CountCss(self.ssid, cgroup, parent)
 
     def css_of(self, cg: Cgroup) -> CountCss:
-        return cg.css[self.ssid]  # type: ignore[return-value]  # its files are where it is
+        css = self.cgroup_css(cg)
+        assert css is not None, "its files are where it is"
+        return css
 
-    def can_attach(self, pid: int, src: Css, dst: Css) -> None:
+    def can_attach(self, pid: int, src: CountCss, dst: CountCss) -> None:
         self._check(dst, set(_levels(src)))
 
-    def attach(self, pid: int, src: Css, dst: Css) -> None:
+    def attach(self, pid: int, src: CountCss, dst: CountCss) -> None:
         _add(src, -1)
         _add(dst, 1)
 
-    def can_fork(self, css: Css) -> None:
+    def can_fork(self, css: CountCss) -> None:
         self._check(css, set())
 
-    def fork(self, pid: int, css: Css) -> None:
+    def fork(self, pid: int, css: CountCss) -> None:
         _add(css, 1)
 
-    def exit(self, pid: int, css: Css) -> None:
+    def exit(self, pid: int, css: CountCss) -> None:
         _add(css, -1)
 
-    def _check(self, css: Css, counted: set[Css]) -> None:
+    def _check(self, css: CountCss, counted: set[CountCss]) -> None:
         """One more process below css, but for the levels that count it already."""
         for level in _levels(css):
             if level not in counted and level.count + 1 > level.max:
@@ -67,27 +69,26 @@ class CountController(Controller):
         commit()
         css.max = value
 
-    def report(self, css: Css, sparse: bool) -> Report:
-        limit = css.max  # type: ignore[attr-defined]
-        return {"processes": {"current": css.count,  # type: ignore[attr-defined]
-                              "max": "max" if limit == U64_MAX else limit}}
+    def report(self, css: CountCss, sparse: bool) -> Report:
+        return {"processes": {"current": css.count,
+                              "max": "max" if css.max == U64_MAX else css.max}}
 
     def resources(self) -> list[str]:
         return ["processes"]
 
-    def dump_css(self, css: Css) -> dict:
-        return {"max": css.max, "count": css.count}  # type: ignore[attr-defined]
+    def dump_css(self, css: CountCss) -> dict:
+        return {"max": css.max, "count": css.count}
 
-    def load_css(self, css: Css, data: dict) -> None:
-        css.max, css.count = data["max"], data["count"]  # type: ignore[attr-defined]
+    def load_css(self, css: CountCss, data: dict) -> None:
+        css.max, css.count = data["max"], data["count"]
 
 
-def _levels(css: Css) -> list[CountCss]:
+def _levels(css: CountCss) -> list[CountCss]:
     """css and its ancestors below the root: the root's processes are implicit, never counted."""
-    return [level for level in css.ancestors() if level.parent is not None]  # type: ignore[misc]
+    return [level for level in css.ancestors() if level.parent is not None]
 
 
-def _add(css: Css, step: int) -> None:
+def _add(css: CountCss, step: int) -> None:
     for level in _levels(css):
         level.count += step
 
